@@ -1,0 +1,3 @@
+from rentalml.data.dataset import Dataset, InteractionMatrix
+
+__all__ = ["Dataset", "InteractionMatrix"]

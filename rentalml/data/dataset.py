@@ -1,0 +1,137 @@
+"""The in-memory dataset every part works on, and its sparse user × item view.
+
+`Dataset.interactions` has columns user_id, property_id (str), timestamp (UTC datetime64), weight (float)
+and optionally event_type/event_id/session_id. `items` (index property_id) and `users` (index user_id)
+are optional feature tables.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+
+@dataclass
+class Dataset:
+    interactions: pd.DataFrame
+    items: pd.DataFrame | None = None
+    users: pd.DataFrame | None = None
+    name: str = "dataset"
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        df = self.interactions
+        missing = {"user_id", "property_id"} - set(df.columns)
+        if missing:
+            raise ValueError(f"interactions lack columns {sorted(missing)}")
+        df = df.copy()
+        df["user_id"] = df["user_id"].astype(str)
+        df["property_id"] = df["property_id"].astype(str)
+        if "weight" not in df.columns:
+            df["weight"] = 1.0
+        if "timestamp" not in df.columns:
+            df["timestamp"] = pd.Timestamp("1970-01-01", tz="UTC") + pd.to_timedelta(np.arange(len(df)), "s")
+        df["timestamp"] = pd.to_datetime(df["timestamp"], utc=True)
+        self.interactions = df.reset_index(drop=True)
+        if self.items is not None:
+            self.items = self.items.copy()
+            if "property_id" in self.items.columns:
+                self.items = self.items.set_index("property_id")
+            self.items.index = self.items.index.astype(str)
+        if self.users is not None:
+            self.users = self.users.copy()
+            if "user_id" in self.users.columns:
+                self.users = self.users.set_index("user_id")
+            self.users.index = self.users.index.astype(str)
+
+    # ------------------------------------------------------------------ io
+    def save(self, directory: str | Path) -> Path:
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        self.interactions.to_parquet(d / "interactions.parquet", index=False)
+        if self.items is not None:
+            self.items.reset_index().to_parquet(d / "properties.parquet", index=False)
+        if self.users is not None:
+            self.users.reset_index().to_parquet(d / "users.parquet", index=False)
+        return d
+
+    @classmethod
+    def load(cls, directory: str | Path, name: str | None = None) -> Dataset:
+        d = Path(directory)
+        if not (d / "interactions.parquet").exists():
+            raise FileNotFoundError(f"{d}/interactions.parquet not found")
+        items = pd.read_parquet(d / "properties.parquet") if (d / "properties.parquet").exists() else None
+        users = pd.read_parquet(d / "users.parquet") if (d / "users.parquet").exists() else None
+        return cls(pd.read_parquet(d / "interactions.parquet"), items, users, name=name or d.name)
+
+    def snapshot_hash(self) -> str:
+        """Content hash of the interactions (and item ids): lineage for MLflow and bundles."""
+        h = hashlib.sha256()
+        cols = ["user_id", "property_id", "timestamp", "weight"]
+        h.update(pd.util.hash_pandas_object(self.interactions[cols], index=False).values.tobytes())
+        if self.items is not None:
+            h.update(pd.util.hash_pandas_object(self.items.index.to_series(), index=False).values.tobytes())
+        return h.hexdigest()[:16]
+
+    def subset(self, interactions: pd.DataFrame) -> Dataset:
+        return Dataset(interactions, self.items, self.users, name=self.name, meta=dict(self.meta))
+
+    def summary(self) -> dict:
+        df = self.interactions
+        return {
+            "name": self.name,
+            "interactions": len(df),
+            "users": int(df["user_id"].nunique()),
+            "properties": int(df["property_id"].nunique()),
+            "catalogue": int(len(self.items)) if self.items is not None else int(df["property_id"].nunique()),
+        }
+
+
+@dataclass
+class InteractionMatrix:
+    """Users × items CSR with the id maps that give dense indices (indices exist only inside models)."""
+
+    user_ids: np.ndarray
+    item_ids: np.ndarray
+    matrix: sp.csr_matrix  # weights (summed over repeated events)
+
+    @classmethod
+    def build(cls, train: pd.DataFrame, item_ids: np.ndarray | None = None,
+              user_ids: np.ndarray | None = None) -> InteractionMatrix:
+        if item_ids is None:
+            item_ids = np.array(sorted(train["property_id"].unique()), dtype=object)
+        if user_ids is None:
+            user_ids = np.array(sorted(train["user_id"].unique()), dtype=object)
+        uidx = pd.Index(user_ids)
+        iidx = pd.Index(item_ids)
+        rows = uidx.get_indexer(train["user_id"])
+        cols = iidx.get_indexer(train["property_id"])
+        keep = (rows >= 0) & (cols >= 0)
+        w = train["weight"].to_numpy(dtype=np.float32)[keep]
+        m = sp.csr_matrix((w, (rows[keep], cols[keep])), shape=(len(user_ids), len(item_ids)), dtype=np.float32)
+        m.sum_duplicates()
+        return cls(np.asarray(user_ids, dtype=object), np.asarray(item_ids, dtype=object), m)
+
+    @property
+    def n_users(self) -> int:
+        return self.matrix.shape[0]
+
+    @property
+    def n_items(self) -> int:
+        return self.matrix.shape[1]
+
+    def binary(self) -> sp.csr_matrix:
+        b = self.matrix.copy()
+        b.data[:] = 1.0
+        return b
+
+    def item_index(self) -> pd.Index:
+        return pd.Index(self.item_ids)
+
+    def user_index(self) -> pd.Index:
+        return pd.Index(self.user_ids)

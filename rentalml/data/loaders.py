@@ -1,0 +1,229 @@
+"""Loaders that turn CSVs, MovieLens, Inside Airbnb and saved parquet folders into `Dataset`s."""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from rentalml.data.dataset import Dataset
+
+#: accepted headers (lower case, underscores dropped) -> canonical name
+_ALIASES = {
+    "userid": "user_id", "user": "user_id", "itemid": "item_id", "item": "item_id",
+    "movieid": "item_id", "propertyid": "item_id", "listingid": "item_id",
+}
+_ROOM_TYPES = {"entire home/apt": "entire_home", "private room": "private_room",
+               "shared room": "shared_room", "hotel room": "hotel_room"}
+
+
+def _canonical(columns: pd.Index) -> dict[str, str]:
+    return {c: _ALIASES.get(str(c).strip().lower().replace("_", ""), str(c).strip()) for c in columns}
+
+
+def _require(df: pd.DataFrame, columns: list[str], source: object) -> None:
+    for col in columns:
+        if col not in df.columns:
+            raise ValueError(f"{source}: missing required column {col!r} (found {list(df.columns)})")
+
+
+def _parse_timestamp(s: pd.Series) -> pd.Series:
+    """Unix seconds (or milliseconds when the numbers are that large) or ISO-8601 strings → UTC."""
+    if pd.api.types.is_numeric_dtype(s):
+        unit = "ms" if s.abs().max() > 1e11 else "s"
+        return pd.to_datetime(s, unit=unit, utc=True)
+    try:
+        return pd.to_datetime(s, utc=True, format="ISO8601")
+    except (ValueError, TypeError):
+        return pd.to_datetime(s, utc=True, format="mixed")
+
+
+def _interactions_frame(df: pd.DataFrame, source: object) -> pd.DataFrame:
+    df = df.rename(columns=_canonical(df.columns))
+    _require(df, ["user_id", "item_id", "timestamp"], source)
+    df = df.rename(columns={"item_id": "property_id"})
+    df["user_id"] = df["user_id"].astype(str)
+    df["property_id"] = df["property_id"].astype(str)
+    df["timestamp"] = _parse_timestamp(df["timestamp"])
+    df["weight"] = pd.to_numeric(df["weight"], errors="coerce").fillna(1.0) if "weight" in df else 1.0
+    return df
+
+
+def _items_frame(path: str | Path) -> pd.DataFrame:
+    items = pd.read_csv(path)
+    items = items.rename(columns=_canonical(items.columns))
+    _require(items, ["item_id"], path)
+    items = items.rename(columns={"item_id": "property_id"})
+    items["property_id"] = items["property_id"].astype(str)
+    return items.drop_duplicates("property_id").set_index("property_id")
+
+
+def load_csv(interactions_csv: str | Path, item_features_csv: str | Path | None = None,
+             name: str | None = None) -> Dataset:
+    """CSV with user_id,item_id,timestamp[,weight] (or MovieLens userId,movieId,rating,timestamp).
+
+    Timestamps may be unix seconds or ISO strings; a missing weight is 1.0 (a rating is kept as a column,
+    not used as weight: implicit feedback). `item_features_csv` needs an item_id column.
+    """
+    path = Path(interactions_csv)
+    df = _interactions_frame(pd.read_csv(path), path)
+    items = _items_frame(item_features_csv) if item_features_csv is not None else None
+    stem = path.name.split(".")[0]
+    return Dataset(df, items, name=name or stem, meta={"source": str(path)})
+
+
+def load_movielens(directory: str | Path | None = None) -> Dataset:
+    """MovieLens (ratings.csv, movies.csv): every rating is a positive interaction of weight 1.0."""
+    d = Path(directory) if directory is not None else _shared("movielens-latest-small")
+    ratings = pd.read_csv(d / "ratings.csv")
+    df = _interactions_frame(ratings, d / "ratings.csv")
+    items = None
+    if (d / "movies.csv").exists():
+        movies = pd.read_csv(d / "movies.csv")
+        genres = movies["genres"].fillna("").astype(str)
+        movies["genres"] = [[] if g in ("", "(no genres listed)") else g.split("|") for g in genres]
+        year = movies["title"].astype(str).str.extract(r"\((\d{4})\)\s*$", expand=False)
+        movies["year"] = pd.to_numeric(year, errors="coerce")
+        movies["property_id"] = movies.pop("movieId").astype(str)
+        items = movies.set_index("property_id")
+    return Dataset(df, items, name="movielens", meta={"source": str(d)})
+
+
+def _parse_price(s: pd.Series) -> pd.Series:
+    return pd.to_numeric(s.astype(str).str.replace(r"[$,\s]", "", regex=True), errors="coerce")
+
+
+def _parse_bathrooms(text: pd.Series) -> pd.Series:
+    t = text.fillna("").astype(str).str.lower()
+    num = pd.to_numeric(t.str.extract(r"(\d+(?:\.\d+)?)", expand=False), errors="coerce")
+    return num.where(num.notna() | ~t.str.contains("half"), 0.5)
+
+
+def _parse_amenities(raw: object) -> list[str]:
+    if not isinstance(raw, str) or not raw.strip():
+        return []
+    try:
+        values = json.loads(raw)
+    except ValueError:
+        try:
+            values = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            values = raw.strip("[]{}").split(",")
+    out = []
+    for v in values:
+        key = re.sub(r"[^0-9a-z]+", "_", str(v).strip().strip("\"'").lower()).strip("_")
+        if key:
+            out.append(key)
+    return list(dict.fromkeys(out))
+
+
+def load_airbnb(directory: str | Path | None = None, min_user_reviews: int = 1) -> Dataset:
+    """Inside Airbnb (listings.csv.gz → property schema, reviews.csv.gz → "lease" events of weight 1.0).
+
+    Only reviews of known listings by reviewers with at least `min_user_reviews` reviews are kept.
+    """
+    d = Path(directory) if directory is not None else _shared("airbnb-albany")
+    listings = pd.read_csv(_first(d, "listings"))
+    _require(listings, ["id", "price", "room_type", "latitude", "longitude"], d / "listings.csv.gz")
+    price = _parse_price(listings["price"])
+    room = listings["room_type"].fillna("").astype(str)
+    room = room.str.lower().map(_ROOM_TYPES).fillna(room.str.lower().str.replace(r"\W+", "_", regex=True))
+    price = price.fillna(price.groupby(room).transform("median")).fillna(price.median())
+    baths = listings["bathrooms"] if "bathrooms" in listings else pd.Series(np.nan, index=listings.index)
+    if "bathrooms_text" in listings:
+        baths = baths.fillna(_parse_bathrooms(listings["bathrooms_text"]))
+    baths = baths.fillna(baths.median() if baths.notna().any() else 1.0)
+    accommodates = listings.get("accommodates", pd.Series(np.nan, index=listings.index))
+    beds = listings.get("bedrooms", pd.Series(np.nan, index=listings.index))
+    beds = beds.fillna(np.ceil(accommodates / 2)).fillna(beds.median()).fillna(1).astype(np.int64)
+    amenities = listings.get("amenities", pd.Series(None, index=listings.index)).map(_parse_amenities)
+    neighbourhood = listings.get("neighbourhood_cleansed", pd.Series(None, index=listings.index))
+    first_review = listings.get("first_review", pd.Series(None, index=listings.index))
+    items = pd.DataFrame({
+        "property_id": listings["id"].astype(str),
+        "price": price.astype(float),
+        "bedrooms": beds,
+        "bathrooms": baths.astype(float),
+        "area_sqm": np.nan,
+        "lat": listings["latitude"].astype(float),
+        "lon": listings["longitude"].astype(float),
+        "property_type": listings.get("property_type", pd.Series("", index=listings.index)).fillna("unknown"),
+        "room_type": room,
+        "city": "Albany",
+        "neighbourhood": neighbourhood.fillna("unknown").astype(str),
+        "amenities": amenities,
+        "pets_allowed": amenities.map(lambda a: "pets_allowed" in a),
+        "available_from": None,
+        "listed_at": pd.to_datetime(first_review, utc=True, errors="coerce"),
+        "accommodates": accommodates,
+    }).drop_duplicates("property_id").set_index("property_id")
+
+    reviews = pd.read_csv(_first(d, "reviews"))
+    _require(reviews, ["listing_id", "id", "date", "reviewer_id"], d / "reviews.csv.gz")
+    reviews = reviews[reviews["listing_id"].astype(str).isin(items.index)]
+    counts = reviews["reviewer_id"].map(reviews["reviewer_id"].value_counts())
+    reviews = reviews[counts >= min_user_reviews]
+    df = pd.DataFrame({
+        "event_id": "r_" + reviews["id"].astype(str),
+        "user_id": reviews["reviewer_id"].astype(str),
+        "property_id": reviews["listing_id"].astype(str),
+        "event_type": "lease",
+        "timestamp": pd.to_datetime(reviews["date"], utc=True),
+        "weight": 1.0,
+    }).sort_values(["timestamp", "event_id"], kind="stable")
+    return Dataset(df, items, name="airbnb", meta={"source": str(d), "min_user_reviews": min_user_reviews})
+
+
+def _first(d: Path, stem: str) -> Path:
+    for suffix in (".csv.gz", ".csv"):
+        if (d / f"{stem}{suffix}").exists():
+            return d / f"{stem}{suffix}"
+    raise FileNotFoundError(f"{d}/{stem}.csv.gz not found")
+
+
+def shared_data_dir() -> Path | None:
+    """`<repo root>/../shared/data` (the repo root holds the rentalml package), or None if absent."""
+    root = Path(__file__).resolve().parents[2]
+    candidate = root.parent / "shared" / "data"
+    return candidate if candidate.is_dir() else None
+
+
+def _shared(name: str) -> Path:
+    base = shared_data_dir()
+    if base is None or not (base / name).is_dir():
+        raise FileNotFoundError(f"shared data set {name!r} not found (looked for ../shared/data/{name})")
+    return base / name
+
+
+def load_dataset(spec: str) -> Dataset:
+    """"synthetic[:n_users,n_properties,n_events[,seed]]" | "movielens" | "airbnb" | parquet dir | CSV."""
+    spec = str(spec).strip()
+    head, _, args = spec.partition(":")
+    if head == "synthetic":
+        from rentalml.data.generator import generate_marketplace
+
+        keys = ["n_users", "n_properties", "n_events", "seed"]
+        values = [int(v.replace("_", "")) for v in args.split(",") if v.strip()] if args else []
+        if len(values) > len(keys):
+            raise ValueError(f"too many synthetic parameters in {spec!r} (expected {','.join(keys)})")
+        return generate_marketplace(**dict(zip(keys, values, strict=False)))
+    if spec == "movielens":
+        return load_movielens()
+    if spec == "airbnb":
+        return load_airbnb()
+    path = Path(spec)
+    if path.is_dir():
+        if (path / "interactions.parquet").exists():
+            return Dataset.load(path)
+        if (path / "ratings.csv").exists():
+            return load_movielens(path)
+        if (path / "reviews.csv.gz").exists() or (path / "reviews.csv").exists():
+            return load_airbnb(path)
+        raise FileNotFoundError(f"{path}: no interactions.parquet, ratings.csv or reviews.csv(.gz)")
+    if path.is_file() and path.name.lower().endswith((".csv", ".csv.gz")):
+        return load_csv(path)
+    raise ValueError(f"unknown dataset spec {spec!r}: use synthetic[:u,p,e], movielens, airbnb, a dir or a CSV")

@@ -1,0 +1,126 @@
+"""Export a fitted model's scoring path to ONNX with the top-k inside the graph.
+
+Graph `scorer.onnx` (the same interface for every model type):
+  inputs   history        INT64 [N, L]  the user's recent property indices, padded with n_items
+           k              INT64 [1]     how many to return
+           user_features  FP32  [N, Fu] only when the model has a user-feature tower
+  outputs  indices        INT64 [N, k]  property indices, best first (history items excluded)
+           scores         FP32  [N, k]  non-increasing per row
+The user representation is computed in the graph from the history, so a user unknown at training time
+(or one with fresh interactions) is scored without retraining.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from rentalml.models.base import Popularity
+from rentalml.models.hybrid import Hybrid
+from rentalml.models.itemitem import SparseEASE
+from rentalml.models.neural import TwoTower
+
+OPSET = 17
+NEG = -1e30
+
+
+class Scorer(nn.Module):
+    def __init__(self, fitted):
+        super().__init__()
+        model = fitted.model
+        n = len(fitted.item_ids)
+        self.n = n
+        self.tower = self.itemitem = None
+        self.beta = 1.0
+        self.has_pop = False
+        tower = model.tower if isinstance(model, Hybrid) else model if isinstance(model, TwoTower) else None
+        ii = model.itemitem if isinstance(model, Hybrid) else model if isinstance(model, SparseEASE) else None
+        if isinstance(model, Hybrid):
+            self.beta = float(model.beta)
+            if self.beta >= 1e9:
+                tower, self.beta = None, 1.0
+        if tower is not None:
+            tin = tower.table_in
+            self.register_buffer("table_in", torch.cat([tin, torch.zeros(1, tin.shape[1])]))
+            self.register_buffer("table_out_t", tower.table_out.T.contiguous())
+            self.register_buffer("bias", tower.net.item_bias.detach().clone())
+            self.user_tower = tower.net.user_tower
+            self.user_feat_dim = tower.net.user_feat_dim
+            self.tower = True
+        else:
+            self.user_feat_dim = 0
+        if ii is not None:
+            pad_idx = np.full((1, ii.out_idx.shape[1]), n, dtype=np.int64)
+            self.register_buffer("out_idx", torch.from_numpy(np.vstack([ii.out_idx, pad_idx])))
+            self.register_buffer("out_w", torch.from_numpy(np.vstack([ii.out_w, np.zeros_like(pad_idx,
+                                                                                              np.float32)])))
+            self.itemitem = True
+        if isinstance(model, Popularity):
+            self.register_buffer("pop", torch.from_numpy(model.pop.astype(np.float32)))
+            self.has_pop = True
+        if self.tower is None and self.itemitem is None and not self.has_pop:
+            raise TypeError(f"no ONNX export for {type(model).__name__}")
+
+    def forward(self, history: torch.Tensor, k: torch.Tensor, user_features: torch.Tensor | None = None):
+        batch = history.shape[0]
+        scores = torch.zeros(batch, self.n + 1)
+        if self.tower is not None:
+            mask = (history < self.n).to(torch.float32)
+            cnt = mask.sum(1, keepdim=True).clamp(min=1.0)
+            h = self.table_in[history].sum(1) / cnt.sqrt()
+            if self.user_feat_dim:
+                h = torch.cat([h, user_features], dim=1)
+            u = self.user_tower(torch.tanh(h))
+            s = u @ self.table_out_t + self.bias
+            scores = scores + torch.cat([s, torch.zeros(batch, 1)], dim=1)
+        if self.itemitem is not None:
+            tgt = self.out_idx[history].reshape(batch, -1)
+            w = self.out_w[history].reshape(batch, -1)
+            scores = scores + self.beta * torch.zeros(batch, self.n + 1).scatter_add(1, tgt, w)
+        if self.has_pop:
+            scores = scores + torch.cat([self.pop, torch.zeros(1)])[None, :]
+        scores = scores.scatter(1, history, torch.full(history.shape, NEG))
+        top_s, top_i = torch.topk(scores[:, : self.n], k[0], dim=1)
+        return top_i, top_s
+
+
+def export_scorer(fitted, path: str | Path, history_len: int = 256) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    scorer = Scorer(fitted).eval()
+    n = len(fitted.item_ids)
+    hist = torch.full((2, history_len), n, dtype=torch.int64)
+    hist[:, :3] = torch.tensor([0, 1, 2])
+    args: tuple = (hist, torch.tensor([10], dtype=torch.int64))
+    names = ["history", "k"]
+    axes = {"history": {0: "batch", 1: "history_len"}, "indices": {0: "batch", 1: "k"}, "scores": {0: "batch", 1: "k"}}
+    if scorer.user_feat_dim:
+        args = (*args, torch.zeros(2, scorer.user_feat_dim))
+        names.append("user_features")
+        axes["user_features"] = {0: "batch"}
+    with torch.no_grad():
+        torch.onnx.export(scorer, args, str(path), input_names=names, output_names=["indices", "scores"],
+                          dynamic_axes=axes, opset_version=OPSET, dynamo=False)
+    onnx.checker.check_model(str(path))
+    return path
+
+
+def quantize_int8(src: str | Path, dst: str | Path) -> Path:
+    """Dynamic int8 quantization (weights int8, activations quantized at run time) of the MatMul/Gemm ops."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
+    return Path(dst)
+
+
+def pad_histories(rows: list[np.ndarray], n_items: int, length: int) -> np.ndarray:
+    """Most recent `length` items of each history (given oldest→newest), padded with n_items."""
+    out = np.full((len(rows), max(1, length)), n_items, dtype=np.int64)
+    for i, r in enumerate(rows):
+        r = np.asarray(r, dtype=np.int64)[-length:]
+        out[i, : len(r)] = r
+    return out

@@ -1,0 +1,88 @@
+"""The index-space model interface shared by every recommender and by the evaluation harness."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+
+
+@dataclass
+class TrainData:
+    """Training input in dense index space.
+
+    `matrix` is users × catalogue (items with no training interactions — cold items — are zero columns);
+    `item_features` [n_items, F] and `user_features` [n_users, Fu] are aligned with it when present.
+    `valid` (same shape as matrix) holds a per-user validation holdout used for early stopping and
+    model selection; it is never part of `matrix`.
+    """
+
+    matrix: sp.csr_matrix
+    item_features: np.ndarray | None = None
+    user_features: np.ndarray | None = None
+    valid: sp.csr_matrix | None = None
+    seed: int = 42
+
+    @property
+    def n_users(self) -> int:
+        return self.matrix.shape[0]
+
+    @property
+    def n_items(self) -> int:
+        return self.matrix.shape[1]
+
+    def binary(self) -> sp.csr_matrix:
+        b = self.matrix.tocsr(copy=True)
+        b.data[:] = 1.0
+        return b
+
+
+class Recommender:
+    """fit on TrainData; score users given their (binary) history rows. Seen items are masked by callers.
+
+    A model fitted with a validation holdout reports what it selected on it (epochs, blend, L2...) via
+    selected_params(); the trainer refits on all training data with those.
+    """
+
+    name = "base"
+
+    def selected_params(self) -> dict:
+        return {}
+
+    def fit(self, data: TrainData) -> Recommender:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def score(self, users: np.ndarray, history: sp.csr_matrix,
+              user_features: np.ndarray | None = None) -> np.ndarray:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+def item_popularity(matrix: sp.csr_matrix) -> np.ndarray:
+    b = matrix.tocsc(copy=True)
+    b.data[:] = 1.0
+    return np.asarray(b.sum(0)).ravel().astype(np.float32)
+
+
+class Popularity(Recommender):
+    """Global popularity (number of distinct users per property)."""
+
+    name = "popularity"
+
+    def fit(self, data: TrainData) -> Popularity:
+        self.pop = item_popularity(data.matrix)
+        return self
+
+    def score(self, users, history, user_features=None):
+        return np.broadcast_to(self.pop, (len(users), self.pop.size)).copy()
+
+
+def validation_ndcg(model: Recommender, x: sp.csr_matrix, valid: sp.csr_matrix, k: int = 10,
+                    max_users: int = 3000) -> float:
+    """nDCG@k of `model` on a validation holdout (train items masked), over at most max_users users."""
+    from rentalml.evaluation.metrics import ranking_metrics, topk_indices
+
+    users = np.flatnonzero(np.diff(valid.indptr) > 0)[:max_users]
+    scores = model.score(users, x[users])
+    scores[x[users].nonzero()] = -np.inf
+    return float(ranking_metrics(topk_indices(scores, k), valid[users], k)["ndcg"].mean())

@@ -1,0 +1,227 @@
+"""PyTorch two-tower recommenders: collaborative (ID embeddings), content (feature towers) and hybrid.
+
+Item tower: item vector = ID embedding (collaborative) + MLP(property features) (content); a never-seen
+property still gets a vector from its features. During training a fraction of items have their ID part
+dropped so the content tower learns to stand alone (cold start).
+User tower: the user's history is encoded as the normalised sum of input-side item vectors (so a new user
+is folded in from recent interactions with no retraining), optionally concatenated with user features,
+then an MLP. Score = <user, item> + item bias.
+Loss: multinomial log-likelihood over the full catalogue with input dropout (Mult-DAE style) for
+catalogues up to `full_softmax_limit`; sampled softmax with logQ correction above it.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import asdict, dataclass, replace
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from rentalml.models.base import Recommender, TrainData, validation_ndcg
+
+
+@dataclass
+class NeuralParams:
+    dim: int = 200
+    hidden: int = 256
+    layers: int = 1
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    batch_size: int = 256
+    epochs: int = 200
+    patience: int = 30
+    eval_every: int = 5
+    input_dropout: float = 0.5
+    id_dropout: float = 0.2
+    negatives: int = 2048
+    full_softmax_limit: int = 50_000
+    use_ids: bool = True
+    use_content: bool = True
+
+
+def _mlp(d_in: int, hidden: int, d_out: int, layers: int) -> nn.Module:
+    if layers <= 0:
+        return nn.Linear(d_in, d_out)
+    mods: list[nn.Module] = []
+    d = d_in
+    for _ in range(layers):
+        mods += [nn.Linear(d, hidden), nn.Tanh()]
+        d = hidden
+    mods.append(nn.Linear(d, d_out))
+    return nn.Sequential(*mods)
+
+
+class TwoTowerNet(nn.Module):
+    def __init__(self, n_items: int, item_feat_dim: int, user_feat_dim: int, p: NeuralParams):
+        super().__init__()
+        self.n_items = n_items
+        self.use_ids = p.use_ids
+        self.use_content = p.use_content and item_feat_dim > 0
+        if not (self.use_ids or self.use_content):
+            raise ValueError("a content model needs item features; this dataset has none")
+        d = p.dim
+        if self.use_ids:
+            self.item_id = nn.Embedding(n_items, d)
+            self.input_id = nn.Embedding(n_items, d)
+            nn.init.normal_(self.item_id.weight, std=0.01)
+            nn.init.normal_(self.input_id.weight, std=0.01)
+        if self.use_content:
+            self.item_content = _mlp(item_feat_dim, p.hidden, d, 1)
+            self.input_content = _mlp(item_feat_dim, p.hidden, d, 1)
+        self.user_feat_dim = user_feat_dim
+        self.user_tower = _mlp(d + user_feat_dim, p.hidden, d, p.layers)
+        self.item_bias = nn.Parameter(torch.zeros(n_items))
+
+    def tables(self, feats: torch.Tensor | None, id_keep: torch.Tensor | None = None):
+        """(input-side item vectors [n, d], output-side item vectors [n, d])."""
+        parts_in, parts_out = [], []
+        if self.use_ids:
+            out_id = self.item_id.weight
+            if id_keep is not None:
+                out_id = out_id * id_keep[:, None]
+            parts_in.append(self.input_id.weight)
+            parts_out.append(out_id)
+        if self.use_content:
+            parts_in.append(self.input_content(feats))
+            parts_out.append(self.item_content(feats))
+        return sum(parts_in), sum(parts_out)
+
+    def user_vectors(self, hist: torch.Tensor, table_in: torch.Tensor, user_feats: torch.Tensor | None):
+        """hist: sparse [B, n] (binary); returns [B, d]."""
+        cnt = torch.sparse.sum(hist, dim=1).to_dense().clamp(min=1.0)
+        h = torch.sparse.mm(hist, table_in) / cnt.sqrt()[:, None]
+        if self.user_feat_dim:
+            h = torch.cat([h, user_feats], dim=1)
+        return self.user_tower(torch.tanh(h))
+
+
+def _to_torch_sparse(m: sp.csr_matrix) -> torch.Tensor:
+    coo = m.tocoo()
+    idx = torch.from_numpy(np.vstack([coo.row, coo.col]).astype(np.int64, copy=True))
+    return torch.sparse_coo_tensor(idx, torch.from_numpy(coo.data.astype(np.float32, copy=True)), m.shape).coalesce()
+
+
+class TwoTower(Recommender):
+    """Collaborative (use_content=False), content (use_ids=False) or hybrid (both) two-tower model."""
+
+    def __init__(self, params: NeuralParams | None = None, name: str = "hybrid", progress: bool = False,
+                 **overrides):
+        self.params = replace(params or NeuralParams(), **overrides)
+        self.name = name
+        self.progress = progress
+        self.history_: list[dict] = []
+
+    # -------------------------------------------------------------------------------- training
+    def fit(self, data: TrainData) -> TwoTower:
+        p = self.params
+        torch.manual_seed(data.seed)
+        rng = np.random.default_rng(data.seed)
+        x = data.binary()
+        n_users, n_items = x.shape
+        self.feats = torch.from_numpy(data.item_features) if data.item_features is not None else None
+        self.user_feats = (torch.from_numpy(data.user_features.astype(np.float32))
+                           if data.user_features is not None else None)
+        feat_dim = 0 if self.feats is None else self.feats.shape[1]
+        user_dim = 0 if self.user_feats is None else self.user_feats.shape[1]
+        self.net = TwoTowerNet(n_items, feat_dim, user_dim, p)
+        opt = torch.optim.Adam(self.net.parameters(), lr=p.lr, weight_decay=p.weight_decay)
+        active = np.flatnonzero(np.diff(x.indptr) > 0)
+        pop = np.asarray(x.sum(0)).ravel() + 1.0
+        log_q = torch.from_numpy(np.log(pop / pop.sum()).astype(np.float32))
+        full = n_items <= p.full_softmax_limit
+        best, best_state, bad = -1.0, None, 0
+        self.samples_seen = 0
+        bar = tqdm(range(p.epochs), desc=f"train {self.name}", disable=not self.progress, leave=False)
+        for epoch in bar:
+            self.net.train()
+            perm = rng.permutation(active)
+            total = 0.0
+            for s in range(0, len(perm), p.batch_size):
+                ub = perm[s:s + p.batch_size]
+                xb = x[ub]
+                self.samples_seen += xb.nnz
+                keep = rng.random(xb.nnz) >= p.input_dropout
+                xin = sp.csr_matrix((xb.data * keep, xb.indices, xb.indptr), shape=xb.shape)
+                xin.eliminate_zeros()
+                id_keep = None
+                if p.use_ids and p.id_dropout > 0 and self.net.use_content:
+                    id_keep = torch.from_numpy((rng.random(n_items) >= p.id_dropout).astype(np.float32))
+                t_in, t_out = self.net.tables(self.feats, id_keep)
+                uf = self.user_feats[ub] if self.user_feats is not None else None
+                u = self.net.user_vectors(_to_torch_sparse(xin), t_in, uf)
+                if full:
+                    logits = u @ t_out.T + self.net.item_bias
+                    target = torch.from_numpy(xb.toarray())
+                else:
+                    cand = np.unique(np.concatenate([xb.indices, rng.integers(0, n_items, p.negatives)]))
+                    ct = torch.from_numpy(cand)
+                    logits = u @ t_out[ct].T + self.net.item_bias[ct] - log_q[ct]
+                    target = torch.from_numpy(xb[:, cand].toarray())
+                loss = -(torch.log_softmax(logits, dim=1) * target).sum(1).mean()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                total += loss.item() * len(ub)
+            rec = {"epoch": epoch + 1, "loss": total / max(1, len(perm))}
+            if data.valid is not None and ((epoch + 1) % p.eval_every == 0 or epoch + 1 == p.epochs):
+                rec["val_ndcg@10"] = self._validate(x, data.valid)
+                if rec["val_ndcg@10"] > best:
+                    best, bad = rec["val_ndcg@10"], 0
+                    best_state = copy.deepcopy(self.net.state_dict())
+                    self.best_epoch = epoch + 1
+                else:
+                    bad += p.eval_every
+                    if bad >= p.patience:
+                        self.history_.append(rec)
+                        break
+            self.history_.append(rec)
+            bar.set_postfix({k: round(v, 4) for k, v in rec.items() if k != "epoch"})
+        if best_state is not None:
+            self.net.load_state_dict(best_state)
+        else:
+            self.best_epoch = len(self.history_)
+        self.best_val = best
+        self._freeze()
+        return self
+
+    def _validate(self, x: sp.csr_matrix, valid: sp.csr_matrix) -> float:
+        self._freeze()
+        return validation_ndcg(self, x, valid)
+
+    def selected_params(self) -> dict:
+        return {"epochs": max(1, self.best_epoch)}
+
+    def _freeze(self) -> None:
+        self.net.eval()
+        with torch.no_grad():
+            t_in, t_out = self.net.tables(self.feats)
+        self.table_in, self.table_out = t_in.detach(), t_out.detach()
+
+    # -------------------------------------------------------------------------------- scoring
+    @torch.no_grad()
+    def user_embedding(self, history: sp.csr_matrix, user_features: np.ndarray | None = None) -> torch.Tensor:
+        h = history.copy()
+        h.data[:] = 1.0
+        uf = torch.from_numpy(user_features.astype(np.float32)) if user_features is not None else None
+        if uf is None and self.net.user_feat_dim:
+            uf = torch.zeros((h.shape[0], self.net.user_feat_dim))
+        return self.net.user_vectors(_to_torch_sparse(h), self.table_in, uf)
+
+    @torch.no_grad()
+    def score(self, users, history, user_features=None):
+        if user_features is None and self.user_feats is not None and users is not None:
+            user_features = self.user_feats[users].numpy()
+        u = self.user_embedding(history, user_features)
+        return (u @ self.table_out.T + self.net.item_bias).numpy()
+
+    def describe(self) -> dict:
+        return {"name": self.name, **asdict(self.params), "best_epoch": getattr(self, "best_epoch", None)}
+
+
+def n_params(model: TwoTower) -> int:
+    return sum(math.prod(p.shape) for p in model.net.parameters())

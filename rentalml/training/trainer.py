@@ -1,0 +1,130 @@
+"""Fit any rentalml model on a Dataset: id maps, features, validation carve-out, early stopping, refit."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+
+from rentalml.data.dataset import Dataset, InteractionMatrix
+from rentalml.data.features import FeatureEncoder
+from rentalml.evaluation.protocols import aggregate_pairs, random_split
+from rentalml.models.base import Popularity, Recommender, TrainData
+from rentalml.models.hybrid import Hybrid
+from rentalml.models.neural import NeuralParams, TwoTower
+
+MODEL_NAMES = ("popularity", "collaborative", "content", "hybrid")
+NEURAL_KEYS = set(NeuralParams.__dataclass_fields__)
+
+
+def build_model(name: str, params: dict | None = None, progress: bool = False) -> Recommender:
+    params = dict(params or {})
+    nn_kw = {k: v for k, v in params.items() if k in NEURAL_KEYS}
+    if name == "popularity":
+        return Popularity()
+    if name == "collaborative":
+        return TwoTower(name="collaborative", progress=progress, **{**nn_kw, "use_content": False})
+    if name == "content":
+        return TwoTower(name="content", progress=progress, **{**nn_kw, "use_ids": False})
+    if name == "hybrid":
+        ii_kw = {k: params[k] for k in ("l2", "neighbours", "dropout", "beta") if k in params}
+        return Hybrid(progress=progress, **ii_kw, **nn_kw)
+    if name == "ease":
+        from rentalml.models.baselines import EASE
+
+        return EASE(params.get("l2", 200.0))
+    if name == "itemknn":
+        from rentalml.models.baselines import ItemKNN
+
+        return ItemKNN(params.get("neighbours", 100))
+    if name == "als":
+        from rentalml.models.baselines import ImplicitALS
+
+        return ImplicitALS(seed=params.get("seed", 42))
+    raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)} (or ease, itemknn, als)")
+
+
+@dataclass
+class Fitted:
+    """A trained model together with everything needed to use it outside index space."""
+
+    name: str
+    model: Recommender
+    item_ids: np.ndarray
+    user_ids: np.ndarray
+    train: sp.csr_matrix  # users × items, binary history used for scoring and masking
+    item_features: np.ndarray | None
+    user_features: np.ndarray | None
+    item_encoder: FeatureEncoder | None
+    user_encoder: FeatureEncoder | None
+    fit_seconds: float
+    params: dict = field(default_factory=dict)
+
+    def score_users(self, users: np.ndarray) -> np.ndarray:
+        uf = self.user_features[users] if self.user_features is not None else None
+        return self.model.score(users, self.train[users], uf)
+
+
+def _features(dataset: Dataset, item_ids: np.ndarray, user_ids: np.ndarray):
+    item_enc = user_enc = None
+    item_x = user_x = None
+    if dataset.items is not None and len(dataset.items.columns):
+        item_enc = FeatureEncoder.fit(dataset.items)
+        if item_enc.dim:
+            item_x = item_enc.transform(dataset.items.reindex(item_ids))
+        else:
+            item_enc = None
+    if dataset.users is not None and len(dataset.users.columns):
+        user_enc = FeatureEncoder.fit(dataset.users)
+        if user_enc.dim:
+            user_x = user_enc.transform(dataset.users.reindex(user_ids))
+        else:
+            user_enc = None
+    return item_enc, item_x, user_enc, user_x
+
+
+def catalogue(dataset: Dataset, *frames: pd.DataFrame) -> np.ndarray:
+    ids = set(dataset.interactions["property_id"].unique())
+    if dataset.items is not None:
+        ids |= set(dataset.items.index)
+    for f in frames:
+        ids |= set(f["property_id"].unique())
+    return np.array(sorted(ids), dtype=object)
+
+
+def fit_model(name: str, dataset: Dataset, train: pd.DataFrame | None = None, params: dict | None = None,
+              seed: int = 42, valid_frac: float = 0.1, refit: bool = True, progress: bool = False) -> Fitted:
+    """Fit `name` on `train` pairs (default: all of the dataset's interactions).
+
+    A per-user validation holdout (valid_frac) is carved from train for early stopping and model selection;
+    with refit=True the model is then refit on the whole of train with the selected epoch count and blend.
+    """
+    t0 = time.perf_counter()
+    torch.manual_seed(seed)
+    train = aggregate_pairs(dataset.interactions) if train is None else train
+    item_ids = catalogue(dataset, train)
+    user_ids = np.array(sorted(train["user_id"].unique()), dtype=object)
+    item_enc, item_x, user_enc, user_x = _features(dataset, item_ids, user_ids)
+    full = InteractionMatrix.build(train, item_ids=item_ids, user_ids=user_ids).matrix
+    params = dict(params or {})
+    model = build_model(name, params, progress)
+    if valid_frac > 0 and type(model).selected_params is not Recommender.selected_params:
+        tr, va = random_split(train, 1.0 - valid_frac, seed + 1)
+        m_tr = InteractionMatrix.build(tr, item_ids=item_ids, user_ids=user_ids).matrix
+        m_va = InteractionMatrix.build(va, item_ids=item_ids, user_ids=user_ids).matrix
+        model.fit(TrainData(m_tr, item_x, user_x, valid=m_va, seed=seed))
+        if refit:
+            chosen = {**params, **model.selected_params()}
+            model = build_model(name, chosen, progress)
+            model.fit(TrainData(full, item_x, user_x, seed=seed))
+            params = chosen
+    else:
+        model.fit(TrainData(full, item_x, user_x, seed=seed))
+    full_bin = full.copy()
+    full_bin.data[:] = 1.0
+    return Fitted(name, model, item_ids, user_ids, full_bin, item_x, user_x, item_enc, user_enc,
+                  time.perf_counter() - t0, params)
