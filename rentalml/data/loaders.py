@@ -77,7 +77,10 @@ def load_csv(interactions_csv: str | Path, item_features_csv: str | Path | None 
 
 
 def load_movielens(directory: str | Path | None = None) -> Dataset:
-    """MovieLens (ratings.csv, movies.csv): every rating is a positive interaction of weight 1.0."""
+    """MovieLens (ratings.csv, movies.csv): every rating is a positive interaction of weight 1.0.
+
+    Ratings of movies absent from movies.csv are dropped (count in `meta["dropped_unknown_items"]`).
+    """
     d = Path(directory) if directory is not None else _shared("movielens-latest-small")
     ratings = pd.read_csv(d / "ratings.csv")
     df = _interactions_frame(ratings, d / "ratings.csv")
@@ -89,8 +92,13 @@ def load_movielens(directory: str | Path | None = None) -> Dataset:
         year = movies["title"].astype(str).str.extract(r"\((\d{4})\)\s*$", expand=False)
         movies["year"] = pd.to_numeric(year, errors="coerce")
         movies["property_id"] = movies.pop("movieId").astype(str)
-        items = movies.set_index("property_id")
-    return Dataset(df, items, name="movielens", meta={"source": str(d)})
+        items = movies.drop_duplicates("property_id").set_index("property_id")
+    meta = {"source": str(d)}
+    if items is not None:  # drop ratings of movies missing from movies.csv (none in the original release)
+        known = df["property_id"].isin(items.index)
+        meta["dropped_unknown_items"] = int((~known).sum())
+        df = df[known]
+    return Dataset(df, items, name="movielens", meta=meta)
 
 
 def _parse_price(s: pd.Series) -> pd.Series:
@@ -164,7 +172,8 @@ def load_airbnb(directory: str | Path | None = None, min_user_reviews: int = 1) 
 
     reviews = pd.read_csv(_first(d, "reviews"))
     _require(reviews, ["listing_id", "id", "date", "reviewer_id"], d / "reviews.csv.gz")
-    reviews = reviews[reviews["listing_id"].astype(str).isin(items.index)]
+    known = reviews["listing_id"].astype(str).isin(items.index)
+    reviews = reviews[known]
     counts = reviews["reviewer_id"].map(reviews["reviewer_id"].value_counts())
     reviews = reviews[counts >= min_user_reviews]
     df = pd.DataFrame({
@@ -175,7 +184,8 @@ def load_airbnb(directory: str | Path | None = None, min_user_reviews: int = 1) 
         "timestamp": pd.to_datetime(reviews["date"], utc=True),
         "weight": 1.0,
     }).sort_values(["timestamp", "event_id"], kind="stable")
-    return Dataset(df, items, name="airbnb", meta={"source": str(d), "min_user_reviews": min_user_reviews})
+    meta = {"source": str(d), "min_user_reviews": min_user_reviews, "dropped_unknown_items": int((~known).sum())}
+    return Dataset(df, items, name="airbnb", meta=meta)
 
 
 def _first(d: Path, stem: str) -> Path:
