@@ -44,4 +44,110 @@ def generate(out: Path = typer.Option(Path(".rentalml/data/demo"), help="output 
     typer.echo(json.dumps({"out": str(out), **ds.summary()}))
 
 
+def _dataset(spec: str, item_features: Path | None = None):
+    from rentalml.data.loaders import load_csv, load_dataset
+
+    if item_features is not None:
+        return load_csv(spec, item_features)
+    return load_dataset(spec)
+
+
+@app.command()
+def benchmark(
+    interactions: str = typer.Option(..., help="CSV of user_id,item_id,timestamp[,weight], a dataset dir, "
+                                     "'synthetic[:users,props,events]', 'movielens' or 'airbnb'"),
+    item_features: Path | None = typer.Option(None, help="optional item-features CSV (item_id, ...)"),
+    protocol: str = typer.Option("random-75-25", help="random-75-25 | temporal-leave-last-n | cold-start-items"),
+    seed: int = 42,
+    k: int = 10,
+    models: str = typer.Option("popularity,collaborative,content,hybrid", help="comma-separated; baselines "
+                               "ease, itemknn, als are measured by the same harness"),
+    tune_trials: int = typer.Option(0, help="Optuna trials per neural model on a validation split of train"),
+    min_user_interactions: int = typer.Option(1, help="keep users with at least this many interactions"),
+    json_out: Path | None = typer.Option(None, "--json", help="write the result document here"),
+    report: Path | None = typer.Option(None, help="also write report.html/report.json (plots) here"),
+    progress: bool = False,
+) -> None:
+    """Split once, fit and evaluate every model; print a table and write JSON."""
+    from rentalml.evaluation.benchmark import run_benchmark
+    from rentalml.evaluation.report import format_table, write_report
+
+    ds = _dataset(interactions, item_features)
+    if min_user_interactions > 1:
+        counts = ds.interactions.groupby("user_id")["property_id"].transform("nunique")
+        ds = ds.subset(ds.interactions[counts >= min_user_interactions])
+    result = run_benchmark(ds, protocol, seed, k, [m.strip() for m in models.split(",") if m.strip()],
+                           tune_trials=tune_trials, progress=progress, log=lambda m: typer.echo(m, err=True))
+    curves = result.pop("_curves", {})
+    typer.echo(format_table(result))
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(result, indent=2))
+    if report:
+        write_report(result, report, curves)
+
+
+@app.command()
+def train(
+    data: str = typer.Option("synthetic", help="dataset spec (see benchmark --interactions)"),
+    model: str = typer.Option("hybrid", help="popularity | collaborative | content | hybrid"),
+    protocol: str = "random-75-25",
+    seed: int = 42,
+    k: int = 10,
+    register: bool = typer.Option(True, help="log to MLflow and register a new version"),
+    margin: float = typer.Option(0.0, help="champion moves only if the candidate beats it by this"),
+    out: Path | None = typer.Option(None, help="keep the bundle/report here"),
+    params: str = typer.Option("{}", help="JSON of model parameters"),
+    progress: bool = True,
+) -> None:
+    """Train, evaluate, export (ONNX + int8), log to MLflow and register (champion only if better)."""
+    from rentalml.training.workflow import train_and_register
+
+    res = train_and_register(_dataset(data), model, protocol, k, seed, json.loads(params), register=register,
+                             margin=margin, out_dir=out, progress=progress)
+    typer.echo(json.dumps(res, indent=2, default=str))
+
+
+@app.command()
+def export(
+    data: str = typer.Option("synthetic", help="dataset spec"),
+    model: str = "hybrid",
+    out: Path = typer.Option(Path(".rentalml/export"), help="bundle directory"),
+    seed: int = 42,
+    params: str = "{}",
+) -> None:
+    """Fit on all data and write a model bundle (scorer.onnx with top-k in the graph, int8 variant)."""
+    from rentalml.export.bundle import write_bundle
+    from rentalml.training.trainer import fit_model
+
+    ds = _dataset(data)
+    fitted = fit_model(model, ds, params=json.loads(params), seed=seed)
+    typer.echo(str(write_bundle(fitted, ds, out)))
+
+
+@app.command()
+def tune(
+    data: str = typer.Option("synthetic", help="dataset spec"),
+    model: str = "hybrid",
+    trials: int = 8,
+    local: bool = typer.Option(True, "--local/--katib", help="run Optuna here"),
+    seed: int = 42,
+    json_out: Path | None = typer.Option(None, "--json"),
+) -> None:
+    """Optuna (multivariate TPE, median pruning) over the shared search space on a validation split."""
+    from rentalml.evaluation.protocols import random_split
+    from rentalml.training.tuning import tune as run_tune
+
+    ds = _dataset(data)
+    train_pairs, _ = random_split(ds.interactions, 0.75, seed)
+    res = run_tune(model, ds, train_pairs, trials=trials, seed=seed)
+    typer.echo(json.dumps({k: v for k, v in res.items() if k != "trials"}, indent=2))
+    if json_out:
+        json_out.write_text(json.dumps(res, indent=2, default=str))
+
+
 _load_plugins()
+
+
+if __name__ == "__main__":
+    app()

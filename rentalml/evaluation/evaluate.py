@@ -28,6 +28,7 @@ def evaluate(fitted, test: pd.DataFrame, k: int = 10, batch: int = 512) -> dict:
             per_user[name].append(v)
         if cold_items.any():
             rel = tm[ub].multiply(cold_items[None, :]).tocsr()
+            rel.eliminate_zeros()  # multiply keeps the masked-out (warm) entries as explicit zeros
             has = np.diff(rel.indptr) > 0
             if has.any():
                 for name, v in ranking_metrics(top[has], rel[has], k).items():

@@ -14,7 +14,11 @@ METRIC_NAMES = ("ndcg", "recall", "precision", "map")
 def topk_indices(scores: np.ndarray, k: int) -> np.ndarray:
     """Row-wise indices of the k largest scores, best first (ties broken by index)."""
     k = min(k, scores.shape[1])
-    part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    kth = -np.partition(-scores, k - 1, axis=1)[:, k - 1:k]  # each row's k-th largest score
+    above, tied = scores > kth, scores == kth
+    # all scores above the k-th largest, then the lowest-index ties until k are taken
+    take = above | (tied & (np.cumsum(tied, axis=1, dtype=np.int32) <= k - above.sum(1, keepdims=True)))
+    part = np.nonzero(take)[1].reshape(scores.shape[0], k)  # ascending index within each row
     part_scores = np.take_along_axis(scores, part, axis=1)
     order = np.argsort(-part_scores, axis=1, kind="stable")
     return np.take_along_axis(part, order, axis=1)

@@ -24,6 +24,18 @@ class Hybrid(Recommender):
         self.beta = beta
 
     @property
+    def on_validate(self):
+        return self.tower.on_validate
+
+    @on_validate.setter
+    def on_validate(self, fn) -> None:
+        self.tower.on_validate = fn
+
+    @property
+    def best_val(self) -> float:
+        return max(self._best_val, self.tower.best_val) if hasattr(self, "_best_val") else self.tower.best_val
+
+    @property
     def params(self):
         return self.tower.params
 
@@ -41,7 +53,7 @@ class Hybrid(Recommender):
             v = validation_ndcg(self, data.binary(), data.valid)
             if v > best:
                 best, best_beta = v, beta
-        self.best_val = best
+        self._best_val = best
         return best_beta
 
     def selected_params(self) -> dict:

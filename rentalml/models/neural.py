@@ -115,6 +115,7 @@ class TwoTower(Recommender):
         self.name = name
         self.progress = progress
         self.history_: list[dict] = []
+        self.on_validate = None  # callable(epoch, val_ndcg) — tuning reports/prunes through it
 
     # -------------------------------------------------------------------------------- training
     def fit(self, data: TrainData) -> TwoTower:
@@ -170,6 +171,8 @@ class TwoTower(Recommender):
             rec = {"epoch": epoch + 1, "loss": total / max(1, len(perm))}
             if data.valid is not None and ((epoch + 1) % p.eval_every == 0 or epoch + 1 == p.epochs):
                 rec["val_ndcg@10"] = self._validate(x, data.valid)
+                if self.on_validate is not None:
+                    self.on_validate(epoch + 1, rec["val_ndcg@10"])
                 if rec["val_ndcg@10"] > best:
                     best, bad = rec["val_ndcg@10"], 0
                     best_state = copy.deepcopy(self.net.state_dict())

@@ -97,7 +97,8 @@ def catalogue(dataset: Dataset, *frames: pd.DataFrame) -> np.ndarray:
 
 
 def fit_model(name: str, dataset: Dataset, train: pd.DataFrame | None = None, params: dict | None = None,
-              seed: int = 42, valid_frac: float = 0.1, refit: bool = True, progress: bool = False) -> Fitted:
+              seed: int = 42, valid_frac: float = 0.1, refit: bool = True, progress: bool = False,
+              on_validate=None) -> Fitted:
     """Fit `name` on `train` pairs (default: all of the dataset's interactions).
 
     A per-user validation holdout (valid_frac) is carved from train for early stopping and model selection;
@@ -112,6 +113,8 @@ def fit_model(name: str, dataset: Dataset, train: pd.DataFrame | None = None, pa
     full = InteractionMatrix.build(train, item_ids=item_ids, user_ids=user_ids).matrix
     params = dict(params or {})
     model = build_model(name, params, progress)
+    if on_validate is not None:
+        model.on_validate = on_validate
     if valid_frac > 0 and type(model).selected_params is not Recommender.selected_params:
         tr, va = random_split(train, 1.0 - valid_frac, seed + 1)
         m_tr = InteractionMatrix.build(tr, item_ids=item_ids, user_ids=user_ids).matrix

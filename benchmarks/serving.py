@@ -1,0 +1,305 @@
+"""Serving latency and throughput over loopback, one run, one machine (client and server share the CPUs).
+
+Catalogue: ~10k properties (synthetic marketplace: 5k users / 10k properties / 100k events, quick hybrid fit).
+Measures, for top-k (k=10) recommendations of one known user per request:
+  floor       in-process Bundle.recommend (ONNX Runtime + id maps), no server
+  v2 REST     `rentalml serve`, tritonclient.http (binary tensors)
+  v2 gRPC     `rentalml serve`, tritonclient.grpc
+  /predict    `rentalml serve`, friendly JSON API via httpx
+p50/p99 latency at concurrency 1 (--requests sequential requests after a warm-up), and requests/s with
+--concurrency client threads (each with its own client) bounded by --load-requests and --load-seconds.
+The server's per-user cache is switched off (RENTALML_SERVE__CACHE_SIZE=0) so every request runs the model,
+comparable with the floor. Writes benchmarks/results/serving.json and prints a markdown table.
+
+    python benchmarks/serving.py [--requests 500] [--concurrency 8] [--load-requests 2000] [--load-seconds 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+MODEL = "rental-recommender"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def build_bundle(out: Path, users: int, properties: int, events: int, epochs: int) -> tuple[Path, dict]:
+    from rentalml.data.generator import generate_marketplace
+    from rentalml.export.bundle import write_bundle
+    from rentalml.training.trainer import fit_model
+
+    t0 = time.perf_counter()
+    ds = generate_marketplace(n_users=users, n_properties=properties, n_events=events, seed=42)
+    fitted = fit_model("hybrid", ds, params={"epochs": epochs, "neighbours": 32})
+    path = write_bundle(fitted, ds, out, model_version="bench")
+    info = {"users": users, "properties": properties, "events": events, "epochs": epochs,
+            "catalogue": int(len(fitted.item_ids)), "build_seconds": round(time.perf_counter() - t0, 1)}
+    return path, info
+
+
+def stats(lat_s: list[float]) -> dict:
+    a = np.asarray(lat_s) * 1000
+    return {"n": int(a.size), "p50_ms": round(float(np.percentile(a, 50)), 3),
+            "p99_ms": round(float(np.percentile(a, 99)), 3), "mean_ms": round(float(a.mean()), 3)}
+
+
+def sequential(call, users: list[str], n: int, warmup: int = 50) -> dict:
+    for u in users[:warmup]:
+        call(u)
+    lat = []
+    for i in range(n):
+        u = users[(warmup + i) % len(users)]
+        t0 = time.perf_counter()
+        call(u)
+        lat.append(time.perf_counter() - t0)
+    return stats(lat)
+
+
+def concurrent(make_call, users: list[str], threads: int, total: int, max_seconds: float) -> dict:
+    """`threads` workers, each with its own client (make_call() → call), share `total` requests / max_seconds."""
+    lock = threading.Lock()
+    counter = {"next": 0}
+    lat: list[float] = []
+    errors = []
+    start = threading.Barrier(threads + 1)
+    clock = {"deadline": float("inf")}
+
+    def worker():
+        # the client is built and warmed inside its own thread: tritonclient.http runs on gevent greenlets,
+        # which cannot be used from another thread than the one that created them
+        mine, call = [], None
+        try:
+            call = make_call()
+            call(users[0])
+        except Exception as exc:
+            errors.append(repr(exc))
+            call = None
+        start.wait()
+        while call is not None and time.perf_counter() < clock["deadline"]:
+            with lock:
+                i = counter["next"]
+                if i >= total:
+                    break
+                counter["next"] += 1
+            t0 = time.perf_counter()
+            try:
+                call(users[i % len(users)])
+            except Exception as exc:  # recorded, not fatal
+                errors.append(repr(exc))
+                continue
+            mine.append(time.perf_counter() - t0)
+        with lock:
+            lat.extend(mine)
+
+    ts = [threading.Thread(target=worker) for _ in range(threads)]
+    for t in ts:
+        t.start()
+    start.wait()
+    t0 = time.perf_counter()
+    clock["deadline"] = t0 + max_seconds
+    for t in ts:
+        t.join()
+    wall = time.perf_counter() - t0
+    out = {"threads": threads, "requests": len(lat), "seconds": round(wall, 2),
+           "rps": round(len(lat) / wall, 1), **{f"load_{k}": v for k, v in stats(lat).items() if k != "n"}}
+    if errors:
+        out["errors"] = len(errors)
+        out["first_error"] = errors[0]
+    return out
+
+
+# ---- clients -------------------------------------------------------------------------------------------
+def http_v2(port: int, k: int):
+    import tritonclient.http as httpclient
+
+    c = httpclient.InferenceServerClient(f"127.0.0.1:{port}")
+    kin = httpclient.InferInput("k", [1], "INT32")
+    kin.set_data_from_numpy(np.array([k], dtype=np.int32))
+
+    def call(user: str):
+        inp = httpclient.InferInput("user_id", [1], "BYTES")
+        inp.set_data_from_numpy(np.array([user], dtype=object))
+        r = c.infer(MODEL, [inp, kin])
+        assert r.as_numpy("property_id").shape == (1, k)
+
+    return call
+
+
+def grpc_v2(port: int, k: int):
+    import tritonclient.grpc as grpcclient
+
+    c = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
+    kin = grpcclient.InferInput("k", [1], "INT32")
+    kin.set_data_from_numpy(np.array([k], dtype=np.int32))
+
+    def call(user: str):
+        inp = grpcclient.InferInput("user_id", [1], "BYTES")
+        inp.set_data_from_numpy(np.array([user], dtype=object))
+        r = c.infer(MODEL, [inp, kin])
+        assert r.as_numpy("property_id").shape == (1, k)
+
+    return call
+
+
+def friendly(port: int, k: int):
+    import httpx
+
+    c = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
+
+    def call(user: str):
+        r = c.post("/predict", json={"user_id": user, "num_recommendations": k})
+        r.raise_for_status()
+        assert len(r.json()["recommendations"]) == k
+
+    return call
+
+
+def in_process(bundle, k: int):
+    def call(user: str):
+        r = bundle.recommend([user], k)
+        assert r.property_ids.shape == (1, k)
+
+    return call
+
+
+# ---- server --------------------------------------------------------------------------------------------
+def start_server(bundle: Path, log: Path, workers: int) -> tuple[subprocess.Popen, int, int]:
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+
+    http_port, grpc_port = free_port(), free_port()
+    env = {**os.environ, "KSERVE_LOGLEVEL": "WARNING", "RENTALML_SERVE__CACHE_SIZE": "0"}
+    cmd = [sys.executable, "-c", "from rentalml.cli import app; app()", "serve", "--bundle", str(bundle),
+           "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--workers", str(workers)]
+    fh = open(log, "wb")  # noqa: SIM115 - lives as long as the server
+    proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
+    h = httpclient.InferenceServerClient(f"127.0.0.1:{http_port}")
+    g = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
+        try:
+            if h.is_model_ready(MODEL) and g.is_server_ready():
+                return proc, http_port, grpc_port
+        except Exception:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise SystemExit(f"server not ready:\n{log.read_text()[-3000:]}")
+
+
+def stop_server(proc: subprocess.Popen) -> int | None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return None
+
+
+def versions() -> dict:
+    from importlib.metadata import version
+
+    out = {"python": platform.python_version(), "cpu": platform.processor() or platform.machine(),
+           "cpus": os.cpu_count()}
+    for pkg in ("kserve", "onnxruntime", "tritonclient", "fastapi", "uvicorn", "grpcio"):
+        try:
+            out[pkg] = version(pkg)
+        except Exception:
+            pass
+    try:
+        out["loadavg_1m_at_start"] = round(os.getloadavg()[0], 2)
+    except OSError:
+        pass
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--users", type=int, default=5_000)
+    ap.add_argument("--properties", type=int, default=10_000)
+    ap.add_argument("--events", type=int, default=100_000)
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--requests", type=int, default=500, help="sequential requests per mode (concurrency 1)")
+    ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--load-requests", type=int, default=2000, help="request budget per mode under load")
+    ap.add_argument("--load-seconds", type=float, default=30.0, help="time budget per mode under load")
+    ap.add_argument("--workers", type=int, default=1, help="`rentalml serve --workers`")
+    ap.add_argument("--bundle", type=Path, help="reuse an existing bundle instead of training one")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "serving.json")
+    a = ap.parse_args()
+
+    from rentalml.export.bundle import Bundle
+
+    tmp = Path(tempfile.mkdtemp(prefix="rentalml-bench-"))
+    if a.bundle:
+        bundle_path, data = a.bundle, {"bundle": str(a.bundle)}
+    else:
+        print("building bundle ...", flush=True)
+        bundle_path, data = build_bundle(tmp / "bundle", a.users, a.properties, a.events, a.epochs)
+    users_df = pd.read_parquet(bundle_path / "users.parquet")
+    known = users_df[users_df["history"].map(len) > 0]["user_id"].astype(str).to_numpy()
+    rng = np.random.default_rng(7)
+    users = rng.choice(known, size=max(a.requests + 100, a.load_requests + 100)).tolist()
+    bundle = Bundle(bundle_path)
+    data["catalogue"] = int(bundle.n_items)
+    results = {"config": {"k": a.k, "requests": a.requests, "concurrency": a.concurrency,
+                          "load_requests": a.load_requests, "load_seconds": a.load_seconds, "workers": a.workers,
+                          "server_cache": "off", "kserve_loglevel": "WARNING", "client": "same host, loopback"},
+               "data": data, "env": versions(), "modes": {}}
+
+    def record(name, seq, load):
+        results["modes"][name] = {"c1": seq, f"c{a.concurrency}": load}
+        print(f"{name:10s} c1 {seq}  c{a.concurrency} {load}", flush=True)
+
+    print("in-process floor ...", flush=True)
+    record("floor", sequential(in_process(bundle, a.k), users, a.requests),
+           concurrent(lambda: in_process(bundle, a.k), users, a.concurrency, a.load_requests, a.load_seconds))
+
+    proc, http_port, grpc_port = start_server(bundle_path, tmp / "server.log", a.workers)
+    try:
+        for name, factory, port in [("v2 REST", http_v2, http_port), ("v2 gRPC", grpc_v2, grpc_port),
+                                    ("/predict", friendly, http_port)]:
+            print(f"{name} ...", flush=True)
+            record(name, sequential(factory(port, a.k), users, a.requests),
+                   concurrent(lambda f=factory, p=port: f(p, a.k), users, a.concurrency, a.load_requests,
+                              a.load_seconds))
+    finally:
+        rc = stop_server(proc)
+    results["server_exit_code"] = rc
+
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(results, indent=2))
+    c = f"c{a.concurrency}"
+    print(f"\ncatalogue {data['catalogue']} properties, k={a.k}, {results['env'].get('cpus')} CPUs shared by client "
+          f"and server, server cache off\n")
+    print(f"| mode | p50 ms (c=1) | p99 ms (c=1) | req/s ({a.concurrency} clients) | p50 / p99 ms under load |")
+    print("|---|---:|---:|---:|---:|")
+    for name, r in results["modes"].items():
+        print(f"| {name} | {r['c1']['p50_ms']:.2f} | {r['c1']['p99_ms']:.2f} | {r[c]['rps']:.0f} | "
+              f"{r[c]['load_p50_ms']:.2f} / {r[c]['load_p99_ms']:.2f} |")
+    print(f"\nwrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,315 @@
+"""`rentalml serve`: KServe ModelServer (REST v2 + gRPC v2) plus the friendly JSON API on the same HTTP port.
+
+HTTP port:  /v2/... (Open Inference Protocol), /v1/..., /metrics (KServe's, default Prometheus registry, so the
+            ml_* metrics of rentalml.inference.metrics are there too), and ours: POST /predict, GET /health.
+gRPC port:  inference.GRPCInferenceService (ModelInfer, ModelReady, ModelMetadata, ServerReady, ...).
+
+KServe 0.21 builds its REST app from the module-level FastAPI object `kserve.model_server:app` (imported by
+string in every REST worker), so extra routes go on that object before `ModelServer.start`. With `--workers N`
+the REST workers are *spawned* processes that unpickle the model; the model re-installs these routes there
+(RecommenderModel.__setstate__), because a spawned worker re-imports a pristine `kserve.model_server`.
+"""
+
+
+import copy
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from rentalml.config import get_settings
+
+log = logging.getLogger("rentalml.inference")
+
+
+def _sanitize_argv() -> None:
+    # kserve.model_server runs argparse.parse_known_args() on sys.argv at import time (and so does every spawned
+    # REST worker, which inherits sys.argv): our own flags such as `--workers` would silently leak into it.
+    sys.argv = sys.argv[:1]
+
+
+def log_level() -> str:
+    return os.environ.get("KSERVE_LOGLEVEL", "INFO").upper()
+
+
+def log_config() -> dict:
+    """KServe's logging config with uvicorn (incl. the per-request access log) following KSERVE_LOGLEVEL too:
+    stock KServe 0.21 pins uvicorn and uvicorn.access at INFO whatever KSERVE_LOGLEVEL says."""
+    from kserve.logging import KSERVE_LOG_CONFIG
+
+    cfg = copy.deepcopy(KSERVE_LOG_CONFIG)
+    level = log_level()
+    for name in ("kserve", "kserve.trace", "uvicorn", "uvicorn.error", "uvicorn.access"):
+        cfg["loggers"].setdefault(name, {})["level"] = level
+    cfg["loggers"]["rentalml"] = {"handlers": ["kserve"], "level": level, "propagate": False}
+    return cfg
+
+
+class _QuietInvalidInput(logging.Filter):
+    """KServe logs every InvalidInput (a client's malformed request, answered 400 / INVALID_ARGUMENT) at ERROR
+    with a traceback; keep one WARNING line instead so log-based alerting sees real server errors only."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and type(exc).__name__ == "InvalidInput":
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.msg, record.args, record.exc_info, record.exc_text = f"rejected request: {exc}", (), None, None
+            return logging.getLogger("kserve").isEnabledFor(logging.WARNING)
+        return True
+
+
+def configure_logging() -> None:
+    from kserve.logging import configure_logging as kserve_configure
+
+    # once the kserve logger has handlers, KServe's own configure_logging(None) (ModelServer.__init__, each
+    # spawned REST worker) leaves the configuration alone
+    kserve_configure(log_config())
+    kserve_logger = logging.getLogger("kserve")
+    if not any(isinstance(f, _QuietInvalidInput) for f in kserve_logger.filters):
+        kserve_logger.addFilter(_QuietInvalidInput())
+    # FastAPI deprecates ORJSONResponse, KServe's app default: one warning per process, nothing to act on here
+    import warnings
+
+    warnings.filterwarnings("ignore", message="ORJSONResponse is deprecated")
+
+
+def worker_init(model) -> None:
+    """Runs in every spawned REST worker (`--workers N`) when it unpickles the model."""
+    configure_logging()
+    install_routes(model)
+
+
+def _error(field: str, msg: str, status: int = 422, detail: list | None = None):
+    """FastAPI-style validation error naming the field, plus a one-line `error` like KServe's."""
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse(status_code=status, content={
+        "error": f"{field}: {msg}", "detail": detail or [{"loc": ["body", field], "msg": msg, "type": "value_error"}]})
+
+
+class JSONInferContentType:
+    """ASGI middleware. Quirk (KServe 0.21): a v2 REST infer body that is not sent as `application/json` and has
+    no `Inference-Header-Content-Length` is taken for binary tensor data and refused (400 "received byte inputs,
+    but the 'inference-header-content-length' header is missing"). tritonclient.http sends exactly that when every
+    input is JSON (binary_data=False), and so does `curl -d` (form content type). Without that header the body
+    can only be JSON, so say so."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"].endswith("/infer"):
+            headers = scope["headers"]
+            if not any(k.lower() == b"inference-header-content-length" for k, _ in headers):
+                json_ct = (b"content-type", b"application/json")
+                scope = dict(scope, headers=[*(h for h in headers if h[0].lower() != b"content-type"), json_ct])
+        await self.app(scope, receive, send)
+
+
+def install_routes(model, app=None) -> None:
+    """Add POST /predict, GET /health (and JSONInferContentType) for `model` to KServe's app (idempotent)."""
+    from fastapi import Request
+    from fastapi.responses import JSONResponse
+    from pydantic import BaseModel, ConfigDict, ValidationError
+
+    from . import metrics as m
+
+    if app is None:
+        from kserve.model_server import app
+    if getattr(app.state, "rentalml_routes", False):
+        return
+    app.state.rentalml_routes = True
+
+    class PredictRequest(BaseModel):
+        model_config = ConfigDict(extra="ignore")
+        user_id: str
+        num_recommendations: int = model.default_k
+        model_type: str | None = None
+        include_explanations: bool = False
+
+    async def predict(request: Request):
+        t0 = time.perf_counter()
+        status = m.FAILED
+        try:
+            try:
+                body = await request.json()
+            except Exception:
+                status = m.REJECTED
+                return _error("body", "the request body must be a JSON object", 400)
+            if not isinstance(body, dict):
+                status = m.REJECTED
+                return _error("body", "the request body must be a JSON object", 400)
+            try:
+                req = PredictRequest.model_validate(body)
+            except ValidationError as exc:
+                status = m.REJECTED
+                first = exc.errors()[0]
+                field = ".".join(str(p) for p in first["loc"]) or "body"
+                return _error(field, first["msg"], detail=[
+                    {"loc": ["body", *e["loc"]], "msg": e["msg"], "type": e["type"]} for e in exc.errors()])
+            if not req.user_id:
+                status = m.REJECTED
+                return _error("user_id", "must be a non-empty string")
+            problem = model.k_problem(req.num_recommendations)
+            if problem:
+                status = m.REJECTED
+                return _error("num_recommendations", problem)
+            k = req.num_recommendations
+            if req.model_type and req.model_type != model.model_type:
+                status = m.REJECTED
+                return _error("model_type", f"'{req.model_type}' is not served here; this server serves "
+                                            f"'{model.model_type}' (send null for the served model)")
+            rec = await model.arecommend([req.user_id], k)
+            items = []
+            for rank, (pid, score) in enumerate(zip(rec.property_ids[0], rec.scores[0], strict=True), start=1):
+                if not pid:  # padding past the end of a short cold-start list
+                    break
+                item = {"property_id": pid, "score": float(score), "rank": rank}
+                if req.include_explanations:
+                    item["explanation"] = model.bundle.explain(req.user_id, pid)
+                items.append(item)
+            status = m.SUCCESS
+            return JSONResponse(
+                {"user_id": req.user_id, "recommendations": items, "model_version": model.model_version,
+                 "model_type": model.model_type, "variant": model.variant, "source": rec.sources[0]},
+                headers={"x-model-version": model.model_version, "x-variant": model.variant})
+        finally:
+            m.INFERENCE_REQUESTS.labels(model.name, model.variant, status).inc()
+            if status != m.REJECTED:
+                m.INFERENCE_DURATION.labels(model.name, model.variant, m.JSON).observe(time.perf_counter() - t0)
+
+    async def health():
+        body = {"status": "ok" if model.ready else "loading", "model": model.name,
+                "model_version": model.model_version, "model_type": model.model_type, "variant": model.variant}
+        return JSONResponse(body, status_code=200 if model.ready else 503)
+
+    app.add_middleware(JSONInferContentType)
+    app.add_api_route("/predict", predict, methods=["POST"], tags=["rentalml"],
+                      summary="Recommendations for one user (friendly JSON)")
+    app.add_api_route("/health", health, methods=["GET"], tags=["rentalml"], summary="Service health")
+
+
+def resolve_bundle(bundle: Path | None, alias: str) -> Path:
+    if bundle is not None:
+        if not (Path(bundle) / "bundle.json").exists():
+            raise FileNotFoundError(f"{bundle} is not a model bundle (no bundle.json)")
+        return Path(bundle)
+    try:
+        from rentalml.registry.mlflow_registry import fetch_bundle  # only needed without --bundle
+    except ImportError as exc:
+        raise FileNotFoundError(f"no --bundle given and the MLflow registry is unavailable ({exc})") from None
+    return Path(fetch_bundle(alias=alias))
+
+
+def serve(bundle: Path | None = None, *, alias: str = "champion", variant: str | None = None,
+          http_port: int | None = None, grpc_port: int | None = None, workers: int = 1,
+          grpc_threads: int = 4) -> None:
+    """Load the bundle and serve it until SIGTERM/SIGINT (KServe handles both and shuts down gracefully)."""
+    settings = get_settings().serve
+    http_port = int(http_port if http_port is not None else settings.http_port)
+    grpc_port = int(grpc_port if grpc_port is not None else settings.grpc_port)
+    path = resolve_bundle(bundle, alias)
+    _sanitize_argv()
+    configure_logging()
+
+    from .model import RecommenderModel
+
+    model = RecommenderModel(path, variant=variant or alias)
+    model.load()
+    log.info("loaded %s version %s (%s) from %s in %.2fs", model.name, model.model_version, model.model_type,
+             path, model.load_seconds)
+    install_routes(model)
+    model.install_routes_on_unpickle = workers > 1
+    server = _model_server_class()(
+        http_port=http_port, grpc_port=grpc_port, workers=workers, max_threads=grpc_threads, enable_docs_url=False,
+        enable_latency_logging=logging.getLogger("kserve.trace").isEnabledFor(logging.INFO))
+    try:
+        server.start([model])
+    finally:
+        _reap_rest_workers(server)
+
+
+def _model_server_class():
+    import asyncio
+    import signal
+
+    from kserve import ModelServer
+
+    class RentalModelServer(ModelServer):
+        """KServe's ModelServer with signal handling that is safe during start-up.
+
+        Quirk (KServe 0.21): ModelServer.stop() on SIGTERM/SIGINT stops the gRPC server at once; when the signal
+        lands while the servers are still starting (e.g. while `--workers N` REST processes are being spawned,
+        ~2 s each) the gRPC server is stopped mid-start, the process dies with SIGSEGV and the REST workers are
+        left behind as orphans. Here a signal received before start-up completes is held until both the REST
+        side and the gRPC server answer, then handled as usual.
+        """
+
+        _started = False
+        _pending_signal = None
+
+        def register_signal_handler(self):
+            def handler(sig, frame):
+                if self._started:
+                    self.stop(sig)
+                elif self._pending_signal is None:
+                    log.info("signal %s during start-up: stopping once started", sig)
+                    self._pending_signal = sig
+
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGQUIT):
+                signal.signal(sig, handler)
+
+        async def _serve(self):
+            tasks = [asyncio.ensure_future(s) for s in self.servers]
+            while not self._started and not any(t.done() for t in tasks):
+                if await self._startup_complete():
+                    self._started = True
+                    log.info("serving %s on http :%s, grpc :%s", ", ".join(self.registered_models.get_models()),
+                             self.http_port, self.grpc_port if self.enable_grpc else "-")
+                else:
+                    await asyncio.sleep(0.05)
+            self._started = True
+            if self._pending_signal is not None:
+                self.stop(self._pending_signal)
+            await asyncio.gather(*tasks)
+
+        async def _startup_complete(self) -> bool:
+            if self._rest_multiprocess_server is not None:
+                if len(self._rest_multiprocess_server._processes) < self.workers:
+                    return False
+            elif self._rest_server is not None and not self._rest_server._server.started:
+                return False
+            if not self.enable_grpc:
+                return True
+            if self._grpc_server is None or self._grpc_server._server is None:
+                return False
+            import grpc
+            from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
+            from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc as pb_grpc
+
+            try:
+                async with grpc.aio.insecure_channel(f"127.0.0.1:{self.grpc_port}") as channel:
+                    await pb_grpc.GRPCInferenceServiceStub(channel).ServerReady(pb.ServerReadyRequest(), timeout=0.5)
+                return True
+            except grpc.RpcError:
+                return False
+
+    return RentalModelServer
+
+
+def _reap_rest_workers(server, grace_s: float = 10.0) -> None:
+    """Quirk (KServe 0.21, --workers > 1): a SIGTERM that lands while ModelServer.start is still spawning the REST
+    workers ends the parent without terminating the workers it already started (they would live on as orphans
+    holding the port). Terminate whatever is still alive once ModelServer.start returns."""
+    multi = getattr(server, "_rest_multiprocess_server", None)
+    procs = [getattr(p, "_process", None) for p in getattr(multi, "_processes", [])] if multi else []
+    alive = [p for p in procs if p is not None and p.is_alive()]
+    for p in alive:
+        log.warning("terminating REST worker %s left running after shutdown", p.pid)
+        p.terminate()
+    deadline = time.monotonic() + grace_s
+    for p in alive:
+        p.join(timeout=max(0.1, deadline - time.monotonic()))
+        if p.is_alive():
+            p.kill()

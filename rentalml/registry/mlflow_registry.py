@@ -1,0 +1,161 @@
+"""MLflow tracking and the `rental-recommender` registry (aliases champion/challenger, never stages).
+
+Local default: sqlite backend and artifacts under the state dir (settings); any tracking URI by setting.
+The champion alias moves only when a new version beats the current champion on the gate metric.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from rentalml.config import Settings, get_settings
+
+log = logging.getLogger(__name__)
+EXPERIMENT = "rentalml"
+GATE_METRIC = "ndcg_at_10"
+
+
+def metric_key(name: str) -> str:
+    """MLflow metric names cannot contain '@': ndcg@10 → ndcg_at_10."""
+    return name.replace("@", "_at_")
+
+
+def configure(settings: Settings | None = None):
+    import mlflow
+
+    s = settings or get_settings()
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    mlflow.set_tracking_uri(s.tracking_uri)
+    if mlflow.get_experiment_by_name(EXPERIMENT) is None:
+        mlflow.create_experiment(EXPERIMENT, artifact_location=s.artifact_root if s.mlflow_tracking_uri is None
+                                 else None)
+    mlflow.set_experiment(EXPERIMENT)
+    return mlflow.MlflowClient(tracking_uri=s.tracking_uri)
+
+
+def _flat_metrics(metrics: dict, prefix: str = "") -> dict[str, float]:
+    out = {}
+    for k, v in metrics.items():
+        key = metric_key(f"{prefix}{k}")
+        if isinstance(v, dict):
+            out.update(_flat_metrics(v, f"{key}."))
+        elif isinstance(v, (int, float)):
+            out[key] = float(v)
+    return out
+
+
+def log_training_run(*, model_type: str, params: dict, metrics: dict, bundle_dir: Path,
+                     report_dir: Path | None = None, lineage: dict | None = None,
+                     settings: Settings | None = None, run_name: str | None = None) -> str:
+    """One MLflow run: params, metrics, lineage tags, the bundle (ONNX graphs inside) and the report."""
+    import mlflow
+
+    configure(settings)
+    with mlflow.start_run(run_name=run_name or f"train-{model_type}") as run:
+        mlflow.log_params({k: v for k, v in params.items() if isinstance(v, (int, float, str, bool))})
+        mlflow.log_param("model_type", model_type)
+        mlflow.log_metrics(_flat_metrics(metrics))
+        tags = {f"lineage.{k}": (json.dumps(v) if not isinstance(v, str) else v) for k, v in (lineage or {}).items()}
+        mlflow.set_tags({"model_type": model_type, **tags})
+        mlflow.log_artifacts(str(bundle_dir), artifact_path="bundle")
+        if report_dir is not None and Path(report_dir).exists():
+            mlflow.log_artifacts(str(report_dir), artifact_path="report")
+        return run.info.run_id
+
+
+def _run_metric(client, run_id: str, key: str) -> float | None:
+    return client.get_run(run_id).data.metrics.get(key)
+
+
+def register(run_id: str, *, model_name: str | None = None, gate_metric: str = GATE_METRIC, margin: float = 0.0,
+             settings: Settings | None = None) -> dict:
+    """Register the run's bundle as a new version; champion moves only if it beats the champion by `margin`.
+
+    Returns {"version", "promoted", "alias", "candidate", "champion_before"}.
+    """
+    import mlflow
+
+    s = settings or get_settings()
+    client = configure(s)
+    name = model_name or s.model_name
+    # the bundle is not an MLflow-flavoured model (no MLmodel file), which mlflow.register_model requires since
+    # MLflow 3: create the registered model (once) and a version whose source is the run's bundle directory
+    from mlflow.store.artifact.runs_artifact_repo import RunsArtifactRepository
+
+    try:
+        client.create_registered_model(name)
+    except mlflow.exceptions.MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    source = RunsArtifactRepository.get_underlying_uri(f"runs:/{run_id}/bundle")
+    mv = client.create_model_version(name, source, run_id=run_id)
+    cand = _run_metric(client, run_id, gate_metric)
+    try:
+        champ = client.get_model_version_by_alias(name, "champion")
+        champ_metric = _run_metric(client, champ.run_id, gate_metric)
+    except mlflow.exceptions.MlflowException:
+        champ, champ_metric = None, None
+    promoted = champ is None or (cand is not None and (champ_metric is None or cand > champ_metric + margin))
+    alias = "champion" if promoted else "challenger"
+    client.set_registered_model_alias(name, alias, mv.version)
+    client.set_model_version_tag(name, mv.version, gate_metric, str(cand))
+    return {"version": str(mv.version), "promoted": promoted, "alias": alias, "candidate": cand,
+            "champion_before": champ_metric, "champion_version_before": str(champ.version) if champ else None}
+
+
+def alias_version(alias: str, *, model_name: str | None = None, settings: Settings | None = None) -> str | None:
+    import mlflow
+
+    s = settings or get_settings()
+    client = configure(s)
+    try:
+        return str(client.get_model_version_by_alias(model_name or s.model_name, alias).version)
+    except mlflow.exceptions.MlflowException:
+        return None
+
+
+def set_alias(alias: str, version: str, *, model_name: str | None = None, settings: Settings | None = None) -> None:
+    s = settings or get_settings()
+    configure(s).set_registered_model_alias(model_name or s.model_name, alias, str(version))
+
+
+def delete_alias(alias: str, *, model_name: str | None = None, settings: Settings | None = None) -> None:
+    s = settings or get_settings()
+    configure(s).delete_registered_model_alias(model_name or s.model_name, alias)
+
+
+def fetch_bundle(alias: str = "champion", *, version: str | None = None, model_name: str | None = None,
+                 settings: Settings | None = None) -> Path:
+    """Download the bundle of `alias` (or an explicit version) into $RENTALML_HOME/bundles/<name>/<version>.
+
+    The registry version is written into the local bundle.json (training cannot know it in advance).
+    """
+    import mlflow
+
+    s = settings or get_settings()
+    client = configure(s)
+    name = model_name or s.model_name
+    try:
+        mv = client.get_model_version(name, version) if version else client.get_model_version_by_alias(name, alias)
+    except mlflow.exceptions.MlflowException as exc:
+        raise LookupError(f"no model version for {name}@{version or alias}: run `make demo` or `rentalml train` "
+                          f"first ({exc.message if hasattr(exc, 'message') else exc})") from exc
+    dest = s.home_dir / "bundles" / name / str(mv.version)
+    if not (dest / "bundle.json").exists():
+        tmp = dest.with_suffix(".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        local = mlflow.artifacts.download_artifacts(artifact_uri=f"runs:/{mv.run_id}/bundle", dst_path=str(tmp))
+        meta_path = Path(local) / "bundle.json"
+        meta = json.loads(meta_path.read_text())
+        meta["model_version"] = str(mv.version)
+        meta["registry"] = {"name": name, "version": str(mv.version), "run_id": mv.run_id}
+        meta_path.write_text(json.dumps(meta, indent=2))
+        shutil.rmtree(dest, ignore_errors=True)
+        Path(local).rename(dest)
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest

@@ -1,0 +1,363 @@
+"""`rentalml serve` end to end: a real server subprocess, driven with tritonclient (HTTP + gRPC) and httpx."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pandas as pd
+import pytest
+
+tritonclient = pytest.importorskip("tritonclient")
+import tritonclient.grpc as grpcclient  # noqa: E402
+import tritonclient.http as httpclient  # noqa: E402
+from tritonclient.utils import InferenceServerException  # noqa: E402
+
+from rentalml.config import get_settings  # noqa: E402
+
+MODEL = "rental-recommender"
+DEFAULT_K = get_settings().serve.default_k
+MAX_K = get_settings().serve.max_k
+METRICS = ("ml_inference_duration_seconds", "ml_inference_requests_total", "ml_cache_hit_rate", "ml_model_load_seconds")
+
+
+def _dataset():
+    try:
+        from rentalml.data.generator import generate_marketplace
+
+        return generate_marketplace(n_users=300, n_properties=200, n_events=6000, seed=1)
+    except ImportError:  # generator not there: a small random marketplace
+        from rentalml.data.dataset import Dataset
+
+        rng = np.random.default_rng(1)
+        pids = [f"p_{i:06d}" for i in range(200)]
+        items = pd.DataFrame({"property_id": pids, "price": rng.integers(500, 4000, 200).astype(float),
+                              "bedrooms": rng.integers(0, 4, 200), "city": rng.choice(["Austin", "Boston"], 200),
+                              "neighbourhood": rng.choice(["n1", "n2", "n3"], 200)}).set_index("property_id")
+        inter = pd.DataFrame({"user_id": [f"u_{i:06d}" for i in rng.integers(0, 300, 6000)],
+                              "property_id": [pids[i] for i in rng.integers(0, 200, 6000)]})
+        return Dataset(inter, items)
+
+
+@pytest.fixture(scope="session")
+def bundle_dir(tmp_path_factory) -> Path:
+    from rentalml.export.bundle import write_bundle
+    from rentalml.training.trainer import fit_model
+
+    ds = _dataset()
+    fitted = fit_model("hybrid", ds, params={"epochs": 5, "neighbours": 32})
+    return write_bundle(fitted, ds, tmp_path_factory.mktemp("serving") / "bundle", model_version="1")
+
+
+@pytest.fixture(scope="session")
+def known_users(bundle_dir) -> list[str]:
+    users = pd.read_parquet(bundle_dir / "users.parquet")
+    warm = users[users["history"].map(len) > 0]["user_id"].astype(str).tolist()
+    return warm[:3]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, bundle: Path, log: Path, *extra: str):
+        self.http_port, self.grpc_port = _free_port(), _free_port()
+        self.log = log
+        env = {**os.environ, "KSERVE_LOGLEVEL": "WARNING"}
+        cmd = [sys.executable, "-c", "from rentalml.cli import app; app()", "serve", "--bundle", str(bundle),
+               "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port), *extra]
+        self._log_fh = open(log, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(cmd, stdout=self._log_fh, stderr=subprocess.STDOUT, env=env)
+        self.url = f"http://127.0.0.1:{self.http_port}"
+
+    def wait_ready(self, timeout: float = 90.0) -> None:
+        deadline = time.monotonic() + timeout
+        grpc = grpcclient.InferenceServerClient(f"127.0.0.1:{self.grpc_port}")
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited with {self.proc.returncode}:\n{self.log.read_text()[-4000:]}")
+            try:
+                if (httpx.get(f"{self.url}/v2/models/{MODEL}/ready", timeout=1).status_code == 200
+                        and grpc.is_server_ready()):
+                    return
+            except Exception:
+                pass
+            time.sleep(0.2)
+        raise AssertionError(f"server not ready after {timeout}s:\n{self.log.read_text()[-4000:]}")
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                return None
+        self._log_fh.close()
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="module")
+def server(bundle_dir, tmp_path_factory):
+    srv = Server(bundle_dir, tmp_path_factory.mktemp("serve-log") / "server.log")
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        rc = srv.stop()
+    assert rc == 0, f"SIGTERM should shut the server down cleanly, got {rc}:\n{srv.log.read_text()[-3000:]}"
+
+
+@pytest.fixture(params=["http", "grpc"])
+def client(request, server):
+    if request.param == "http":
+        c = httpclient.InferenceServerClient(f"127.0.0.1:{server.http_port}")
+    else:
+        c = grpcclient.InferenceServerClient(f"127.0.0.1:{server.grpc_port}")
+    c.protocol = request.param
+    yield c
+    c.close()
+
+
+def _mod(c):
+    return httpclient if c.protocol == "http" else grpcclient
+
+
+def _infer(c, user_ids=None, k=None, user_dtype="BYTES", user_shape=None, raw_users=None):
+    mod = _mod(c)
+    inputs = []
+    if user_ids is not None or raw_users is not None:
+        arr = raw_users if raw_users is not None else np.array(user_ids, dtype=object)
+        inp = mod.InferInput("user_id", list(user_shape or arr.shape), user_dtype)
+        inp.set_data_from_numpy(arr)
+        inputs.append(inp)
+    if k is not None:
+        kin = mod.InferInput("k", [1], "INT32")
+        kin.set_data_from_numpy(np.array([k], dtype=np.int32))
+        inputs.append(kin)
+    return c.infer(MODEL, inputs)
+
+
+def _params(c, result) -> dict:
+    resp = result.get_response()
+    if c.protocol == "http":
+        return resp["parameters"]
+    return {key: p.string_param for key, p in resp.parameters.items()}
+
+
+def _check_recs(result, n: int, k: int):
+    ids = result.as_numpy("property_id")
+    scores = result.as_numpy("score")
+    assert ids.shape == (n, k) and scores.shape == (n, k)
+    assert scores.dtype == np.float32
+    decoded = [[v.decode() if isinstance(v, bytes) else str(v) for v in row] for row in ids]
+    assert all(pid.startswith("p_") for row in decoded for pid in row)
+    assert np.all(np.diff(scores, axis=1) <= 1e-6), "scores must be non-increasing along each row"
+    assert all(len(set(row)) == len(row) for row in decoded), "no duplicate property in a row"
+    return decoded, scores
+
+
+# ---- v2 over HTTP and gRPC --------------------------------------------------------------------------------
+def test_server_and_model_ready_and_metadata(client):
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.is_model_ready(MODEL)
+    meta = client.get_model_metadata(MODEL)
+    if client.protocol == "http":
+        inputs = {i["name"]: i for i in meta["inputs"]}
+        outputs = {o["name"]: o for o in meta["outputs"]}
+        assert meta["name"] == MODEL
+        assert inputs["user_id"]["datatype"] == "BYTES" and inputs["k"]["datatype"] == "INT32"
+        assert outputs["property_id"]["datatype"] == "BYTES" and outputs["score"]["datatype"] == "FP32"
+    else:
+        assert meta.name == MODEL
+        assert {i.name: i.datatype for i in meta.inputs} == {"user_id": "BYTES", "k": "INT32"}
+        assert {o.name: o.datatype for o in meta.outputs} == {"property_id": "BYTES", "score": "FP32"}
+
+
+def test_infer_known_and_unknown_users_default_k(client, known_users):
+    users = [*known_users, "u_never_seen_before"]
+    result = _infer(client, users)
+    _check_recs(result, len(users), DEFAULT_K)
+    params = _params(client, result)
+    assert params["model_version"] == "1" and params["variant"] == "champion"
+    assert params["sources"].split(",") == ["model"] * 3 + ["cold_start"]
+
+
+def test_infer_explicit_k(client, known_users):
+    users = [*known_users, "u_unknown"]
+    result = _infer(client, users, k=5)
+    decoded, _ = _check_recs(result, len(users), 5)
+    # same user, same answer, whichever protocol; k is a prefix of the default-k list
+    full, _ = _check_recs(_infer(client, users), len(users), DEFAULT_K)
+    assert [row[:5] for row in full] == decoded
+
+
+def test_http_json_outputs_and_requested_outputs(server, known_users):
+    c = httpclient.InferenceServerClient(f"127.0.0.1:{server.http_port}")
+    inp = httpclient.InferInput("user_id", [1], "BYTES")
+    inp.set_data_from_numpy(np.array(known_users[:1], dtype=object), binary_data=False)
+    out = [httpclient.InferRequestedOutput("score", binary_data=False)]
+    result = c.infer(MODEL, [inp], outputs=out)
+    assert result.as_numpy("property_id") is None
+    assert result.as_numpy("score").shape == (1, DEFAULT_K)
+    # plain JSON request (stock KServe 0.21 needs Content-Type: application/json; our middleware fixes that up)
+    body = {"inputs": [{"name": "user_id", "datatype": "BYTES", "shape": [2], "data": [known_users[0], "nobody"]},
+                       {"name": "k", "datatype": "INT32", "shape": [1], "data": [3]}]}
+    r = httpx.post(f"{server.url}/v2/models/{MODEL}/infer", json=body)
+    assert r.status_code == 200, r.text
+    assert r.headers["x-model-version"] == "1" and r.headers["x-variant"] == "champion"
+    outs = {o["name"]: o for o in r.json()["outputs"]}
+    assert outs["property_id"]["shape"] == [2, 3] and len(outs["score"]["data"]) == 6
+    curl_style = httpx.post(f"{server.url}/v2/models/{MODEL}/infer", content=json.dumps(body),
+                            headers={"content-type": "application/x-www-form-urlencoded"})
+    assert curl_style.status_code == 200, curl_style.text
+
+
+MALFORMED = {
+    "missing user_id": (dict(k=5), "user_id"),
+    "INT32 user_id": (dict(raw_users=np.array([1, 2], dtype=np.int32), user_dtype="INT32"), "user_id"),
+    "2-D user_id": (dict(raw_users=np.array([["u_1", "u_2"], ["u_3", "u_4"]], dtype=object)), "user_id"),
+    "empty batch": (dict(raw_users=np.array([], dtype=object)), "user_id"),
+    "k=0": (dict(user_ids=["u_1"], k=0), "k"),
+    "k=100000": (dict(user_ids=["u_1"], k=100_000), "k"),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_malformed_requests_are_rejected(client, case, known_users):
+    kwargs, field = MALFORMED[case]
+    with pytest.raises(InferenceServerException) as err:
+        _infer(client, **kwargs)
+    if client.protocol == "http":
+        assert err.value.status() == "400", err.value
+    else:
+        assert err.value.status() == "StatusCode.INVALID_ARGUMENT", err.value
+    assert f"'{field}'" in err.value.message(), err.value.message()
+    # the server keeps serving
+    _check_recs(_infer(client, known_users[:1], k=2), 1, 2)
+
+
+def test_malformed_plain_http(server):
+    for body, field in [({"inputs": [{"name": "k", "datatype": "INT32", "shape": [1], "data": [1]}]}, "user_id"),
+                        ({"inputs": [{"name": "user_id", "datatype": "BYTES", "shape": [1], "data": ["u_1"]},
+                                     {"name": "k", "datatype": "FP32", "shape": [1], "data": [2.0]}]}, "k"),
+                        ({"inputs": [{"name": "user", "datatype": "BYTES", "shape": [1], "data": ["u_1"]}]}, "user"),
+                        ({"inputs": [{"name": "user_id", "datatype": "BYTES", "shape": [1], "data": ["u_1"]}],
+                          "outputs": [{"name": "bogus"}]}, "bogus")]:
+        r = httpx.post(f"{server.url}/v2/models/{MODEL}/infer", json=body)
+        assert r.status_code == 400, r.text
+        assert f"'{field}'" in r.json()["error"]
+
+
+# ---- friendly JSON API ----------------------------------------------------------------------------------
+def test_predict_with_explanations(server, known_users):
+    r = httpx.post(f"{server.url}/predict",
+                   json={"user_id": known_users[0], "num_recommendations": 4, "include_explanations": True})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["user_id"] == known_users[0] and body["source"] == "model"
+    assert body["model_version"] == "1" and body["model_type"] == "hybrid" and body["variant"] == "champion"
+    recs = body["recommendations"]
+    assert [x["rank"] for x in recs] == [1, 2, 3, 4]
+    assert all(x["property_id"].startswith("p_") and x["explanation"] for x in recs)
+    scores = [x["score"] for x in recs]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_predict_unknown_user_and_defaults(server):
+    r = httpx.post(f"{server.url}/predict", json={"user_id": "u_brand_new"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["source"] == "cold_start" and len(body["recommendations"]) == DEFAULT_K
+    assert "explanation" not in body["recommendations"][0]
+
+
+@pytest.mark.parametrize("payload,field", [
+    ({"num_recommendations": 3}, "user_id"),
+    ({"user_id": "u_1", "num_recommendations": 0}, "num_recommendations"),
+    ({"user_id": "u_1", "num_recommendations": MAX_K + 1}, "num_recommendations"),
+    ({"user_id": "u_1", "num_recommendations": "many"}, "num_recommendations"),
+    ({"user_id": "u_1", "model_type": "no-such-model"}, "model_type"),
+])
+def test_predict_bad_input(server, payload, field):
+    r = httpx.post(f"{server.url}/predict", json=payload)
+    assert r.status_code in (400, 422), r.text
+    body = r.json()
+    assert field in body["error"]
+    assert any(field in d["loc"] for d in body["detail"])
+
+
+def test_health(server):
+    r = httpx.get(f"{server.url}/health")
+    assert r.status_code == 200
+    assert r.json()["status"] == "ok" and r.json()["model"] == MODEL and r.json()["model_version"] == "1"
+
+
+def test_metrics_after_traffic(server, known_users):
+    httpx.post(f"{server.url}/predict", json={"user_id": known_users[0]})
+    text = httpx.get(f"{server.url}/metrics").text
+    for name in METRICS:
+        assert name in text, name
+    assert 'ml_inference_requests_total{model="rental-recommender",status="rejected",variant="champion"}' in text
+    assert 'status="success"' in text
+    for protocol in ("rest", "grpc", "json"):
+        assert f'protocol="{protocol}"' in text
+    load = [ln for ln in text.splitlines() if ln.startswith("ml_model_load_seconds{")]
+    assert load and float(load[0].rsplit(" ", 1)[1]) > 0
+    assert "request_predict_seconds" in text  # KServe's own metrics share the registry
+
+
+# ---- pickling (what --workers relies on) ---------------------------------------------------------------
+PICKLE_CHECK = """
+import pickle, sys
+from rentalml.inference.model import RecommenderModel
+users = sys.argv[2].split(",")
+model = RecommenderModel(sys.argv[1], cache_size=100, cache_ttl_s=60)
+model.load()
+assert model.ready
+first = model.recommend(users, 5)
+clone = pickle.loads(pickle.dumps(model))
+again = clone.recommend(users, 5)
+assert (first.property_ids == again.property_ids).all() and first.sources == again.sources
+clone.recommend(users, 5)
+assert clone.cache.hits == len(users) and abs(clone.cache.hit_rate - 0.5) < 1e-9, clone.cache.hit_rate
+print("ok")
+"""
+
+
+def test_model_pickles_and_caches(bundle_dir, known_users):
+    # own process: kserve's and tritonclient's gRPC stubs both register the `inference.*` protobuf symbols, so
+    # kserve cannot be imported where tritonclient.grpc already is (duplicate symbol in the descriptor pool)
+    out = subprocess.run([sys.executable, "-c", PICKLE_CHECK, str(bundle_dir), ",".join(known_users)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_workers_serve_and_shut_down(bundle_dir, known_users, tmp_path):
+    srv = Server(bundle_dir, tmp_path / "workers.log", "--workers", "2")
+    try:
+        srv.wait_ready()
+        for _ in range(4):
+            r = httpx.post(f"{srv.url}/predict", json={"user_id": known_users[0], "num_recommendations": 2})
+            assert r.status_code == 200, r.text
+        c = grpcclient.InferenceServerClient(f"127.0.0.1:{srv.grpc_port}")
+        c.protocol = "grpc"
+        _check_recs(_infer(c, known_users, k=3), 3, 3)
+    finally:
+        rc = srv.stop()
+    assert rc == 0, srv.log.read_text()[-3000:]
+    with socket.socket() as s:  # no REST worker left behind holding the port
+        assert s.connect_ex(("127.0.0.1", srv.http_port)) != 0
