@@ -72,6 +72,11 @@ def benchmark(
     from rentalml.evaluation.benchmark import run_benchmark
     from rentalml.evaluation.report import format_table, write_report
 
+    from rentalml.evaluation.protocols import PROTOCOLS
+
+    if protocol not in PROTOCOLS:
+        raise typer.BadParameter(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}",
+                                 param_hint="--protocol")
     ds = _dataset(interactions, item_features)
     if min_user_interactions > 1:
         counts = ds.interactions.groupby("user_id")["property_id"].transform("nunique")

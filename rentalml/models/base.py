@@ -83,6 +83,8 @@ def validation_ndcg(model: Recommender, x: sp.csr_matrix, valid: sp.csr_matrix, 
     from rentalml.evaluation.metrics import ranking_metrics, topk_indices
 
     users = np.flatnonzero(np.diff(valid.indptr) > 0)[:max_users]
+    if len(users) == 0:
+        raise ValueError("the validation split has no users with held-out interactions: the dataset is too small")
     scores = model.score(users, x[users])
     scores[x[users].nonzero()] = -np.inf
     return float(ranking_metrics(topk_indices(scores, k), valid[users], k)["ndcg"].mean())

@@ -18,9 +18,11 @@ class Hybrid(Recommender):
     name = "hybrid"
 
     def __init__(self, params: NeuralParams | None = None, l2: float = 200.0, neighbours: int = 256,
-                 dropout: float = 0.0, beta: float | None = None, progress: bool = False, **overrides):
+                 dropout: float = 0.0, beta: float | None = None, residual: bool = True, progress: bool = False,
+                 **overrides):
         self.tower = TwoTower(params, name="hybrid", progress=progress, **overrides)
         self.itemitem = SparseEASE(l2=l2, neighbours=neighbours, dropout=dropout)
+        self.residual = residual
         self.beta = beta
 
     @property
@@ -40,8 +42,15 @@ class Hybrid(Recommender):
         return self.tower.params
 
     def fit(self, data: TrainData) -> Hybrid:
-        self.tower.fit(data)
         self.itemitem.fit(data)
+        if self.residual:
+            # the network is trained on top of the item-item scores and learns their weight
+            self.tower.prior = self.itemitem
+            self.tower.fit(data)
+            self.beta = self.tower.prior_weight
+            self._best_val = self.tower.best_val
+            return self
+        self.tower.fit(data)
         if self.beta is None:
             self.beta = self._choose_beta(data) if data.valid is not None else 10.0
         return self
@@ -57,9 +66,13 @@ class Hybrid(Recommender):
         return best_beta
 
     def selected_params(self) -> dict:
+        if self.residual:
+            return self.tower.selected_params()
         return {**self.tower.selected_params(), "beta": self.beta}
 
     def score(self, users, history, user_features=None):
+        if self.residual:
+            return self.tower.score(users, history, user_features)  # includes beta · item-item
         ii = self.itemitem.score(users, history)
         if self.beta >= 1e9:
             return ii

@@ -76,6 +76,7 @@ class TwoTowerNet(nn.Module):
         self.user_feat_dim = user_feat_dim
         self.user_tower = _mlp(d + user_feat_dim, p.hidden, d, p.layers)
         self.item_bias = nn.Parameter(torch.zeros(n_items))
+        self.log_prior_weight = nn.Parameter(torch.tensor(math.log(10.0)))  # used in residual mode only
 
     def tables(self, feats: torch.Tensor | None, id_keep: torch.Tensor | None = None):
         """(input-side item vectors [n, d], output-side item vectors [n, d])."""
@@ -116,6 +117,10 @@ class TwoTower(Recommender):
         self.progress = progress
         self.history_: list[dict] = []
         self.on_validate = None  # callable(epoch, val_ndcg) — tuning reports/prunes through it
+        # residual mode: a fitted linear model whose scores are added (times a learned weight) to the logits,
+        # so the network learns what the prior misses (set by Hybrid)
+        self.prior: Recommender | None = None
+        self.prior_weight = 0.0
 
     # -------------------------------------------------------------------------------- training
     def fit(self, data: TrainData) -> TwoTower:
@@ -155,6 +160,7 @@ class TwoTower(Recommender):
                 t_in, t_out = self.net.tables(self.feats, id_keep)
                 uf = self.user_feats[ub] if self.user_feats is not None else None
                 u = self.net.user_vectors(_to_torch_sparse(xin), t_in, uf)
+                prior = torch.from_numpy(self.prior.score(None, xin)) if self.prior is not None else None
                 if full:
                     logits = u @ t_out.T + self.net.item_bias
                     target = torch.from_numpy(xb.toarray())
@@ -163,6 +169,9 @@ class TwoTower(Recommender):
                     ct = torch.from_numpy(cand)
                     logits = u @ t_out[ct].T + self.net.item_bias[ct] - log_q[ct]
                     target = torch.from_numpy(xb[:, cand].toarray())
+                    prior = prior[:, ct] if prior is not None else None
+                if prior is not None:
+                    logits = logits + self.net.log_prior_weight.exp() * prior
                 loss = -(torch.log_softmax(logits, dim=1) * target).sum(1).mean()
                 opt.zero_grad()
                 loss.backward()
@@ -201,6 +210,7 @@ class TwoTower(Recommender):
 
     def _freeze(self) -> None:
         self.net.eval()
+        self.prior_weight = float(self.net.log_prior_weight.exp()) if self.prior is not None else 0.0
         with torch.no_grad():
             t_in, t_out = self.net.tables(self.feats)
         self.table_in, self.table_out = t_in.detach(), t_out.detach()
@@ -217,10 +227,14 @@ class TwoTower(Recommender):
 
     @torch.no_grad()
     def score(self, users, history, user_features=None):
+        """Network scores, plus prior_weight · prior scores in residual mode."""
         if user_features is None and self.user_feats is not None and users is not None:
             user_features = self.user_feats[users].numpy()
         u = self.user_embedding(history, user_features)
-        return (u @ self.table_out.T + self.net.item_bias).numpy()
+        s = (u @ self.table_out.T + self.net.item_bias).numpy()
+        if self.prior is not None:
+            s += self.prior_weight * self.prior.score(users, history)
+        return s
 
     def describe(self) -> dict:
         return {"name": self.name, **asdict(self.params), "best_epoch": getattr(self, "best_epoch", None)}

@@ -31,8 +31,10 @@ def configure(settings: Settings | None = None):
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     mlflow.set_tracking_uri(s.tracking_uri)
     if mlflow.get_experiment_by_name(EXPERIMENT) is None:
-        mlflow.create_experiment(EXPERIMENT, artifact_location=s.artifact_root if s.mlflow_tracking_uri is None
-                                 else None)
+        # a local store (sqlite/file) keeps artifacts under the state dir, never in the working directory;
+        # a tracking server decides its own artifact root
+        local = s.tracking_uri.startswith(("sqlite:", "file:")) or "://" not in s.tracking_uri
+        mlflow.create_experiment(EXPERIMENT, artifact_location=s.artifact_root if local else None)
     mlflow.set_experiment(EXPERIMENT)
     return mlflow.MlflowClient(tracking_uri=s.tracking_uri)
 
