@@ -27,11 +27,11 @@ def main() -> None:
         sys.exit("../shared/data is absent: offline quality benchmarks need it")
     RESULTS.mkdir(exist_ok=True)
     run(["--interactions", str(data / "movielens-latest-small" / "ratings.csv"), "--protocol", "random-75-25",
-         "--seed", "42", "--k", "10", "--models", "popularity,collaborative,hybrid,ease,als,itemknn",
+         "--seed", "42", "--k", "10", "--models", "popularity,collaborative,itemitem,hybrid,ease,als,itemknn",
          "--json", str(RESULTS / "movielens_random-75-25.json")])
     for protocol in ("random-75-25", "cold-start-items"):
         run(["--interactions", "airbnb", "--min-user-interactions", "2", "--protocol", protocol, "--seed", "42",
-             "--k", "10", "--models", "popularity,collaborative,content,hybrid,ease,itemknn",
+             "--k", "10", "--models", "popularity,collaborative,content,itemitem,hybrid,ease,itemknn",
              "--json", str(RESULTS / f"airbnb_{protocol}.json")])
 
 

@@ -20,7 +20,7 @@ N_USERS = 100
 EXPORTS = {  # test id -> (model name, extra params)
     "hybrid": ("hybrid", {}),
     "hybrid-blend": ("hybrid", {"beta": 5.0}),
-    "hybrid-itemitem-only": ("hybrid", {"beta": 1e9}),
+    "itemitem": ("itemitem", {}),
     "collaborative": ("collaborative", {}),
     "content": ("content", {}),
     "popularity": ("popularity", {}),

@@ -41,8 +41,6 @@ class Scorer(nn.Module):
         ii = model.itemitem if isinstance(model, Hybrid) else model if isinstance(model, SparseEASE) else None
         if isinstance(model, Hybrid):
             self.beta = float(model.beta)
-            if self.beta >= 1e9:
-                tower, self.beta = None, 1.0
         if tower is not None:
             tin = tower.table_in
             self.register_buffer("table_in", torch.cat([tin, torch.zeros(1, tin.shape[1])]))

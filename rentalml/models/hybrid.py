@@ -11,14 +11,14 @@ from rentalml.models.base import Recommender, TrainData, validation_ndcg
 from rentalml.models.itemitem import SparseEASE
 from rentalml.models.neural import NeuralParams, TwoTower
 
-BETAS = (0.0, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 1e9)
+BETAS = (0.0, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0)
 
 
 class Hybrid(Recommender):
     name = "hybrid"
 
     def __init__(self, params: NeuralParams | None = None, l2: float = 200.0, neighbours: int = 256,
-                 dropout: float = 0.0, beta: float | None = None, residual: bool = True, progress: bool = False,
+                 dropout: float = 0.0, beta: float | None = None, residual: bool = False, progress: bool = False,
                  **overrides):
         self.tower = TwoTower(params, name="hybrid", progress=progress, **overrides)
         self.itemitem = SparseEASE(l2=l2, neighbours=neighbours, dropout=dropout)
@@ -66,14 +66,11 @@ class Hybrid(Recommender):
         return best_beta
 
     def selected_params(self) -> dict:
-        if self.residual:
-            return self.tower.selected_params()
-        return {**self.tower.selected_params(), "beta": self.beta}
+        chosen = {**self.tower.selected_params(), **self.itemitem.selected_params()}
+        return chosen if self.residual else {**chosen, "beta": self.beta}
 
     def score(self, users, history, user_features=None):
         if self.residual:
             return self.tower.score(users, history, user_features)  # includes beta · item-item
         ii = self.itemitem.score(users, history)
-        if self.beta >= 1e9:
-            return ii
         return self.tower.score(users, history, user_features) + self.beta * ii

@@ -12,7 +12,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from rentalml.models.base import Recommender, TrainData
+from rentalml.models.base import Recommender, TrainData, validation_ndcg
 
 DENSE_GRAM_LIMIT = 20_000  # items; above this the Gram matrix stays sparse
 
@@ -52,7 +52,25 @@ class SparseEASE(Recommender):
         self.neighbours = neighbours
         self.block = block
 
+    L2_GRID = (100.0, 200.0, 400.0)
+
     def fit(self, data: TrainData) -> SparseEASE:
+        """With data.valid, the L2 weight is chosen on it over L2_GRID (kept in self.l2)."""
+        if data.valid is not None:
+            best = -1.0
+            for l2 in self.L2_GRID:
+                self.l2 = l2
+                self._solve(data)
+                v = validation_ndcg(self, data.binary(), data.valid)
+                if v > best:
+                    best, best_l2 = v, l2
+            self.l2 = best_l2
+        return self._solve(data)
+
+    def selected_params(self) -> dict:
+        return {"l2": self.l2}
+
+    def _solve(self, data: TrainData) -> SparseEASE:
         x = data.binary()
         n = x.shape[1]
         nbr, _ = cooccurrence_topk(x, self.neighbours)

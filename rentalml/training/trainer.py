@@ -33,6 +33,10 @@ def build_model(name: str, params: dict | None = None, progress: bool = False) -
     if name == "hybrid":
         ii_kw = {k: params[k] for k in ("l2", "neighbours", "dropout", "beta", "residual") if k in params}
         return Hybrid(progress=progress, **ii_kw, **nn_kw)
+    if name == "itemitem":
+        from rentalml.models.itemitem import SparseEASE
+
+        return SparseEASE(**{k: params[k] for k in ("l2", "neighbours", "dropout") if k in params})
     if name == "ease":
         from rentalml.models.baselines import EASE
 
@@ -45,7 +49,7 @@ def build_model(name: str, params: dict | None = None, progress: bool = False) -
         from rentalml.models.baselines import ImplicitALS
 
         return ImplicitALS(seed=params.get("seed", 42))
-    raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)} (or ease, itemknn, als)")
+    raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)} (or itemitem, ease, itemknn, als)")
 
 
 @dataclass
