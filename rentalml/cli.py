@@ -70,9 +70,8 @@ def benchmark(
 ) -> None:
     """Split once, fit and evaluate every model; print a table and write JSON."""
     from rentalml.evaluation.benchmark import run_benchmark
-    from rentalml.evaluation.report import format_table, write_report
-
     from rentalml.evaluation.protocols import PROTOCOLS
+    from rentalml.evaluation.report import format_table, write_report
 
     if protocol not in PROTOCOLS:
         raise typer.BadParameter(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}",
@@ -135,11 +134,27 @@ def tune(
     data: str = typer.Option("synthetic", help="dataset spec"),
     model: str = "hybrid",
     trials: int = 8,
-    local: bool = typer.Option(True, "--local/--katib", help="run Optuna here"),
+    local: bool = typer.Option(True, "--local/--katib", help="run Optuna here, or write the Katib Experiment "
+                               "(same search space, multivariate-tpe, objective ndcg_at_10) for --trials trials"),
     seed: int = 42,
     json_out: Path | None = typer.Option(None, "--json"),
+    launcher: str = typer.Option("trainjob", help="--katib: trials as a Trainer TrainJob or an MPIJob (mpijob)"),
+    out: Path | None = typer.Option(None, "--out", help="--katib: write the Experiment YAML here (default: print)"),
 ) -> None:
     """Optuna (multivariate TPE, median pruning) over the shared search space on a validation split."""
+    if not local:
+        from rentalml.training.katib import experiment, to_yaml, validate_experiment
+
+        doc = experiment(launcher=launcher, max_trials=trials, parallel=min(3, trials), data=data)
+        errors = validate_experiment(doc)
+        if errors:
+            raise typer.BadParameter("; ".join(errors))
+        if out:
+            out.write_text(to_yaml(doc))
+            typer.echo(str(out))
+        else:
+            typer.echo(to_yaml(doc), nl=False)
+        return
     from rentalml.evaluation.protocols import random_split
     from rentalml.training.tuning import tune as run_tune
 

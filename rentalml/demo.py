@@ -16,6 +16,8 @@ import numpy as np
 
 from rentalml.config import get_settings
 
+DEMO_PARAMS = {"epochs": 60}
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -52,16 +54,18 @@ def main() -> None:
     ds = generate_marketplace(n_users=2000, n_properties=1000, n_events=50_000, seed=42)
     ds.save(s.home_dir / "data" / "demo")
     print(f"== 1. synthetic marketplace: {ds.summary()}")
-    print("== 2. evaluation (random-75-25, k=10)")
-    result = run_benchmark(ds, "random-75-25", 42, 10, ("popularity", "collaborative", "content", "hybrid"),
-                           params={"epochs": 60}, log=lambda m: None)
+    print("== 2. train + evaluate (random-75-25, k=10): baselines, then the hybrid, which is exported to ONNX "
+          "(+int8), logged to MLflow and registered")
+    result = run_benchmark(ds, "random-75-25", 42, 10, ("popularity", "collaborative", "content"),
+                           params=DEMO_PARAMS, log=lambda m: None)
     curves = result.pop("_curves", {})
+    res = train_and_register(ds, "hybrid", "random-75-25", 10, 42, params=DEMO_PARAMS, settings=s,
+                             out_dir=s.home_dir / "runs" / "demo")
+    result["models"]["hybrid"] = res["metrics"]
     print(format_table(result))
     print(f"   report: {write_report(result, s.home_dir / 'reports' / 'demo', curves)}")
-    print("== 3. train hybrid on everything, export ONNX (+int8), log to MLflow, register")
-    res = train_and_register(ds, "hybrid", params={"epochs": 60}, settings=s)
     reg = res["registry"]
-    print(f"   rental-recommender v{reg['version']} -> alias {reg['alias']} "
+    print(f"== 3. rental-recommender v{reg['version']} -> alias {reg['alias']} "
           f"(ndcg@10 {res['metrics']['ndcg@10']:.4f}; champion before: {reg['champion_before']})")
     http_port, grpc_port = _free_port(), _free_port()
     print(f"== 4. rentalml serve (champion) on http :{http_port}, grpc :{grpc_port}")

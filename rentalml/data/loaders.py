@@ -209,10 +209,59 @@ def _shared(name: str) -> Path:
     return base / name
 
 
+def load_parquet(path: str | Path, name: str | None = None) -> Dataset:
+    """One parquet file of interactions, columns as for `load_csv` (user_id, item_id/property_id, timestamp)."""
+    path = Path(path)
+    df = pd.read_parquet(path)
+    if "property_id" in df.columns and "item_id" not in df.columns:
+        df = df.rename(columns={"property_id": "item_id"})
+    return Dataset(_interactions_frame(df, path), name=name or path.name.split(".")[0], meta={"source": str(path)})
+
+
+def load_sql(source: str = "interactions", url: str | None = None, items_table: str = "properties",
+             users_table: str = "users") -> Dataset:
+    """Interactions from a SQL database: `source` is a table name or a SELECT statement (columns as for
+    `load_csv`); the `properties`/`users` tables are read as feature tables when they exist.
+
+    The URL defaults to the database of record (settings: RENTALML_DATABASE_URL, which a Kubernetes secret
+    provides in the cluster), so credentials never appear in a dataset spec.
+    """
+    import sqlalchemy as sa
+
+    if url is None:
+        from rentalml.config import get_settings
+
+        url = get_settings().db_url
+    engine = sa.create_engine(url)
+
+    def table(conn, name: str) -> pd.DataFrame:
+        return pd.read_sql(sa.select(sa.text("*")).select_from(sa.table(name)), conn)
+
+    try:
+        with engine.connect() as conn:
+            is_query = source.lstrip().lower().startswith(("select", "with"))
+            df = pd.read_sql(sa.text(source), conn) if is_query else table(conn, source)
+            tables = set(sa.inspect(conn).get_table_names())
+            items = table(conn, items_table) if items_table in tables else None
+            users = table(conn, users_table) if users_table in tables else None
+    finally:
+        engine.dispose()
+    if items is not None:
+        items = items.rename(columns=_canonical(items.columns)).rename(columns={"item_id": "property_id"})
+    if "property_id" in df.columns and "item_id" not in df.columns:
+        df = df.rename(columns={"property_id": "item_id"})
+    safe = sa.engine.make_url(url).render_as_string(hide_password=True)
+    return Dataset(_interactions_frame(df, f"sql:{source}"), items, users, name="sql",
+                   meta={"source": f"{safe} {source}"})
+
+
 def load_dataset(spec: str) -> Dataset:
-    """"synthetic[:n_users,n_properties,n_events[,seed]]" | "movielens" | "airbnb" | parquet dir | CSV."""
+    """"synthetic[:n_users,n_properties,n_events[,seed]]" | "movielens" | "airbnb" | parquet dir | CSV |
+    parquet file | "sql:<table or SELECT>" (database of record from the settings)."""
     spec = str(spec).strip()
     head, _, args = spec.partition(":")
+    if head == "sql":
+        return load_sql(args.strip() or "interactions")
     if head == "synthetic":
         from rentalml.data.generator import generate_marketplace
 
@@ -236,4 +285,6 @@ def load_dataset(spec: str) -> Dataset:
         raise FileNotFoundError(f"{path}: no interactions.parquet, ratings.csv or reviews.csv(.gz)")
     if path.is_file() and path.name.lower().endswith((".csv", ".csv.gz")):
         return load_csv(path)
+    if path.is_file() and path.name.lower().endswith(".parquet"):
+        return load_parquet(path)
     raise ValueError(f"unknown dataset spec {spec!r}: use synthetic[:u,p,e], movielens, airbnb, a dir or a CSV")

@@ -45,6 +45,18 @@ def random_split(df: pd.DataFrame, train_frac: float = 0.75, seed: int = 42) -> 
     return pairs[is_train].reset_index(drop=True), pairs[~is_train].reset_index(drop=True)
 
 
+def holdout_split(df: pd.DataFrame, frac: float = 0.1, seed: int = 42) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Validation carve-out for model selection: every user with at least 2 pairs holds out
+    max(1, round(frac·n)) shuffled pairs (and keeps at least one), so sparse users are validated too."""
+    pairs = aggregate_pairs(df)
+    rng = np.random.default_rng(seed)
+    users = pd.factorize(pairs["user_id"])[0]
+    rank, size = _rank_within_user(users, rng.random(len(pairs)))
+    n_hold = np.where(size >= 2, np.minimum(size - 1, np.maximum(1, np.round(frac * size))), 0).astype(np.int64)
+    is_hold = rank < n_hold
+    return pairs[~is_hold].reset_index(drop=True), pairs[is_hold].reset_index(drop=True)
+
+
 def temporal_leave_last_n(df: pd.DataFrame, n: int = 1) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Per user, the n most recent pairs go to test (users with more than n pairs only)."""
     pairs = aggregate_pairs(df)

@@ -100,11 +100,59 @@ class TwoTowerNet(nn.Module):
             h = torch.cat([h, user_feats], dim=1)
         return self.user_tower(torch.tanh(h))
 
+    def forward(self, hist: torch.Tensor, target: torch.Tensor, feats: torch.Tensor | None = None,
+                user_feats: torch.Tensor | None = None, cand: torch.Tensor | None = None,
+                id_keep: torch.Tensor | None = None, log_q: torch.Tensor | None = None,
+                prior: torch.Tensor | None = None) -> torch.Tensor:
+        """Training loss of one batch (see `make_batch`): multinomial log-likelihood over the catalogue, or
+        sampled softmax with logQ correction over `cand`. A forward pass so DDP can wrap the network."""
+        t_in, t_out = self.tables(feats, id_keep)
+        u = self.user_vectors(hist, t_in, user_feats)
+        if cand is None:
+            logits = u @ t_out.T + self.item_bias
+        else:
+            logits = u @ t_out[cand].T + self.item_bias[cand] - log_q[cand]
+        if prior is not None:
+            logits = logits + self.log_prior_weight.exp() * prior
+        return -(torch.log_softmax(logits, dim=1) * target).sum(1).mean()
+
+
+@dataclass
+class Batch:
+    """One training batch: the dropped-out input history, the full target rows, sampled candidates."""
+
+    xin: sp.csr_matrix  # input history after input dropout (the prior scores it in residual mode)
+    hist: torch.Tensor  # xin as a sparse torch tensor
+    target: torch.Tensor  # [B, n_items] (full softmax) or [B, len(cand)]
+    cand: torch.Tensor | None  # candidate item indices (sampled softmax), None for the full catalogue
+    id_keep: torch.Tensor | None  # per-item ID keep mask (ID dropout), None when off
+
+
+def make_batch(xb: sp.csr_matrix, rng: np.random.Generator, p: NeuralParams, n_items: int, full: bool,
+               id_dropout: bool = True) -> Batch:
+    """Input dropout, ID dropout and negative sampling for the binary history rows `xb` (CSR, users × items).
+
+    The random draws happen in a fixed order (input dropout, ID dropout, negatives) so a seeded generator
+    gives the same batch on every run.
+    """
+    keep = rng.random(xb.nnz) >= p.input_dropout
+    # copies of indices/indptr: eliminate_zeros works in place and must not alter xb, which is the target
+    xin = sp.csr_matrix((xb.data * keep, xb.indices.copy(), xb.indptr.copy()), shape=xb.shape)
+    xin.eliminate_zeros()
+    id_keep = None
+    if id_dropout and p.id_dropout > 0:
+        id_keep = torch.from_numpy((rng.random(n_items) >= p.id_dropout).astype(np.float32))
+    if full:
+        return Batch(xin, _to_torch_sparse(xin), torch.from_numpy(xb.toarray()), None, id_keep)
+    cand = np.unique(np.concatenate([xb.indices, rng.integers(0, n_items, p.negatives)]))
+    return Batch(xin, _to_torch_sparse(xin), torch.from_numpy(xb[:, cand].toarray()), torch.from_numpy(cand), id_keep)
+
 
 def _to_torch_sparse(m: sp.csr_matrix) -> torch.Tensor:
     coo = m.tocoo()
     idx = torch.from_numpy(np.vstack([coo.row, coo.col]).astype(np.int64, copy=True))
-    return torch.sparse_coo_tensor(idx, torch.from_numpy(coo.data.astype(np.float32, copy=True)), m.shape).coalesce()
+    return torch.sparse_coo_tensor(idx, torch.from_numpy(coo.data.astype(np.float32, copy=True)), m.shape,
+                                   check_invariants=False).coalesce()
 
 
 class TwoTower(Recommender):
@@ -151,28 +199,14 @@ class TwoTower(Recommender):
                 ub = perm[s:s + p.batch_size]
                 xb = x[ub]
                 self.samples_seen += xb.nnz
-                keep = rng.random(xb.nnz) >= p.input_dropout
-                xin = sp.csr_matrix((xb.data * keep, xb.indices, xb.indptr), shape=xb.shape)
-                xin.eliminate_zeros()
-                id_keep = None
-                if p.use_ids and p.id_dropout > 0 and self.net.use_content:
-                    id_keep = torch.from_numpy((rng.random(n_items) >= p.id_dropout).astype(np.float32))
-                t_in, t_out = self.net.tables(self.feats, id_keep)
+                b = make_batch(xb, rng, p, n_items, full, id_dropout=p.use_ids and self.net.use_content)
                 uf = self.user_feats[ub] if self.user_feats is not None else None
-                u = self.net.user_vectors(_to_torch_sparse(xin), t_in, uf)
-                prior = torch.from_numpy(self.prior.score(None, xin)) if self.prior is not None else None
-                if full:
-                    logits = u @ t_out.T + self.net.item_bias
-                    target = torch.from_numpy(xb.toarray())
-                else:
-                    cand = np.unique(np.concatenate([xb.indices, rng.integers(0, n_items, p.negatives)]))
-                    ct = torch.from_numpy(cand)
-                    logits = u @ t_out[ct].T + self.net.item_bias[ct] - log_q[ct]
-                    target = torch.from_numpy(xb[:, cand].toarray())
-                    prior = prior[:, ct] if prior is not None else None
-                if prior is not None:
-                    logits = logits + self.net.log_prior_weight.exp() * prior
-                loss = -(torch.log_softmax(logits, dim=1) * target).sum(1).mean()
+                prior = None
+                if self.prior is not None:
+                    prior = torch.from_numpy(self.prior.score(None, b.xin))
+                    prior = prior[:, b.cand] if b.cand is not None else prior
+                loss = self.net(b.hist, b.target, self.feats, uf, cand=b.cand, id_keep=b.id_keep, log_q=log_q,
+                                prior=prior)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()

@@ -12,7 +12,7 @@ import torch
 
 from rentalml.data.dataset import Dataset, InteractionMatrix
 from rentalml.data.features import FeatureEncoder
-from rentalml.evaluation.protocols import aggregate_pairs, random_split
+from rentalml.evaluation.protocols import aggregate_pairs, holdout_split
 from rentalml.models.base import Popularity, Recommender, TrainData
 from rentalml.models.hybrid import Hybrid
 from rentalml.models.neural import NeuralParams, TwoTower
@@ -49,7 +49,8 @@ def build_model(name: str, params: dict | None = None, progress: bool = False) -
         from rentalml.models.baselines import ImplicitALS
 
         return ImplicitALS(seed=params.get("seed", 42))
-    raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)} (or itemitem, ease, itemknn, als)")
+    raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)} "
+                     "(or itemitem, ease, itemknn, als)")
 
 
 @dataclass
@@ -120,7 +121,7 @@ def fit_model(name: str, dataset: Dataset, train: pd.DataFrame | None = None, pa
     if on_validate is not None:
         model.on_validate = on_validate
     if valid_frac > 0 and type(model).selected_params is not Recommender.selected_params:
-        tr, va = random_split(train, 1.0 - valid_frac, seed + 1)
+        tr, va = holdout_split(train, valid_frac, seed + 1)
         m_tr = InteractionMatrix.build(tr, item_ids=item_ids, user_ids=user_ids).matrix
         m_va = InteractionMatrix.build(va, item_ids=item_ids, user_ids=user_ids).matrix
         model.fit(TrainData(m_tr, item_x, user_x, valid=m_va, seed=seed))
