@@ -42,7 +42,16 @@ def wait_ready(http_port: int, proc: subprocess.Popen, timeout: float = 120.0) -
     raise TimeoutError("server did not become ready")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description="the whole rentalml loop locally")
+    ap.add_argument("--users", type=int, default=2000)
+    ap.add_argument("--properties", type=int, default=1000)
+    ap.add_argument("--events", type=int, default=50_000)
+    ap.add_argument("--epochs", type=int, default=DEMO_PARAMS["epochs"])
+    args = ap.parse_args(argv)
+    params = {**DEMO_PARAMS, "epochs": args.epochs}
     from rentalml.data.generator import generate_marketplace
     from rentalml.evaluation.benchmark import run_benchmark
     from rentalml.evaluation.report import format_table, write_report
@@ -51,15 +60,15 @@ def main() -> None:
     t0 = time.perf_counter()
     s = get_settings()
     print(f"== rentalml demo (state in {s.home_dir}, MLflow at {s.tracking_uri})")
-    ds = generate_marketplace(n_users=2000, n_properties=1000, n_events=50_000, seed=42)
+    ds = generate_marketplace(n_users=args.users, n_properties=args.properties, n_events=args.events, seed=42)
     ds.save(s.home_dir / "data" / "demo")
     print(f"== 1. synthetic marketplace: {ds.summary()}")
     print("== 2. train + evaluate (random-75-25, k=10): baselines, then the hybrid, which is exported to ONNX "
           "(+int8), logged to MLflow and registered")
     result = run_benchmark(ds, "random-75-25", 42, 10, ("popularity", "collaborative", "content"),
-                           params=DEMO_PARAMS, log=lambda m: None)
+                           params=params, log=lambda m: None)
     curves = result.pop("_curves", {})
-    res = train_and_register(ds, "hybrid", "random-75-25", 10, 42, params=DEMO_PARAMS, settings=s,
+    res = train_and_register(ds, "hybrid", "random-75-25", 10, 42, params=params, settings=s,
                              out_dir=s.home_dir / "runs" / "demo")
     result["models"]["hybrid"] = res["metrics"]
     print(format_table(result))

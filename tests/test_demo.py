@@ -1,0 +1,25 @@
+"""`make demo`'s loop end to end (smaller marketplace): generate → evaluate → export → register → serve → ask."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+
+def test_demo_runs_the_whole_loop(tmp_path):
+    env = {**os.environ, "RENTALML_HOME": str(tmp_path / "home"), "KSERVE_LOGLEVEL": "WARNING"}
+    env.pop("RENTALML_MLFLOW_TRACKING_URI", None)
+    proc = subprocess.run([sys.executable, "-m", "rentalml.demo", "--users", "300", "--properties", "150",
+                           "--events", "6000", "--epochs", "5"], env=env, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=600)
+    out = proc.stdout
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for model in ("popularity", "collaborative", "content", "hybrid"):
+        assert f"| {model} |" in out
+    assert "alias champion" in out
+    assert "u_new_visitor" in out and "server stopped" in out
+    recs = [line for line in out.splitlines() if "->" in line and line.strip().startswith("u_")]
+    assert len(recs) == 3 and all(line.count("p_") == 5 for line in recs)
+    assert (tmp_path / "home" / "mlflow.db").exists()
+    assert not (tmp_path / "mlruns").exists()  # artifacts stay under the state dir
