@@ -199,3 +199,22 @@ def test_bundle_int8_and_pickle(bundle_dir):
     assert rq.property_ids.shape == (5, 7) and rq.sources == ["model"] * 5
     assert not np.array_equal(rq.scores, before.scores)  # the quantized graph is the one that ran
     assert len(set(rq.property_ids[0]) & set(before.property_ids[0])) >= 4
+
+
+def test_hybrid_cold_properties_borrow_content_neighbours_in_graph(fit, tmp_path):
+    """Under cold-start-items, never-seen properties get the item-item score of their nearest interacted
+    property in content space (shrunk): same in ONNX as in PyTorch, and cold properties reach top-10 lists."""
+    fitted = fit("hybrid", "cold-start-items")
+    model = fitted.model
+    cold = np.flatnonzero(np.asarray(fitted.train.sum(0)).ravel() == 0)
+    assert len(cold) > 0
+    assert (model.proxy[cold] != cold).all() and (model.proxy_w[cold] < 1).all()
+    warm = np.setdiff1d(np.arange(len(fitted.item_ids)), cold)
+    assert (model.proxy[warm] == warm).all() and (model.proxy_w[warm] == 1).all()
+    path = export_scorer(fitted, tmp_path / "cold.onnx", HISTORY_LEN)
+    users = np.arange(N_USERS)
+    idx, scores = _run(_session(path), fitted, users, 10)
+    ref_idx, ref_scores = _reference(fitted, users, 10)
+    np.testing.assert_array_equal(idx, ref_idx)
+    np.testing.assert_allclose(scores, ref_scores, rtol=1e-4, atol=1e-4)
+    assert np.isin(idx, cold).any()

@@ -57,6 +57,12 @@ class Scorer(nn.Module):
             self.register_buffer("out_w", torch.from_numpy(np.vstack([ii.out_w, np.zeros_like(pad_idx,
                                                                                               np.float32)])))
             self.itemitem = True
+            proxy = getattr(model, "proxy", None)
+            if proxy is not None and not getattr(model, "residual", False):
+                self.register_buffer("proxy", torch.from_numpy(np.append(proxy, n).astype(np.int64)))
+                self.register_buffer("proxy_w", torch.from_numpy(np.append(model.proxy_w, 0.0).astype(np.float32)))
+            else:
+                self.proxy = None
         if isinstance(model, Popularity):
             self.register_buffer("pop", torch.from_numpy(model.pop.astype(np.float32)))
             self.has_pop = True
@@ -78,7 +84,10 @@ class Scorer(nn.Module):
         if self.itemitem is not None:
             tgt = self.out_idx[history].reshape(batch, -1)
             w = self.out_w[history].reshape(batch, -1)
-            scores = scores + self.beta * torch.zeros(batch, self.n + 1).scatter_add(1, tgt, w)
+            ii = torch.zeros(batch, self.n + 1).scatter_add(1, tgt, w)
+            if self.proxy is not None:  # never-seen properties borrow their content neighbour's score
+                ii = ii[:, self.proxy] * self.proxy_w
+            scores = scores + self.beta * ii
         if self.has_pop:
             scores = scores + torch.cat([self.pop, torch.zeros(1)])[None, :]
         scores = scores.scatter(1, history, torch.full(history.shape, NEG))

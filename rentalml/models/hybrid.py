@@ -7,10 +7,14 @@ O(n·M) weights, the network is trained with sampled softmax on large catalogues
 
 from __future__ import annotations
 
+import numpy as np
+import torch
+
 from rentalml.models.base import Recommender, TrainData, validation_ndcg
 from rentalml.models.itemitem import SparseEASE
 from rentalml.models.neural import NeuralParams, TwoTower
 
+COLD_SHRINK = 0.9
 BETAS = (0.0, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0)
 
 
@@ -43,6 +47,7 @@ class Hybrid(Recommender):
 
     def fit(self, data: TrainData) -> Hybrid:
         self.itemitem.fit(data)
+        self.proxy, self.proxy_w = np.arange(data.n_items), np.ones(data.n_items, dtype=np.float32)
         if self.residual:
             # the network is trained on top of the item-item scores and learns their weight
             self.tower.prior = self.itemitem
@@ -51,9 +56,30 @@ class Hybrid(Recommender):
             self._best_val = self.tower.best_val
             return self
         self.tower.fit(data)
+        self.proxy, self.proxy_w = self._cold_proxies(data)
         if self.beta is None:
             self.beta = self._choose_beta(data) if data.valid is not None else 10.0
         return self
+
+    def _cold_proxies(self, data: TrainData) -> tuple[np.ndarray, np.ndarray]:
+        """Item-item scores need interactions; a property with none (cold) borrows the item-item score of
+        its nearest interacted property in the content tower's space, shrunk by COLD_SHRINK, so content can
+        bring never-seen properties into the blended top-k. Warm properties are their own proxy (weight 1)."""
+        n = data.n_items
+        proxy, weight = np.arange(n), np.ones(n, dtype=np.float32)
+        pop = np.asarray(data.binary().sum(0)).ravel()
+        cold, warm = np.flatnonzero(pop == 0), np.flatnonzero(pop > 0)
+        net = self.tower.net
+        if data.item_features is None or not net.use_content or not len(cold) or not len(warm):
+            return proxy, weight
+        with torch.no_grad():
+            vec = torch.nn.functional.normalize(net.item_content(torch.from_numpy(data.item_features)), dim=1)
+        w = vec[warm]
+        for s in range(0, len(cold), 1024):
+            c = cold[s:s + 1024]
+            proxy[c] = warm[torch.argmax(vec[c] @ w.T, dim=1).numpy()]
+        weight[cold] = COLD_SHRINK
+        return proxy, weight
 
     def _choose_beta(self, data: TrainData) -> float:
         best, best_beta = -1.0, 0.0
@@ -70,7 +96,7 @@ class Hybrid(Recommender):
         return chosen if self.residual else {**chosen, "beta": self.beta}
 
     def score(self, users, history, user_features=None):
-        if self.residual:
+        if self.residual:  # (no cold proxies in residual mode)
             return self.tower.score(users, history, user_features)  # includes beta · item-item
-        ii = self.itemitem.score(users, history)
+        ii = self.itemitem.score(users, history)[:, self.proxy] * self.proxy_w
         return self.tower.score(users, history, user_features) + self.beta * ii

@@ -14,6 +14,21 @@ class Param:
     log: bool = False
     choices: tuple = ()
 
+    def distribution(self):
+        """The Optuna distribution `suggest` samples from (to record a known point, e.g. the defaults)."""
+        from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+        if self.kind == "double":
+            return FloatDistribution(self.low, self.high, log=self.log)
+        if self.kind == "int":
+            return IntDistribution(int(self.low), int(self.high), log=self.log)
+        return CategoricalDistribution(list(self.choices))
+
+    def contains(self, value) -> bool:
+        if self.kind in ("double", "int"):
+            return self.low <= value <= self.high
+        return value in self.choices
+
     def suggest(self, trial):
         if self.kind == "double":
             return trial.suggest_float(self.name, self.low, self.high, log=self.log)

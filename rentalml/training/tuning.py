@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import asdict
 
 import pandas as pd
 
 from rentalml.data.dataset import Dataset
-from rentalml.training.search_space import suggest
+from rentalml.models.neural import NeuralParams
+from rentalml.training.search_space import SEARCH_SPACE, suggest
 from rentalml.training.trainer import fit_model
 
 
@@ -37,10 +39,30 @@ def tune(name: str, dataset: Dataset, train: pd.DataFrame | None = None, trials:
     sampler = optuna.samplers.TPESampler(multivariate=True, seed=seed, n_startup_trials=max(2, trials // 3))
     study = optuna.create_study(direction="maximize", sampler=sampler,
                                 pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=10))
+    known = _default_point(base)
+    if known is not None:  # the sampler learns from the defaults' score too (it is measured anyway)
+        study.add_trial(optuna.trial.create_trial(
+            params=known, distributions={p.name: p.distribution() for p in SEARCH_SPACE}, value=default_value,
+            user_attrs={"defaults": True}))
     study.optimize(lambda t: run(suggest(t), t), n_trials=trials, timeout=timeout)
     best_params, best_value = study.best_params, study.best_value
-    if best_value < default_value:  # never return worse than the defaults
+    if best_value < default_value or study.best_trial.user_attrs.get("defaults"):  # never worse than the defaults
         best_params, best_value = {}, default_value
     return {"best_params": best_params, "best_value": best_value, "default_value": default_value,
-            "trials": [{"number": t.number, "value": t.value, "state": t.state.name, "params": t.params}
-                       for t in study.trials]}
+            "trials": [{"number": t.number, "value": t.value, "state": t.state.name, "params": t.params,
+                        "defaults": bool(t.user_attrs.get("defaults"))} for t in study.trials]}
+
+
+def _default_point(base: dict) -> dict | None:
+    """The default parameters as a point of the search space (a zero weight decay becomes the space's lower
+    bound, 1e-9: the same model); None when a default lies outside the space."""
+    defaults = {**asdict(NeuralParams()), **base}
+    point = {}
+    for p in SEARCH_SPACE:
+        v = defaults.get(p.name)
+        if p.name == "weight_decay" and v == 0:
+            v = p.low
+        if v is None or not p.contains(v):
+            return None
+        point[p.name] = v
+    return point
