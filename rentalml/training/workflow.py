@@ -19,16 +19,15 @@ from rentalml.training.trainer import Fitted, fit_model
 def train_and_evaluate(dataset: Dataset, model: str = "hybrid", protocol: str = "random-75-25", k: int = 10,
                        seed: int = 42, params: dict | None = None, refit_all: bool = True,
                        progress: bool = False) -> tuple[Fitted, dict]:
-    """Fit on the protocol's train split (minus a validation holdout used for early stopping / selection) and
-    evaluate on its test split; then (refit_all) refit on every interaction with the selected parameters, so
-    the shipped model sees all the data. Two fits in all: the gate metric is that of the first."""
+    """Fit on the protocol's train split (selection on a validation holdout, then a refit on all of train:
+    the same procedure as `rentalml benchmark`, so the metrics compare) and evaluate on its test split; then
+    (refit_all) refit on every interaction with the selected parameters, so the shipped model sees all data."""
     train, test = split(dataset.interactions, protocol, seed)
-    fitted = fit_model(model, dataset, train, params=params, seed=seed, refit=not refit_all, progress=progress)
+    fitted = fit_model(model, dataset, train, params=params, seed=seed, progress=progress)
     metrics = evaluate(fitted, test, k)
     metrics["fit_seconds"] = round(fitted.fit_seconds, 2)
     if refit_all:
-        chosen = {**(params or {}), **fitted.model.selected_params()}
-        fitted = fit_model(model, dataset, None, params=chosen, seed=seed, valid_frac=0.0, progress=progress)
+        fitted = fit_model(model, dataset, None, params=fitted.params, seed=seed, valid_frac=0.0, progress=progress)
     return fitted, metrics
 
 
