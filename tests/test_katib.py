@@ -137,3 +137,20 @@ def test_cli_tune_katib_writes_a_valid_experiment(tmp_path):
     assert katib.validate_experiment(doc) == []
     assert doc["spec"]["maxTrialCount"] == 12 and doc["spec"]["trialTemplate"]["trialSpec"]["kind"] == "MPIJob"
     assert "--data=synthetic:1000,500,20000" in yaml.safe_dump(doc)
+
+
+def test_local_tuning_starts_from_the_defaults():
+    """The defaults' score is recorded in the Optuna study (TPE learns from it) and is the floor of the result."""
+    from rentalml.data.generator import generate_marketplace
+    from rentalml.training.tuning import tune
+
+    ds = generate_marketplace(n_users=150, n_properties=80, n_events=3000, seed=2)
+    from rentalml.training.tuning import _default_point
+
+    point = _default_point({"epochs": 4})
+    assert point["dim"] == 200 and point["lr"] == 2e-3
+    assert point["weight_decay"] == 1e-9  # zero weight decay, on the log scale's lower bound
+    assert _default_point({"dim": 96}) is None  # a default outside the space is not recorded
+    res = tune("collaborative", ds, trials=2, seed=1, base_params={"epochs": 4, "eval_every": 2})
+    assert len(res["trials"]) == 2 and res["best_value"] >= res["default_value"]
+    assert res["best_params"] == {} or res["best_value"] > res["default_value"]

@@ -17,7 +17,8 @@ def tune(name: str, dataset: Dataset, train: pd.DataFrame | None = None, trials:
          base_params: dict | None = None, timeout: float | None = None) -> dict:
     """Search the shared space; the objective is validation nDCG@10 on a split carved from `train` only.
 
-    Returns {"best_params", "best_value", "default_value", "trials": [...]}.
+    Returns {"best_params", "best_value", "default_value", "trials": [...]}; the defaults' score is also
+    recorded in the study as a known point (not listed in "trials"), so the sampler learns from it.
     """
     import optuna
 
@@ -49,8 +50,8 @@ def tune(name: str, dataset: Dataset, train: pd.DataFrame | None = None, trials:
     if best_value < default_value or study.best_trial.user_attrs.get("defaults"):  # never worse than the defaults
         best_params, best_value = {}, default_value
     return {"best_params": best_params, "best_value": best_value, "default_value": default_value,
-            "trials": [{"number": t.number, "value": t.value, "state": t.state.name, "params": t.params,
-                        "defaults": bool(t.user_attrs.get("defaults"))} for t in study.trials]}
+            "trials": [{"number": t.number, "value": t.value, "state": t.state.name, "params": t.params}
+                       for t in study.trials if not t.user_attrs.get("defaults")]}
 
 
 def _default_point(base: dict) -> dict | None:
