@@ -6,6 +6,7 @@ start `rentalml serve` → ask it for three users' recommendations with tritoncl
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -55,7 +56,6 @@ def main(argv: list[str] | None = None) -> None:
     from rentalml.data.generator import generate_marketplace
     from rentalml.evaluation.benchmark import run_benchmark
     from rentalml.evaluation.report import format_table, write_report
-    from rentalml.training.workflow import train_and_register
 
     t0 = time.perf_counter()
     s = get_settings()
@@ -63,19 +63,24 @@ def main(argv: list[str] | None = None) -> None:
     ds = generate_marketplace(n_users=args.users, n_properties=args.properties, n_events=args.events, seed=42)
     ds.save(s.home_dir / "data" / "demo")
     print(f"== 1. synthetic marketplace: {ds.summary()}")
-    print("== 2. train + evaluate (random-75-25, k=10): baselines, then the hybrid, which is exported to ONNX "
-          "(+int8), logged to MLflow and registered")
+    data_dir = s.home_dir / "data" / "demo"
+    print("== 2. baselines (random-75-25, k=10)")
     result = run_benchmark(ds, "random-75-25", 42, 10, ("popularity", "collaborative", "content"),
                            params=params, log=lambda m: None)
     curves = result.pop("_curves", {})
-    res = train_and_register(ds, "hybrid", "random-75-25", 10, 42, params=params, settings=s,
-                             out_dir=s.home_dir / "runs" / "demo")
-    result["models"]["hybrid"] = res["metrics"]
+    print("== 3. the training pipeline, locally with kfp.local (ingest → validate → features → tune → train → "
+          "evaluate → champion gate → export → register)")
+    summary_path = s.home_dir / "runs" / "demo-pipeline.json"
+    cmd = [sys.executable, "-m", "rentalml.cli", "pipeline", "run", "--local", "--source", str(data_dir),
+           "--model", "hybrid", "--params", json.dumps(params), "--deploy-mode", "none", "--json", str(summary_path)]
+    subprocess.run(cmd, check=True)
+    summary = json.loads(summary_path.read_text())
+    hybrid = {key: float(v) for key, v in summary["scores"].items() if isinstance(v, (int, float))}
+    result["models"]["hybrid"] = hybrid
     print(format_table(result))
     print(f"   report: {write_report(result, s.home_dir / 'reports' / 'demo', curves)}")
-    reg = res["registry"]
-    print(f"== 3. rental-recommender v{reg['version']} -> alias {reg['alias']} "
-          f"(ndcg@10 {res['metrics']['ndcg@10']:.4f}; champion before: {reg['champion_before']})")
+    reg = summary["registered"]
+    print(f"   rental-recommender v{reg.get('version')} -> alias {reg.get('alias')} (gate: {summary['gate']})")
     http_port, grpc_port = _free_port(), _free_port()
     print(f"== 4. rentalml serve (champion) on http :{http_port}, grpc :{grpc_port}")
     env = {**os.environ, "KSERVE_LOGLEVEL": "WARNING"}
