@@ -58,6 +58,31 @@ class Recommender:
         raise NotImplementedError
 
 
+class L2SelectedModel(Recommender):
+    """A closed-form linear model whose L2 weight is chosen on data.valid over L2_GRID (when given)."""
+
+    L2_GRID: tuple[float, ...] = ()
+    l2: float
+
+    def fit(self, data: TrainData) -> L2SelectedModel:
+        if data.valid is not None and self.L2_GRID:
+            best = -1.0
+            for l2 in self.L2_GRID:
+                self.l2 = l2
+                self._solve(data)
+                v = validation_ndcg(self, data.binary(), data.valid)
+                if v > best:
+                    best, best_l2 = v, l2
+            self.l2 = best_l2
+        return self._solve(data)
+
+    def selected_params(self) -> dict:
+        return {"l2": self.l2}
+
+    def _solve(self, data: TrainData) -> L2SelectedModel:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
 def item_popularity(matrix: sp.csr_matrix) -> np.ndarray:
     b = matrix.tocsc(copy=True)
     b.data[:] = 1.0

@@ -9,34 +9,16 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from rentalml.models.base import Recommender, TrainData
+from rentalml.models.base import L2SelectedModel, Recommender, TrainData
 
 
-class EASE(Recommender):
+class EASE(L2SelectedModel):
     name = "ease"
 
     L2_GRID = (50.0, 100.0, 200.0, 400.0, 800.0, 1600.0)
 
     def __init__(self, l2: float = 200.0):
         self.l2 = l2
-
-    def fit(self, data: TrainData) -> EASE:
-        """With data.valid, the L2 weight is tuned on it over L2_GRID (and kept in self.l2)."""
-        if data.valid is not None:
-            from rentalml.models.base import validation_ndcg
-
-            best = -1.0
-            for l2 in self.L2_GRID:
-                self.l2 = l2
-                self._solve(data)
-                v = validation_ndcg(self, data.binary(), data.valid)
-                if v > best:
-                    best, best_l2 = v, l2
-            self.l2 = best_l2
-        return self._solve(data)
-
-    def selected_params(self) -> dict:
-        return {"l2": self.l2}
 
     def _solve(self, data: TrainData) -> EASE:
         x = data.binary()

@@ -3,7 +3,8 @@
 EASE (Steck 2019) solves, for every target item j, a ridge regression of column j on all other item
 columns; the closed form needs a dense n × n inverse. Restricting item j's regressors to its M most
 co-occurring items gives an independent M × M ridge system per item, so memory is O(n·M) and the model
-scales to 100k+ properties (batched Cholesky solves in torch). With M = n it is exactly EASE.
+scales to 100k+ properties (batched solves in torch). When every item co-occurs with its M = n − 1 neighbours it
+is exactly EASE.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from rentalml.models.base import Recommender, TrainData, validation_ndcg
+from rentalml.models.base import L2SelectedModel, TrainData
 
 DENSE_GRAM_LIMIT = 20_000  # items; above this the Gram matrix stays sparse
 
@@ -39,7 +40,7 @@ def cooccurrence_topk(x: sp.csr_matrix, m: int, block: int = 1024) -> tuple[np.n
     return idx, val
 
 
-class SparseEASE(Recommender):
+class SparseEASE(L2SelectedModel):
     name = "itemitem"
 
     def __init__(self, l2: float = 200.0, neighbours: int = 256, block: int = 256, dropout: float = 0.0,
@@ -53,22 +54,6 @@ class SparseEASE(Recommender):
         self.block = block
 
     L2_GRID = (100.0, 200.0, 400.0)
-
-    def fit(self, data: TrainData) -> SparseEASE:
-        """With data.valid, the L2 weight is chosen on it over L2_GRID (kept in self.l2)."""
-        if data.valid is not None:
-            best = -1.0
-            for l2 in self.L2_GRID:
-                self.l2 = l2
-                self._solve(data)
-                v = validation_ndcg(self, data.binary(), data.valid)
-                if v > best:
-                    best, best_l2 = v, l2
-            self.l2 = best_l2
-        return self._solve(data)
-
-    def selected_params(self) -> dict:
-        return {"l2": self.l2}
 
     def _solve(self, data: TrainData) -> SparseEASE:
         x = data.binary()
