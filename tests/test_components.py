@@ -115,8 +115,8 @@ def test_champion_gate(monkeypatch, champion, margin, decision):
 
 
 def test_kfp_struct_params_get_their_ints_back():
-    assert steps.clean_params({"epochs": 10.0, "lr": 0.002, "neighbours": 32.0, "residual": True}) == \
-        {"epochs": 10, "lr": 0.002, "neighbours": 32, "residual": True}
+    assert steps.clean_params({"epochs": 10.0, "lr": 0.002, "neighbours": 32.0, "use_ids": True}) == \
+        {"epochs": 10, "lr": 0.002, "neighbours": 32, "use_ids": True}
 
 
 # ------------------------------------------------------------------------------------------ deploy

@@ -58,7 +58,7 @@ class Scorer(nn.Module):
                                                                                               np.float32)])))
             self.itemitem = True
             proxy = getattr(model, "proxy", None)
-            if proxy is not None and not getattr(model, "residual", False):
+            if proxy is not None:
                 self.register_buffer("proxy", torch.from_numpy(np.append(proxy, n).astype(np.int64)))
                 self.register_buffer("proxy_w", torch.from_numpy(np.append(model.proxy_w, 0.0).astype(np.float32)))
             else:

@@ -22,11 +22,9 @@ class Hybrid(Recommender):
     name = "hybrid"
 
     def __init__(self, params: NeuralParams | None = None, l2: float = 200.0, neighbours: int = 256,
-                 dropout: float = 0.0, beta: float | None = None, residual: bool = False, progress: bool = False,
-                 **overrides):
+                 dropout: float = 0.0, beta: float | None = None, progress: bool = False, **overrides):
         self.tower = TwoTower(params, name="hybrid", progress=progress, **overrides)
         self.itemitem = SparseEASE(l2=l2, neighbours=neighbours, dropout=dropout)
-        self.residual = residual
         self.beta = beta
 
     @property
@@ -47,14 +45,6 @@ class Hybrid(Recommender):
 
     def fit(self, data: TrainData) -> Hybrid:
         self.itemitem.fit(data)
-        self.proxy, self.proxy_w = np.arange(data.n_items), np.ones(data.n_items, dtype=np.float32)
-        if self.residual:
-            # the network is trained on top of the item-item scores and learns their weight
-            self.tower.prior = self.itemitem
-            self.tower.fit(data)
-            self.beta = self.tower.prior_weight
-            self._best_val = self.tower.best_val
-            return self
         self.tower.fit(data)
         self.proxy, self.proxy_w = self._cold_proxies(data)
         if self.beta is None:
@@ -93,10 +83,8 @@ class Hybrid(Recommender):
 
     def selected_params(self) -> dict:
         chosen = {**self.tower.selected_params(), **self.itemitem.selected_params()}
-        return chosen if self.residual else {**chosen, "beta": self.beta}
+        return {**chosen, "beta": self.beta}
 
     def score(self, users, history, user_features=None):
-        if self.residual:  # (no cold proxies in residual mode)
-            return self.tower.score(users, history, user_features)  # includes beta · item-item
         ii = self.itemitem.score(users, history)[:, self.proxy] * self.proxy_w
         return self.tower.score(users, history, user_features) + self.beta * ii

@@ -76,7 +76,6 @@ class TwoTowerNet(nn.Module):
         self.user_feat_dim = user_feat_dim
         self.user_tower = _mlp(d + user_feat_dim, p.hidden, d, p.layers)
         self.item_bias = nn.Parameter(torch.zeros(n_items))
-        self.log_prior_weight = nn.Parameter(torch.tensor(math.log(10.0)))  # used in residual mode only
 
     def tables(self, feats: torch.Tensor | None, id_keep: torch.Tensor | None = None):
         """(input-side item vectors [n, d], output-side item vectors [n, d])."""
@@ -102,8 +101,7 @@ class TwoTowerNet(nn.Module):
 
     def forward(self, hist: torch.Tensor, target: torch.Tensor, feats: torch.Tensor | None = None,
                 user_feats: torch.Tensor | None = None, cand: torch.Tensor | None = None,
-                id_keep: torch.Tensor | None = None, log_q: torch.Tensor | None = None,
-                prior: torch.Tensor | None = None) -> torch.Tensor:
+                id_keep: torch.Tensor | None = None, log_q: torch.Tensor | None = None) -> torch.Tensor:
         """Training loss of one batch (see `make_batch`): multinomial log-likelihood over the catalogue, or
         sampled softmax with logQ correction over `cand`. A forward pass so DDP can wrap the network."""
         t_in, t_out = self.tables(feats, id_keep)
@@ -112,8 +110,6 @@ class TwoTowerNet(nn.Module):
             logits = u @ t_out.T + self.item_bias
         else:
             logits = u @ t_out[cand].T + self.item_bias[cand] - log_q[cand]
-        if prior is not None:
-            logits = logits + self.log_prior_weight.exp() * prior
         return -(torch.log_softmax(logits, dim=1) * target).sum(1).mean()
 
 
@@ -121,7 +117,7 @@ class TwoTowerNet(nn.Module):
 class Batch:
     """One training batch: the dropped-out input history, the full target rows, sampled candidates."""
 
-    xin: sp.csr_matrix  # input history after input dropout (the prior scores it in residual mode)
+    xin: sp.csr_matrix  # input history after input dropout
     hist: torch.Tensor  # xin as a sparse torch tensor
     target: torch.Tensor  # [B, n_items] (full softmax) or [B, len(cand)]
     cand: torch.Tensor | None  # candidate item indices (sampled softmax), None for the full catalogue
@@ -165,10 +161,6 @@ class TwoTower(Recommender):
         self.progress = progress
         self.history_: list[dict] = []
         self.on_validate = None  # callable(epoch, val_ndcg) — tuning reports/prunes through it
-        # residual mode: a fitted linear model whose scores are added (times a learned weight) to the logits,
-        # so the network learns what the prior misses (set by Hybrid)
-        self.prior: Recommender | None = None
-        self.prior_weight = 0.0
 
     # -------------------------------------------------------------------------------- training
     def fit(self, data: TrainData) -> TwoTower:
@@ -201,12 +193,7 @@ class TwoTower(Recommender):
                 self.samples_seen += xb.nnz
                 b = make_batch(xb, rng, p, n_items, full, id_dropout=p.use_ids and self.net.use_content)
                 uf = self.user_feats[ub] if self.user_feats is not None else None
-                prior = None
-                if self.prior is not None:
-                    prior = torch.from_numpy(self.prior.score(None, b.xin))
-                    prior = prior[:, b.cand] if b.cand is not None else prior
-                loss = self.net(b.hist, b.target, self.feats, uf, cand=b.cand, id_keep=b.id_keep, log_q=log_q,
-                                prior=prior)
+                loss = self.net(b.hist, b.target, self.feats, uf, cand=b.cand, id_keep=b.id_keep, log_q=log_q)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
@@ -244,7 +231,6 @@ class TwoTower(Recommender):
 
     def _freeze(self) -> None:
         self.net.eval()
-        self.prior_weight = float(self.net.log_prior_weight.exp()) if self.prior is not None else 0.0
         with torch.no_grad():
             t_in, t_out = self.net.tables(self.feats)
         self.table_in, self.table_out = t_in.detach(), t_out.detach()
@@ -261,14 +247,10 @@ class TwoTower(Recommender):
 
     @torch.no_grad()
     def score(self, users, history, user_features=None):
-        """Network scores, plus prior_weight · prior scores in residual mode."""
         if user_features is None and self.user_feats is not None and users is not None:
             user_features = self.user_feats[users].numpy()
         u = self.user_embedding(history, user_features)
-        s = (u @ self.table_out.T + self.net.item_bias).numpy()
-        if self.prior is not None:
-            s += self.prior_weight * self.prior.score(users, history)
-        return s
+        return (u @ self.table_out.T + self.net.item_bias).numpy()
 
     def describe(self) -> dict:
         return {"name": self.name, **asdict(self.params), "best_epoch": getattr(self, "best_epoch", None)}

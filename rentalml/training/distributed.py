@@ -183,7 +183,6 @@ class Trainer:
         feat_dim = 0 if data.item_x is None else data.item_x.shape[1]
         user_dim = 0 if data.user_x is None else data.user_x.shape[1]
         self.net = TwoTowerNet(self.n_items, feat_dim, user_dim, self.p).to(self.device)
-        self.net.log_prior_weight.requires_grad_(False)  # residual (item-item prior) mode is not used here
         self.opt = torch.optim.Adam(self.net.parameters(), lr=self.p.lr, weight_decay=self.p.weight_decay)
         pop = np.asarray(x.sum(0)).ravel() + 1.0
         self.log_q = torch.from_numpy(np.log(pop / pop.sum()).astype(np.float32)).to(self.device)

@@ -31,7 +31,7 @@ def build_model(name: str, params: dict | None = None, progress: bool = False) -
     if name == "content":
         return TwoTower(name="content", progress=progress, **{**nn_kw, "use_ids": False})
     if name == "hybrid":
-        ii_kw = {k: params[k] for k in ("l2", "neighbours", "dropout", "beta", "residual") if k in params}
+        ii_kw = {k: params[k] for k in ("l2", "neighbours", "dropout", "beta") if k in params}
         return Hybrid(progress=progress, **ii_kw, **nn_kw)
     if name == "itemitem":
         from rentalml.models.itemitem import SparseEASE
