@@ -127,36 +127,30 @@ def concurrent(make_call, users: list[str], threads: int, total: int, max_second
 
 
 # ---- clients -------------------------------------------------------------------------------------------
-def http_v2(port: int, k: int):
-    import tritonclient.http as httpclient
+def _v2(client_module: str):
+    """A v2 client factory over tritonclient.http or tritonclient.grpc (same API, different transport)."""
 
-    c = httpclient.InferenceServerClient(f"127.0.0.1:{port}")
-    kin = httpclient.InferInput("k", [1], "INT32")
-    kin.set_data_from_numpy(np.array([k], dtype=np.int32))
+    def factory(port: int, k: int):
+        import importlib
 
-    def call(user: str):
-        inp = httpclient.InferInput("user_id", [1], "BYTES")
-        inp.set_data_from_numpy(np.array([user], dtype=object))
-        r = c.infer(MODEL, [inp, kin])
-        assert r.as_numpy("property_id").shape == (1, k)
+        tc = importlib.import_module(client_module)
+        c = tc.InferenceServerClient(f"127.0.0.1:{port}")
+        kin = tc.InferInput("k", [1], "INT32")
+        kin.set_data_from_numpy(np.array([k], dtype=np.int32))
 
-    return call
+        def call(user: str):
+            inp = tc.InferInput("user_id", [1], "BYTES")
+            inp.set_data_from_numpy(np.array([user], dtype=object))
+            r = c.infer(MODEL, [inp, kin])
+            assert r.as_numpy("property_id").shape == (1, k)
+
+        return call
+
+    return factory
 
 
-def grpc_v2(port: int, k: int):
-    import tritonclient.grpc as grpcclient
-
-    c = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
-    kin = grpcclient.InferInput("k", [1], "INT32")
-    kin.set_data_from_numpy(np.array([k], dtype=np.int32))
-
-    def call(user: str):
-        inp = grpcclient.InferInput("user_id", [1], "BYTES")
-        inp.set_data_from_numpy(np.array([user], dtype=object))
-        r = c.infer(MODEL, [inp, kin])
-        assert r.as_numpy("property_id").shape == (1, k)
-
-    return call
+http_v2 = _v2("tritonclient.http")
+grpc_v2 = _v2("tritonclient.grpc")
 
 
 def friendly(port: int, k: int):
