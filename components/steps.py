@@ -227,12 +227,12 @@ def register(bundle_dir: str | Path, report_dir: str | Path | None, *, model: st
     """MLflow run (params, metrics, lineage tags: data snapshot hash, feature views, code version, pipeline
     run; bundle and report as artifacts) and a new version of the registered model; the champion alias moves
     only when the candidate beats it by `margin` (else the version becomes the challenger)."""
+    from rentalml.export.bundle import read_meta
     from rentalml.registry import mlflow_registry as reg
-    from rentalml.training.workflow import bundle_json_code
 
     s = get_settings()
     lineage = {"data_snapshot": snapshot, "dataset": dataset_name, "protocol": protocol,
-               "feature_views": feature_views, "code_version": bundle_json_code(Path(bundle_dir)),
+               "feature_views": feature_views, "code_version": read_meta(bundle_dir)["code_version"],
                "pipeline_run": pipeline_run}
     run_id = reg.log_training_run(model_type=model, params={**clean_params(params), "seed": seed, "k": k},
                                   metrics=metrics,

@@ -115,6 +115,11 @@ def write_bundle(fitted, dataset, out_dir: str | Path, *, model_name: str = "ren
     return out
 
 
+def read_meta(bundle_dir: str | Path) -> dict:
+    """The bundle's bundle.json (lineage: data_snapshot, code_version, feature_views, metrics...)."""
+    return json.loads((Path(bundle_dir) / "bundle.json").read_text())
+
+
 @dataclass
 class Recommendations:
     property_ids: np.ndarray  # object [N, k]
@@ -130,7 +135,7 @@ class Bundle:
         self.int8 = int8
         self.threads = threads
         t0 = time.perf_counter()
-        self.meta = json.loads((self.path / "bundle.json").read_text())
+        self.meta = read_meta(self.path)
         g = self.meta["graph"]
         self.n_items = int(g["n_items"])
         self.history_len = int(g["history_len"])

@@ -12,7 +12,7 @@ from rentalml.data.dataset import Dataset
 from rentalml.evaluation.evaluate import evaluate
 from rentalml.evaluation.protocols import split
 from rentalml.evaluation.report import write_report
-from rentalml.export.bundle import write_bundle
+from rentalml.export.bundle import read_meta, write_bundle
 from rentalml.training.trainer import Fitted, fit_model
 
 
@@ -46,11 +46,12 @@ def train_and_register(dataset: Dataset, model: str = "hybrid", protocol: str = 
     report = {"dataset": dataset.name, "protocol": protocol, "k": k, "seed": seed, "models": {model: metrics}}
     curves = {model: getattr(getattr(fitted.model, "tower", fitted.model), "history_", [])}
     write_report(report, work / "report", curves)
+    meta = read_meta(bundle_dir)  # the bundle already hashed the data and read the code version
     out = {"model": model, "metrics": metrics, "bundle": str(bundle_dir), "report": str(work / "report"),
-           "data_snapshot": dataset.snapshot_hash(), "seconds": 0.0}
+           "data_snapshot": meta["data_snapshot"], "seconds": 0.0}
     if register:
-        lineage = {"data_snapshot": out["data_snapshot"], "dataset": dataset.name, "protocol": protocol,
-                   "feature_views": feature_views or [], "code_version": bundle_json_code(bundle_dir)}
+        lineage = {"data_snapshot": meta["data_snapshot"], "dataset": dataset.name, "protocol": protocol,
+                   "feature_views": feature_views or [], "code_version": meta["code_version"]}
         run_id = reg.log_training_run(model_type=model, params={**fitted.params, "seed": seed, "k": k},
                                       metrics=metrics, bundle_dir=bundle_dir, report_dir=work / "report",
                                       lineage=lineage, settings=s)
@@ -59,8 +60,3 @@ def train_and_register(dataset: Dataset, model: str = "hybrid", protocol: str = 
     out["seconds"] = round(time.perf_counter() - t0, 2)
     return out
 
-
-def bundle_json_code(bundle_dir: Path) -> str:
-    import json
-
-    return json.loads((Path(bundle_dir) / "bundle.json").read_text()).get("code_version", "")
