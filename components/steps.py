@@ -164,7 +164,7 @@ def evaluate(dataset_dir: str | Path, eval_model_path: str | Path, protocol: str
     _, test = split(ds.interactions, protocol, seed)
     metrics = run_eval(fitted, test, k)
     metrics["fit_seconds"] = round(fitted.fit_seconds, 2)
-    curves = {fitted.name: getattr(getattr(fitted.model, "tower", fitted.model), "history_", [])}
+    curves = {fitted.name: fitted.training_curve}
     write_report({"dataset": ds.name, "protocol": protocol, "k": k, "seed": seed, "models": {fitted.name: metrics}},
                  report_dir, curves)
     return metrics

@@ -42,7 +42,7 @@ def run_benchmark(dataset: Dataset, protocol: str = "random-75-25", seed: int = 
             m["tuning"] = {"trials": tune_trials, "best_value": tuned["best_value"], "default_value":
                            tuned.get("default_value")}
         result["models"][name] = m
-        curves[name] = getattr(getattr(fitted.model, "tower", fitted.model), "history_", [])
+        curves[name] = fitted.training_curve
         log(f"{name:14s} ndcg@{k}={m[f'ndcg@{k}']:.4f} recall@{k}={m[f'recall@{k}']:.4f} "
             f"fit={fit_s:.1f}s")
     result["_curves"] = curves

@@ -69,6 +69,11 @@ class Fitted:
     fit_seconds: float
     params: dict = field(default_factory=dict)
 
+    @property
+    def training_curve(self) -> list[dict]:
+        """Per-epoch loss / validation nDCG of the network part (empty for models without one)."""
+        return getattr(getattr(self.model, "tower", self.model), "history_", [])
+
     def score_users(self, users: np.ndarray) -> np.ndarray:
         uf = self.user_features[users] if self.user_features is not None else None
         return self.model.score(users, self.train[users], uf)

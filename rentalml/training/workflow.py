@@ -44,7 +44,7 @@ def train_and_register(dataset: Dataset, model: str = "hybrid", protocol: str = 
     bundle_dir = write_bundle(fitted, dataset, work / "bundle", model_name=s.model_name, metrics=metrics,
                               feature_views=feature_views)
     report = {"dataset": dataset.name, "protocol": protocol, "k": k, "seed": seed, "models": {model: metrics}}
-    curves = {model: getattr(getattr(fitted.model, "tower", fitted.model), "history_", [])}
+    curves = {model: fitted.training_curve}
     write_report(report, work / "report", curves)
     meta = read_meta(bundle_dir)  # the bundle already hashed the data and read the code version
     out = {"model": model, "metrics": metrics, "bundle": str(bundle_dir), "report": str(work / "report"),
