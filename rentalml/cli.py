@@ -17,10 +17,37 @@ app = typer.Typer(help="rentalml: recommendations for rental marketplaces", no_a
                   pretty_exceptions_enable=False)
 
 
+#: core command groups, one module each with a `register(app)` (keeps this file from becoming a hub)
+CORE_COMMAND_MODULES = (
+    "rentalml.db.cli",            # rentalml db init|seed
+    "rentalml.features.cli",      # rentalml features apply|materialize|...
+    "rentalml.export.cli",        # rentalml optimize, export --triton
+    "rentalml.monitoring.cli",    # rentalml monitor drift
+    "rentalml.ops.cli",           # rentalml backup|restore
+)
+
+
+def _load_core_groups() -> None:
+    import importlib
+
+    for name in CORE_COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:  # not built (yet): nothing to register
+                continue
+            raise
+        module.register(app)
+
+
 def _load_plugins() -> None:
+    _load_core_groups()
     for ep in entry_points(group="rentalml.commands"):
         try:
             ep.load()(app)
+        except ModuleNotFoundError as exc:
+            if exc.name != ep.module:  # a missing dependency of a plugin, not a plugin not built yet
+                logging.getLogger(__name__).warning("command plugin %s failed to load: %s", ep.name, exc)
         except Exception as exc:  # a broken plugin must not take the whole CLI down
             logging.getLogger(__name__).warning("command plugin %s failed to load: %s", ep.name, exc)
 
