@@ -19,10 +19,39 @@ class KafkaSettings(BaseModel):
     sasl_username: str | None = None
     sasl_password: str | None = None
     partitions: int = 3
+    replication_factor: int = 1
+    # TLS (security_protocol SSL or SASL_SSL): CA bundle and optional client certificate (mTLS, e.g. Strimzi)
+    ssl_cafile: Path | None = None
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+    ssl_check_hostname: bool = True
+
+
+class StreamSettings(BaseModel):
+    """`rentalml stream run` (docs/architecture.md "Streaming")."""
+
+    group_id: str = "rentalml-stream"
+    batch_size: int = 2000
+    poll_timeout_ms: int = 100
+    #: events older than (max event time seen - allowed_lateness_s) go to dead_letter as "late event"
+    allowed_lateness_s: int = 3600
+    #: event ids are remembered this long beyond the lateness bound (event time) to recognise redeliveries
+    dedupe_margin_s: int = 3600
+    #: recent distinct properties kept per user (user taste, `recent_history`)
+    history_len: int = 50
+    #: Redis key prefix of the stream state store
+    key_prefix: str = "rentalml:stream"
 
 
 class FeastSettings(BaseModel):
     repo_path: Path = Path("feature_repo")
+    project: str = "rentalml"
+    #: SQLAlchemy URL of a SQL registry (cluster: PostgreSQL); unset: file registry $RENTALML_HOME/feast/registry.db
+    registry_url: str | None = None
+    #: "sqlite" | "redis"; unset: redis when redis_url is set, else SQLite at $RENTALML_HOME/feast/online.db
+    online_store: str | None = None
+    #: the pipeline's features step takes the property attributes from Feast (point in time) and records the views
+    training: bool = False
 
 
 class ServeSettings(BaseModel):
@@ -33,6 +62,20 @@ class ServeSettings(BaseModel):
     request_timeout_s: float = 5.0
     cache_ttl_s: float = 300.0
     cache_size: int = 100_000
+    # A/B canary inside one `rentalml serve` (registry aliases champion/challenger); 0 = no canary
+    challenger_percent: float = 0.0
+    ab_salt: str = "rentalml-ab-1"
+    outcomes_sink: str = "file"  # "file" ($RENTALML_HOME/ab/outcomes.jsonl or outcomes_path) | "kafka" | "off"
+    outcomes_path: Path | None = None
+    log_impressions: bool = True
+    ab_min_impressions: int = 1000
+    ab_alpha: float = 0.05
+    # hot reload: poll the registry aliases every N seconds (0 = only POST /admin/reload)
+    reload_poll_s: float = 0.0
+    # cluster mode of `rentalml ab promote|rollback`: patch the InferenceService's canaryTrafficPercent
+    cluster: bool = False
+    isvc_name: str = "rental-recommender"
+    namespace: str | None = None
 
 
 class AuthSettings(BaseModel):
@@ -42,6 +85,25 @@ class AuthSettings(BaseModel):
     jwt_secret: str | None = None
     algorithms: list[str] = Field(default_factory=lambda: ["HS256", "RS256"])
     audience: str | None = None
+
+
+class MonitorSettings(BaseModel):
+    """Drift monitoring (rentalml monitor drift): thresholds and what an over-threshold result triggers."""
+
+    psi_threshold: float = 0.25
+    ks_threshold: float = 0.2
+    ks_alpha: float = 0.01
+    min_samples: int = 50
+    window_days: float | None = 7.0
+    retrain: str = "local"  # local (kfp.local pipeline run) | kfp (submit to KFP_HOST) | off
+    retrain_source: str | None = None  # the pipeline's data source for the retraining run (default: --current)
+    pushgateway_url: str | None = None
+
+
+class ExportSettings(BaseModel):
+    n_candidates: int = 200  # retrieval.onnx: candidates handed to ranker.onnx
+    ann_min_items: int = 100_000  # catalogues this large retrieve through an IVF index instead of brute force
+    triton_k: int = 100  # rental-scorer in the Triton repository: k baked into the graph
 
 
 class TrainSettings(BaseModel):
@@ -60,10 +122,13 @@ class Settings(BaseSettings):
     redis_url: str | None = None
     model_name: str = "rental-recommender"
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    stream: StreamSettings = Field(default_factory=StreamSettings)
     feast: FeastSettings = Field(default_factory=FeastSettings)
     serve: ServeSettings = Field(default_factory=ServeSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
     train: TrainSettings = Field(default_factory=TrainSettings)
+    export: ExportSettings = Field(default_factory=ExportSettings)
+    monitor: MonitorSettings = Field(default_factory=MonitorSettings)
 
     @property
     def home_dir(self) -> Path:

@@ -3,7 +3,10 @@
 Layout of a bundle directory:
   bundle.json          format version, model name/version, created_at, data snapshot hash, feature views,
                        metrics, code version, graph interface (n_items, history_len, user_feature_dim)
+  drift_reference.json per-feature and model-score distributions of the training data (rentalml.monitoring)
   scorer.onnx          history → top-k (see rentalml.export.onnx_export); scorer.int8.onnx when quantized
+  retrieval.onnx       two-stage serving, models with a two-tower part (rentalml.export.two_stage): history →
+  ranker.onnx          top-C candidates (or the user embedding + ann_index.npz for large catalogues) → ranked
   users.parquet        user_id, index, history (property indices, oldest → newest), city, features (list)
   properties.parquet   property_id, index and the raw property attributes (filters, explanations)
   popularity.parquet   cold-start fallback: city ("*" = everywhere), property index, score, rank
@@ -57,8 +60,11 @@ def _histories(fitted, dataset) -> list[np.ndarray]:
 
 def write_bundle(fitted, dataset, out_dir: str | Path, *, model_name: str = "rental-recommender",
                  model_version: str = "0", metrics: dict | None = None, feature_views: list[str] | None = None,
-                 quantize: bool = True) -> Path:
+                 quantize: bool = True, drift_reference: bool = True, n_candidates: int | None = None,
+                 ann_min_items: int | None = None) -> Path:
+    from rentalml.config import get_settings
     from rentalml.export.onnx_export import quantize_int8
+    from rentalml.export.two_stage import export_two_stage
 
     out = Path(out_dir)
     if out.exists():
@@ -67,6 +73,9 @@ def write_bundle(fitted, dataset, out_dir: str | Path, *, model_name: str = "ren
     export_scorer(fitted, out / "scorer.onnx", HISTORY_LEN)
     if quantize and fitted.name != "popularity":
         quantize_int8(out / "scorer.onnx", out / "scorer.int8.onnx")
+    exp = get_settings().export
+    two_stage = export_two_stage(fitted, out, HISTORY_LEN, n_candidates or exp.n_candidates,
+                                 exp.ann_min_items if ann_min_items is None else ann_min_items)
     items = dataset.items.reindex(fitted.item_ids) if dataset.items is not None else pd.DataFrame(
         index=pd.Index(fitted.item_ids, name="property_id"))
     props = items.reset_index().rename(columns={"index": "property_id"})
@@ -111,7 +120,13 @@ def write_bundle(fitted, dataset, out_dir: str | Path, *, model_name: str = "ren
                   "user_feature_dim": int(fitted.user_features.shape[1]) if fitted.user_features is not None
                   and getattr(getattr(tower, "net", None), "user_feat_dim", 0) else 0},
     }
+    if two_stage:
+        meta["two_stage"] = two_stage
     (out / "bundle.json").write_text(json.dumps(meta, indent=2, default=str))
+    if drift_reference:
+        from rentalml.monitoring.drift import write_reference
+
+        write_reference(out, dataset)  # the training snapshot that `rentalml monitor drift` compares against
     return out
 
 
@@ -155,12 +170,14 @@ class Bundle:
         vec = self.path / "item_vectors.npy"
         self.item_vectors = np.load(vec) if vec.exists() else None
         self._session = None
+        self._two_stage = None
         self.load_seconds = time.perf_counter() - t0
 
     # sessions are not picklable: build lazily per process
     def __getstate__(self):
         state = dict(self.__dict__)
         state["_session"] = None
+        state["_two_stage"] = None
         return state
 
     @property
@@ -201,6 +218,20 @@ class Bundle:
                                      np.zeros((len(histories), self.user_feature_dim), np.float32))
         idx, scores = self.session.run(None, feed)
         return idx, scores
+
+    @property
+    def has_two_stage(self) -> bool:
+        return bool(self.meta.get("two_stage"))
+
+    def score_histories_two_stage(self, histories: list[np.ndarray], k: int,
+                                  user_features: np.ndarray | None = None,
+                                  n_candidates: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """As score_histories, through retrieval.onnx (→ ANN index) → ranker.onnx (rentalml.export.two_stage)."""
+        if self._two_stage is None:
+            from rentalml.export.two_stage import TwoStage
+
+            self._two_stage = TwoStage(self.path, threads=self.threads)
+        return self._two_stage.topk(histories, k, n_candidates, user_features)
 
     def cold_start(self, k: int, city: str | None = None, exclude: np.ndarray | None = None):
         idx, sc = self.fallback.get(city or "*", self.fallback["*"])
