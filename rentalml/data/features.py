@@ -21,6 +21,9 @@ def _is_list_col(s: pd.Series) -> bool:
     return len(sample) > 0 and all(isinstance(v, (list, tuple, np.ndarray)) for v in sample)
 
 
+Z_CLIP = 5.0
+
+
 @dataclass
 class FeatureEncoder:
     numeric: dict[str, tuple[float, float, bool]] = field(default_factory=dict)  # col -> (mean, std, log)
@@ -67,7 +70,10 @@ class FeatureEncoder:
             v = pd.to_numeric(raw, errors="coerce").astype(float)
             if log:
                 v = np.log1p(v.clip(lower=0))
-            blocks.append(((v.fillna(mean) - mean) / std).to_numpy(dtype=np.float32)[:, None])
+            # z-scores clipped to ±Z_CLIP: a never-seen property with an absurd value (a typo'd price) must not
+            # get an extreme content vector; training data is essentially unaffected
+            z = ((v.fillna(mean) - mean) / std).clip(-Z_CLIP, Z_CLIP)
+            blocks.append(z.to_numpy(dtype=np.float32)[:, None])
         for col in self.boolean:
             v = df[col].fillna(False).astype(bool) if col in df else pd.Series(False, index=df.index)
             blocks.append(v.to_numpy(dtype=np.float32)[:, None])

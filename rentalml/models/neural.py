@@ -184,21 +184,7 @@ class TwoTower(Recommender):
         self.samples_seen = 0
         bar = tqdm(range(p.epochs), desc=f"train {self.name}", disable=not self.progress, leave=False)
         for epoch in bar:
-            self.net.train()
-            perm = rng.permutation(active)
-            total = 0.0
-            for s in range(0, len(perm), p.batch_size):
-                ub = perm[s:s + p.batch_size]
-                xb = x[ub]
-                self.samples_seen += xb.nnz
-                b = make_batch(xb, rng, p, n_items, full, id_dropout=p.use_ids and self.net.use_content)
-                uf = self.user_feats[ub] if self.user_feats is not None else None
-                loss = self.net(b.hist, b.target, self.feats, uf, cand=b.cand, id_keep=b.id_keep, log_q=log_q)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                total += loss.item() * len(ub)
-            rec = {"epoch": epoch + 1, "loss": total / max(1, len(perm))}
+            rec = {"epoch": epoch + 1, "loss": self._train_epoch(x, active, rng, opt, log_q, full)}
             if data.valid is not None and ((epoch + 1) % p.eval_every == 0 or epoch + 1 == p.epochs):
                 rec["val_ndcg@10"] = self._validate(x, data.valid)
                 if self.on_validate is not None:
@@ -219,6 +205,49 @@ class TwoTower(Recommender):
         else:
             self.best_epoch = len(self.history_)
         self.best_val = best
+        self._freeze()
+        return self
+
+    def _train_epoch(self, x: sp.csr_matrix, active: np.ndarray, rng: np.random.Generator, opt, log_q: torch.Tensor,
+                     full: bool) -> float:
+        """One pass over the active users in random batches; returns the mean loss."""
+        p = self.params
+        self.net.train()
+        perm = rng.permutation(active)
+        total = 0.0
+        for s in range(0, len(perm), p.batch_size):
+            ub = perm[s:s + p.batch_size]
+            xb = x[ub]
+            self.samples_seen += xb.nnz
+            b = make_batch(xb, rng, p, x.shape[1], full, id_dropout=p.use_ids and self.net.use_content)
+            uf = self.user_feats[ub] if self.user_feats is not None else None
+            loss = self.net(b.hist, b.target, self.feats, uf, cand=b.cand, id_keep=b.id_keep, log_q=log_q)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(ub)
+        return total / max(1, len(perm))
+
+    def finetune(self, data: TrainData, epochs: int = 2, lr: float | None = None) -> TwoTower:
+        """Continue training the fitted network on `data` (same catalogue; users may differ: the user tower is
+        history-encoded, so rows are just histories) for a few epochs — the incremental update of
+        rentalml.training.incremental. No early stopping: the caller evaluates and registers a challenger."""
+        p = self.params
+        if data.n_items != self.net.n_items:
+            raise ValueError(f"fine-tuning needs the trained catalogue ({self.net.n_items} items), got {data.n_items}")
+        rng = np.random.default_rng(data.seed)
+        torch.manual_seed(data.seed)
+        x = data.binary()
+        self.user_feats = (torch.from_numpy(data.user_features.astype(np.float32))
+                           if data.user_features is not None else None)
+        opt = torch.optim.Adam(self.net.parameters(), lr=lr or p.lr * 0.3, weight_decay=p.weight_decay)
+        pop = np.asarray(x.sum(0)).ravel() + 1.0
+        log_q = torch.from_numpy(np.log(pop / pop.sum()).astype(np.float32))
+        active = np.flatnonzero(np.diff(x.indptr) > 0)
+        self.samples_seen = getattr(self, "samples_seen", 0)
+        for epoch in range(epochs):
+            loss = self._train_epoch(x, active, rng, opt, log_q, data.n_items <= p.full_softmax_limit)
+            self.history_.append({"epoch": len(self.history_) + 1, "loss": loss, "finetune": epoch + 1})
         self._freeze()
         return self
 

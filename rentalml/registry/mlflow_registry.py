@@ -74,8 +74,10 @@ def _run_metric(client, run_id: str, key: str) -> float | None:
 
 
 def register(run_id: str, *, model_name: str | None = None, gate_metric: str = GATE_METRIC, margin: float = 0.0,
-             settings: Settings | None = None) -> dict:
-    """Register the run's bundle as a new version; champion moves only if it beats the champion by `margin`.
+             settings: Settings | None = None, promote: bool = True) -> dict:
+    """Register the run's bundle as a new version; champion moves only if it beats the champion by `margin`
+    (and `promote` allows it: with promote=False the version always becomes the challenger, e.g. an
+    incremental fine-tune that must win an A/B test first; with no champion yet it still becomes champion).
 
     Returns {"version", "promoted", "alias", "candidate", "champion_before"}.
     """
@@ -101,7 +103,8 @@ def register(run_id: str, *, model_name: str | None = None, gate_metric: str = G
         champ_metric = _run_metric(client, champ.run_id, gate_metric)
     except mlflow.exceptions.MlflowException:
         champ, champ_metric = None, None
-    promoted = champ is None or (cand is not None and (champ_metric is None or cand > champ_metric + margin))
+    promoted = champ is None or (promote and cand is not None and (champ_metric is None or
+                                                                  cand > champ_metric + margin))
     alias = "champion" if promoted else "challenger"
     client.set_registered_model_alias(name, alias, mv.version)
     client.set_model_version_tag(name, mv.version, gate_metric, str(cand))
