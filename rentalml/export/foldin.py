@@ -165,6 +165,18 @@ class LiveCatalogue:
         return s, proxy
 
 
+def user_features_of(bundle, user_ids: list[str]) -> np.ndarray | None:
+    """The bundle's user-feature rows for known users, zeros for users it has never seen (as in training, a
+    user without a profile)."""
+    if not bundle.user_feature_dim:
+        return None
+    out = np.zeros((len(user_ids), bundle.user_feature_dim), np.float32)
+    if bundle.user_features is not None:
+        pos = bundle.user_index.get_indexer(list(user_ids))
+        out[pos >= 0] = bundle.user_features[pos[pos >= 0]]
+    return out
+
+
 def merged_histories(bundle, user_ids: list[str], recent: Callable[[str], list[str]] | None,
                      live: LiveCatalogue | None = None) -> list[np.ndarray]:
     """Training history + recent streamed interactions, in bundle index space (oldest → newest, distinct).
@@ -204,11 +216,12 @@ def recommend_live(bundle, user_ids: list[str], k: int = 10, recent: Callable[[s
     warm = [i for i, h in enumerate(hist) if len(h)]
     ids, scores, sources = base.property_ids.copy(), base.scores.copy(), list(base.sources)
     if warm:
-        idx, sc = bundle.score_histories([hist[i] for i in warm], k)
+        uf = user_features_of(bundle, [user_ids[i] for i in warm])
+        idx, sc = bundle.score_histories([hist[i] for i in warm], k, uf)
         wid = np.where(idx >= 0, bundle.property_ids[np.clip(idx, 0, None)], "").astype(object)
         if live is not None and len(live):
             padded = pad_histories([hist[i] for i in warm], bundle.n_items, bundle.history_len)
-            new_sc, _ = live.scores(padded)
+            new_sc, _ = live.scores(padded, uf)
             seen = [set(recent(user_ids[i]) or []) if recent else set() for i in warm]
             for r in range(len(warm)):
                 mask = np.isin(live.ids, list(seen[r]))
