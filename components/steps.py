@@ -41,8 +41,9 @@ def _write_json(path: str | Path, doc) -> None:
 
 # ------------------------------------------------------------------------------------------ ingest
 def ingest(source: str, out_dir: str | Path) -> dict:
-    """Load the source (synthetic[:u,p,e,seed] | CSV | parquet file or dir | sql:<table or SELECT>) and save it
-    as parquet tables. Returns the summary with the content hash (`snapshot`)."""
+    """Load the source (synthetic[:u,p,e,seed] | CSV | parquet file or dir | `db`, the database of record from
+    the settings | sql:<table or SELECT> | a database URL) and save it as parquet tables. Returns the summary
+    with the content hash (`snapshot`); `source` in it never shows a password."""
     from rentalml.data.loaders import load_dataset
 
     ds = load_dataset(source)
@@ -79,20 +80,28 @@ def validate(dataset_dir: str | Path, report_html: str | Path, *, reference_dir:
 
 # ------------------------------------------------------------------------------------------ features
 def build_features(dataset_dir: str | Path, out_dir: str | Path) -> list[str]:
-    """Local feature tables for now (Feast later): the property and user tables the encoders use, written
-    next to the interactions with their encoder description. Returns the feature view names (lineage)."""
+    """The property and user tables the encoders use, written next to the interactions with their encoder
+    description. With `feast.training` set, the property attributes come from the Feast store, point in time at
+    the snapshot's end (offline tables rebuilt, definitions applied, online store refreshed), and the Feast views
+    lead the returned names as `view:version`. Returns the feature view names (lineage)."""
     from rentalml.data.features import FeatureEncoder
 
     ds = _load(dataset_dir)
+    feast_views: list[str] = []
+    if get_settings().feast.training:
+        from rentalml.features.store import dataset_with_features
+
+        ds, feast_views = dataset_with_features(ds)
     ds.save(out_dir)
-    views, encoders = [], {}
+    views, encoders = list(feast_views), {}
     for view, table in (("property_features", ds.items), ("user_features", ds.users)):
         if table is not None and len(table.columns):
             enc = FeatureEncoder.fit(table)
             if enc.dim:
                 views.append(view)
                 encoders[view] = {"dim": int(enc.dim), "rows": int(len(table)), "encoder": enc.to_dict()}
-    _write_json(Path(out_dir) / "features.json", {"views": views, "source": "local", "encoders": encoders})
+    _write_json(Path(out_dir) / "features.json", {"views": views, "source": "feast" if feast_views else "local",
+                                                  "encoders": encoders})
     return views
 
 

@@ -39,6 +39,10 @@ class StreamSettings(BaseModel):
     dedupe_margin_s: int = 3600
     #: recent distinct properties kept per user (user taste, `recent_history`)
     history_len: int = 50
+    #: recent interactions kept per user for the user_taste features (30-day window, as the batch table)
+    taste_events: int = 200
+    #: also append the pushed rows to the Feast offline store (parquet); off: the batch tables are rebuilt
+    push_offline: bool = False
     #: Redis key prefix of the stream state store
     key_prefix: str = "rentalml:stream"
 

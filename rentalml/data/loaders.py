@@ -219,49 +219,35 @@ def load_parquet(path: str | Path, name: str | None = None) -> Dataset:
 
 
 def load_sql(source: str = "interactions", url: str | None = None, items_table: str = "properties",
-             users_table: str = "users") -> Dataset:
+             users_table: str = "users", name: str = "sql") -> Dataset:
     """Interactions from a SQL database: `source` is a table name or a SELECT statement (columns as for
     `load_csv`); the `properties`/`users` tables are read as feature tables when they exist.
 
     The URL defaults to the database of record (settings: RENTALML_DATABASE_URL, which a Kubernetes secret
-    provides in the cluster), so credentials never appear in a dataset spec.
+    provides in the cluster), so credentials never appear in a dataset spec. One reader for every SQL source:
+    `rentalml.db.store.load_from_db`.
     """
-    import sqlalchemy as sa
+    from rentalml.db.store import load_from_db
 
-    if url is None:
-        from rentalml.config import get_settings
+    return load_from_db(url, source=source, items_table=items_table, users_table=users_table, name=name)
 
-        url = get_settings().db_url
-    engine = sa.create_engine(url)
 
-    def table(conn, name: str) -> pd.DataFrame:
-        return pd.read_sql(sa.select(sa.text("*")).select_from(sa.table(name)), conn)
-
-    try:
-        with engine.connect() as conn:
-            is_query = source.lstrip().lower().startswith(("select", "with"))
-            df = pd.read_sql(sa.text(source), conn) if is_query else table(conn, source)
-            tables = set(sa.inspect(conn).get_table_names())
-            items = table(conn, items_table) if items_table in tables else None
-            users = table(conn, users_table) if users_table in tables else None
-    finally:
-        engine.dispose()
-    if items is not None:
-        items = items.rename(columns=_canonical(items.columns)).rename(columns={"item_id": "property_id"})
-    if "property_id" in df.columns and "item_id" not in df.columns:
-        df = df.rename(columns={"property_id": "item_id"})
-    safe = sa.engine.make_url(url).render_as_string(hide_password=True)
-    return Dataset(_interactions_frame(df, f"sql:{source}"), items, users, name="sql",
-                   meta={"source": f"{safe} {source}"})
+#: SQLAlchemy URL schemes accepted as a dataset spec (the database of record at that URL)
+_SQL_SCHEMES = ("sqlite", "postgresql", "postgres", "mysql", "mariadb", "mssql", "oracle")
 
 
 def load_dataset(spec: str) -> Dataset:
     """"synthetic[:n_users,n_properties,n_events[,seed]]" | "movielens" | "airbnb" | parquet dir | CSV |
-    parquet file | "sql:<table or SELECT>" (database of record from the settings)."""
+    parquet file | "db" or "sql:<table or SELECT>" (the database of record from the settings) | a SQLAlchemy
+    URL such as "postgresql+psycopg://host/db" or "sqlite:///path.db" (a database with the rentalml schema)."""
     spec = str(spec).strip()
     head, _, args = spec.partition(":")
+    if spec == "db":
+        return load_sql("interactions", name="db")
     if head == "sql":
         return load_sql(args.strip() or "interactions")
+    if "://" in spec and head.split("+")[0].lower() in _SQL_SCHEMES:
+        return load_sql("interactions", url=spec, name="db")
     if head == "synthetic":
         from rentalml.data.generator import generate_marketplace
 
@@ -287,4 +273,5 @@ def load_dataset(spec: str) -> Dataset:
         return load_csv(path)
     if path.is_file() and path.name.lower().endswith(".parquet"):
         return load_parquet(path)
-    raise ValueError(f"unknown dataset spec {spec!r}: use synthetic[:u,p,e], movielens, airbnb, a dir or a CSV")
+    raise ValueError(f"unknown dataset spec {spec!r}: use synthetic[:u,p,e], movielens, airbnb, a dir, a CSV, "
+                     "db, sql:<table> or a database URL")

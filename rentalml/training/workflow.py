@@ -50,8 +50,10 @@ def train_and_register(dataset: Dataset, model: str = "hybrid", protocol: str = 
     out = {"model": model, "metrics": metrics, "bundle": str(bundle_dir), "report": str(work / "report"),
            "data_snapshot": meta["data_snapshot"], "seconds": 0.0}
     if register:
+        from rentalml.features.lineage import feature_lineage
+
         lineage = {"data_snapshot": meta["data_snapshot"], "dataset": dataset.name, "protocol": protocol,
-                   "feature_views": feature_views or [], "code_version": meta["code_version"]}
+                   **feature_lineage(feature_views), "code_version": meta["code_version"]}
         run_id = reg.log_training_run(model_type=model, params={**fitted.params, "seed": seed, "k": k},
                                       metrics=metrics, bundle_dir=bundle_dir, report_dir=work / "report",
                                       lineage=lineage, settings=s)
