@@ -1,7 +1,8 @@
-"""`rentalml backup` / `rentalml restore`: a trained registry, the database of record, a feature store (SQLite
-file store and Redis keys) and local state go into one archive; after wiping $RENTALML_HOME a restore serves
-the same top-10 for 100 users (checked in a fresh process, as a restarted server would), also into another
-$RENTALML_HOME; corrupt archives and non-empty targets are refused. PostgreSQL variant for the database."""
+"""`rentalml backup` / `rentalml restore`: a trained registry, the database of record, a real Feast
+feature store (file registry, offline tables, Redis online store) and local state go into one archive; after
+wiping $RENTALML_HOME a restore serves the same top-10 for 100 users (checked in a fresh process, as a restarted
+server would) and the same online features, also into another $RENTALML_HOME; corrupt archives and non-empty
+targets are refused. PostgreSQL variant for the database."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from rentalml.cli import app
 from rentalml.config import get_settings
 from rentalml.db import store
 from rentalml.export.bundle import Bundle
+from rentalml.features import store as fs
 from rentalml.ops import backup as bk
 from rentalml.registry.mlflow_registry import fetch_bundle
 from rentalml.training.workflow import train_and_register
@@ -44,8 +46,6 @@ for home in sys.argv[2:]:
 print(json.dumps(out))
 """
 
-FEAST_KEYS = {b"\x02\x00\x00\x00user_id\x03u_000001rentalml": {b"_ts:user_taste": b"\x08\x01", b"a": b"1"},
-              b"\x02\x00\x00\x00property_id\x03p_000002rentalml": {b"b": b"2"}}
 STREAM_KEY = b"rentalml:stream:seen:e_000001"  # the stream processor's state (settings.stream.key_prefix)
 
 
@@ -63,12 +63,14 @@ def _use_home(mp: pytest.MonkeyPatch, home, **env) -> None:
     get_settings.cache_clear()
 
 
-def _online_rows(path) -> list:
-    con = sqlite3.connect(path)
-    try:
-        return con.execute("SELECT entity_key, feature_name, value FROM rentalml_user_taste ORDER BY 1, 2").fetchall()
-    finally:
-        con.close()
+ONLINE_PROPS = [f"p_{i:06d}" for i in range(1, 21)]
+
+
+def _online(fstore, users, props) -> dict:
+    """Online feature values (Feast get_online_features) for some users and properties, JSON-comparable."""
+    u = fs.online_features(fstore, user_ids=users)
+    p = fs.online_features(fstore, property_ids=props)
+    return json.loads(json.dumps({"users": u.to_dict("records"), "properties": p.to_dict("records")}, default=str))
 
 
 @pytest.fixture(scope="module")
@@ -83,19 +85,15 @@ def deployment(tmp_path_factory, market, redis_url):
         res = train_and_register(market, "collaborative", "random-75-25", 10, 42, dict(FAST_PARAMS))
         assert res["registry"]["alias"] == "champion"
         seeded = store.seed(None, market)
-        # the feature store as the Feast work lays it out: registry file, SQLite online store, Redis keys
-        (home / "feast").mkdir()
-        (home / "feast" / "registry.db").write_bytes(b"\x0a\x08rentalml-registry-proto")
-        con = sqlite3.connect(home / "feast" / "online.db")
-        con.execute("CREATE TABLE rentalml_user_taste (entity_key BLOB, feature_name TEXT, value BLOB)")
-        con.executemany("INSERT INTO rentalml_user_taste VALUES (?, ?, ?)",
-                        [(f"u_{i:06d}".encode(), "median_price", b"%d" % (1000 + i)) for i in range(50)])
-        con.commit()
-        con.close()
+        # a real Feast store: registry file and offline tables under $RENTALML_HOME/feast, online store in Redis
         r = bk._redis_client(redis)
         r.flushdb()
-        for key, mapping in FEAST_KEYS.items():
-            r.hset(key, mapping=mapping)
+        fstore = fs.open_store()
+        fs.build_offline_tables(market, fs.data_dir(fstore))
+        fs.apply(fstore)
+        fs.materialize(fstore, fs.dataset_end(market))
+        feast_keys = len(r.keys(b"*"))
+        assert feast_keys > 0
         r.set(STREAM_KEY, b"1", ex=3600)
         r.set(b"other-app-key", b"not ours")
         (home / "validation").mkdir()
@@ -105,7 +103,8 @@ def deployment(tmp_path_factory, market, redis_url):
         champion = Bundle(fetch_bundle("champion"))
         before = {"version": champion.model_version,
                   "top10": champion.recommend(users, k=10).property_ids.tolist(),
-                  "db": store.stats()["rows"], "online": _online_rows(home / "feast" / "online.db")}
+                  "db": store.stats()["rows"], "online": _online(fs.open_store(), users[:20], ONLINE_PROPS),
+                  "feast_keys": feast_keys}
         archive = base / "rentalml.tar.gz"
         out = runner.invoke(app, ["backup", "--out", str(archive)])
         assert out.exit_code == 0, out.output
@@ -121,9 +120,11 @@ def test_archive_has_a_checksummed_manifest_of_every_component(deployment):
     names = {c["name"]: c for c in manifest["components"]}
     assert set(names) == {"mlflow-backend", "mlflow-artifacts", "database", "feast", "feast-redis", "state"}
     assert names["mlflow-backend"]["kind"] == names["database"]["kind"] == "sqlite"
-    assert names["feast-redis"]["keys"] == len(FEAST_KEYS) + 1  # the project's and the stream state's keys only
+    # the project's and the stream state's keys only
+    assert names["feast-redis"]["keys"] == deployment["before"]["feast_keys"] + 1
     feast_files = {m["path"] for m in names["feast"]["members"]}
-    assert feast_files == {"feast/files/registry.db", "feast/files/online.db"}
+    assert "feast/files/registry.db" in feast_files
+    assert {"feast/files/data/property_attributes.parquet", "feast/files/data/user_taste.parquet"} <= feast_files
     assert any(m["path"].endswith("bundle.json") for m in names["mlflow-artifacts"]["members"])
     state = {m["path"] for m in names["state"]["members"]}
     assert "state/files/validation/accepted.json" in state
@@ -137,8 +138,8 @@ def test_wipe_then_restore_serves_identical_recommendations(deployment):
     home, archive, before = deployment["home"], deployment["archive"], deployment["before"]
     shutil.rmtree(home)  # everything gone: registry, artifacts, database, feature store, state
     r = bk._redis_client(deployment["redis"])
-    for key in [*FEAST_KEYS, STREAM_KEY]:
-        r.delete(key)
+    r.delete(*[k for k in r.keys(b"*") if k != b"other-app-key"])  # the online store and stream state gone too
+    assert r.dbsize() == 1
     get_settings.cache_clear()
     out = runner.invoke(app, ["restore", str(archive)])
     assert out.exit_code == 0, out.output
@@ -168,11 +169,9 @@ def test_wipe_then_restore_serves_identical_recommendations(deployment):
         assert after[where]["top10"] == before["top10"]  # identical top-10 for 100 users
     assert len(before["top10"]) == N_USERS and all(len(t) == 10 and t[0] for t in before["top10"])
     assert store.stats()["rows"] == before["db"] == {"interactions": 8000, "properties": 200, "users": 400}
-    assert _online_rows(home / "feast" / "online.db") == before["online"]
-    assert (home / "feast" / "registry.db").read_bytes() == b"\x0a\x08rentalml-registry-proto"
+    get_settings.cache_clear()
+    assert _online(fs.open_store(), deployment["users"][:20], ONLINE_PROPS) == before["online"]  # Feast reads back
     assert (home / "validation" / "accepted.json").read_text() == '{"snapshot": "abc"}'
-    for key, mapping in FEAST_KEYS.items():
-        assert r.hgetall(key) == mapping
     assert r.get(STREAM_KEY) == b"1" and 0 < r.ttl(STREAM_KEY) <= 3600  # the expiry survives too
     r.close()
 
