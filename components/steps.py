@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 
 from rentalml.config import get_settings
+from rentalml.monitoring.training_metrics import push as push_training_metrics
+from rentalml.monitoring.training_metrics import timed_step
 
 #: the demo marketplace of `make demo` (users, properties, events, seed)
 DEMO_SOURCE = "synthetic:2000,1000,50000,42"
@@ -40,6 +42,7 @@ def _write_json(path: str | Path, doc) -> None:
 
 
 # ------------------------------------------------------------------------------------------ ingest
+@timed_step("ingest")
 def ingest(source: str, out_dir: str | Path) -> dict:
     """Load the source (synthetic[:u,p,e,seed] | CSV | parquet file or dir | `db`, the database of record from
     the settings | sql:<table or SELECT> | a database URL) and save it as parquet tables. Returns the summary
@@ -56,6 +59,7 @@ class DataValidationError(RuntimeError):
     """Bad data: the message is the readable validation report."""
 
 
+@timed_step("validate")
 def validate(dataset_dir: str | Path, report_html: str | Path, *, reference_dir: str | Path | None = None,
              psi_error: float = 0.25, accept: bool = True) -> dict:
     """Schema + statistics + drift against the last accepted snapshot (under $RENTALML_HOME/validation by
@@ -79,6 +83,7 @@ def validate(dataset_dir: str | Path, report_html: str | Path, *, reference_dir:
 
 
 # ------------------------------------------------------------------------------------------ features
+@timed_step("build_features")
 def build_features(dataset_dir: str | Path, out_dir: str | Path) -> list[str]:
     """The property and user tables the encoders use, written next to the interactions with their encoder
     description. With `feast.training` set, the property attributes come from the Feast store, point in time at
@@ -106,6 +111,7 @@ def build_features(dataset_dir: str | Path, out_dir: str | Path) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------ tune
+@timed_step("tune")
 def tune(dataset_dir: str | Path, model: str, protocol: str, seed: int, trials: int,
          base_params: dict | None = None) -> dict:
     """Optuna over the shared search space on a validation split of the protocol's train part; trials=0
@@ -123,6 +129,7 @@ def tune(dataset_dir: str | Path, model: str, protocol: str, seed: int, trials: 
 
 
 # ------------------------------------------------------------------------------------------ train
+@timed_step("train")
 def train(dataset_dir: str | Path, model: str, protocol: str, seed: int, params: dict,
           eval_model_path: str | Path, model_path: str | Path) -> dict:
     """Fit on the protocol's train split (validation carve-out, early stopping; `eval_model`, what evaluate
@@ -161,6 +168,7 @@ def champion_metric(metric: str = "ndcg_at_10") -> tuple[str | None, float | Non
     return version, client.get_run(mv.run_id).data.metrics.get(metric)
 
 
+@timed_step("evaluate")
 def evaluate(dataset_dir: str | Path, eval_model_path: str | Path, protocol: str, seed: int, k: int,
              report_dir: str | Path) -> dict:
     """Metrics of the candidate on the protocol's test split (core evaluator) and the HTML report."""
@@ -176,6 +184,8 @@ def evaluate(dataset_dir: str | Path, eval_model_path: str | Path, protocol: str
     curves = {fitted.name: fitted.training_curve}
     write_report({"dataset": ds.name, "protocol": protocol, "k": k, "seed": seed, "models": {fitted.name: metrics}},
                  report_dir, curves)
+    if f"ndcg@{k}" in metrics:
+        push_training_metrics("evaluate", ndcg_at_10=float(metrics[f"ndcg@{k}"]), model=fitted.name)
     return metrics
 
 
@@ -198,6 +208,7 @@ def gate(metrics: dict, k: int, margin: float) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ export
+@timed_step("export")
 def export(dataset_dir: str | Path, model_path: str | Path, bundle_dir: str | Path, metrics: dict,
            feature_views: list[str], sample_users: int = 200, k: int = 10) -> dict:
     """The model bundle: scorer.onnx (top-k in the graph) and the int8-quantized variant, id maps, cold-start
@@ -230,6 +241,7 @@ def export(dataset_dir: str | Path, model_path: str | Path, bundle_dir: str | Pa
 
 
 # ------------------------------------------------------------------------------------------ register
+@timed_step("register")
 def register(bundle_dir: str | Path, report_dir: str | Path | None, *, model: str, params: dict, metrics: dict,
              snapshot: str, dataset_name: str, feature_views: list[str], protocol: str, seed: int, k: int,
              margin: float, pipeline_run: str = "") -> dict:
@@ -248,6 +260,7 @@ def register(bundle_dir: str | Path, report_dir: str | Path | None, *, model: st
                                   bundle_dir=Path(bundle_dir), report_dir=Path(report_dir) if report_dir else None,
                                   lineage=lineage, settings=s, run_name=f"pipeline-{model}")
     result = reg.register(run_id, gate_metric=reg.metric_key(f"ndcg@{k}"), margin=margin, settings=s)
+    push_training_metrics("register", success=True, settings=s)
     client = reg.configure(s)
     mv = client.get_model_version(s.model_name, result["version"])
     return {**result, "run_id": run_id, "model_name": s.model_name, "model_uri": mv.source,

@@ -141,9 +141,22 @@ def start_postgres(port: int | None = None, db: str = "rentalml") -> Service:
 
 @contextlib.contextmanager
 def running(kind: str, **kw) -> Iterator[Service]:
-    starter = {"tansu": start_tansu, "redis": start_redis, "postgres": start_postgres}[kind]
+    starter = {"tansu": start_tansu, "redis": start_redis, "postgres": start_postgres,
+               "pushgateway": start_pushgateway}[kind]
     svc = starter(**kw)
     try:
         yield svc
     finally:
         svc.stop()
+
+
+def start_pushgateway(port: int | None = None) -> Service:
+    """A Prometheus Pushgateway (Debian package prometheus-pushgateway) on loopback."""
+    binary = shutil.which("prometheus-pushgateway") or shutil.which("pushgateway")
+    if binary is None:
+        raise ServiceUnavailable("prometheus-pushgateway is not installed (Debian package prometheus-pushgateway)")
+    port = port or free_port()
+    proc = subprocess.Popen([binary, f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    wait_port(port, proc=proc)
+    return Service("pushgateway", f"http://127.0.0.1:{port}", port, proc)

@@ -87,3 +87,10 @@ def postgres_url():
     svc = _service("postgres")
     yield svc.url
     svc.stop()
+
+
+@pytest.fixture(scope="session")
+def pushgateway_url():
+    svc = _service("pushgateway")
+    yield svc.url
+    svc.stop()

@@ -120,3 +120,34 @@ def test_drift_injection_triggers_a_retraining_run(bundle_dir, market, tmp_path)
     run_tags = client.get_run(versions[0].run_id).data.tags
     assert run_tags["lineage.data_snapshot"] == Dataset.load(batch).snapshot_hash()
     assert pd.notna(versions[0].version)
+
+
+def test_pipeline_steps_push_training_metrics(pushgateway_url, market, tmp_path, monkeypatch):
+    """The pipeline steps push ml_training_* (the training dashboard, the stale-training alert) to a real
+    Pushgateway, and keep a textfile copy locally."""
+    import httpx
+    from rentalml.components import steps
+
+    from rentalml.config import get_settings
+
+    monkeypatch.setenv("RENTALML_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("RENTALML_MONITOR__PUSHGATEWAY_URL", pushgateway_url)
+    get_settings.cache_clear()
+    try:
+        data = tmp_path / "data"
+        market.save(data)
+        res = steps.train(data, "popularity", "random-75-25", 42, {}, tmp_path / "eval.pkl", tmp_path / "model.pkl")
+        assert res["params"] is not None
+        metrics = steps.evaluate(data, tmp_path / "eval.pkl", "random-75-25", 42, 10, tmp_path / "report")
+        from rentalml.monitoring.training_metrics import push
+
+        push("register", success=True)
+    finally:
+        get_settings.cache_clear()
+    text = httpx.get(f"{pushgateway_url}/metrics").text
+    assert 'ml_training_step_duration_seconds{instance="",job="rentalml-training",step="train"}' in text
+    assert 'step="evaluate"' in text
+    line = next(x for x in text.splitlines() if x.startswith("ml_training_ndcg_at_10{"))
+    assert 'model="popularity"' in line and float(line.rsplit(" ", 1)[1]) == pytest.approx(metrics["ndcg@10"])
+    assert "ml_training_last_success_timestamp_seconds{" in text
+    assert (tmp_path / "home" / "monitoring" / "training-train-duration.prom").exists()
