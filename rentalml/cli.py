@@ -146,6 +146,8 @@ def export(
     out: Path = typer.Option(Path(".rentalml/export"), help="bundle directory"),
     seed: int = 42,
     params: str = "{}",
+    triton: Path | None = typer.Option(None, "--triton", help="also write a validated Triton model repository here"),
+    gpu: bool = typer.Option(False, "--gpu", help="--triton: KIND_GPU instances + TensorRT accelerator (fp16)"),
 ) -> None:
     """Fit on all data and write a model bundle (scorer.onnx with top-k in the graph, int8 variant)."""
     from rentalml.export.bundle import write_bundle
@@ -154,6 +156,26 @@ def export(
     ds = _dataset(data)
     fitted = fit_model(model, ds, params=json.loads(params), seed=seed)
     typer.echo(str(write_bundle(fitted, ds, out)))
+    if triton is not None:
+        from rentalml.export.cli import triton_repo
+
+        typer.echo(json.dumps(triton_repo(out, triton, gpu=gpu)))
+
+
+@app.command()
+def finetune(
+    recent: str = typer.Option(..., help="recent interactions: a dataset spec (dir, 'db', SQL URL, CSV...)"),
+    window_days: float = typer.Option(7.0, help="only the last N days of --recent (0 = all)"),
+    epochs: int = typer.Option(2, min=1, help="fine-tuning epochs"),
+    seed: int = 42,
+) -> None:
+    """Incremental learning: fine-tune the champion on the recent window and register it as the challenger
+    (it becomes champion only through the A/B test)."""
+    from rentalml.data.loaders import load_dataset
+    from rentalml.training.incremental import finetune_champion
+
+    res = finetune_champion(load_dataset(recent), window_days=window_days or None, epochs=epochs, seed=seed)
+    typer.echo(json.dumps(res, indent=2, default=str))
 
 
 @app.command()

@@ -33,6 +33,8 @@ class StreamSettings(BaseModel):
     group_id: str = "rentalml-stream"
     batch_size: int = 2000
     poll_timeout_ms: int = 100
+    #: how long the broker may hold a fetch waiting for data (kafka-python default 500 ms adds to freshness)
+    fetch_max_wait_ms: int = 50
     #: events older than (max event time seen - allowed_lateness_s) go to dead_letter as "late event"
     allowed_lateness_s: int = 3600
     #: event ids are remembered this long beyond the lateness bound (event time) to recognise redeliveries

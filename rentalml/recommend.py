@@ -206,7 +206,7 @@ class LocalStages:
              user_features: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         if self.two_stage is not None:
             feed = self._feed({"history": history, "candidates": candidates}, user_features, len(history))
-            return self.two_stage._session("ranker").run(None, feed)
+            return self.two_stage.rank(history, candidates, feed.get("user_features"))
         # one-graph models: the scorer's order over the whole catalogue, restricted to the candidates
         feed = self._feed({"history": history, "k": np.array([self.n_items], np.int64)}, user_features,
                           len(history))

@@ -3,6 +3,9 @@
 Layout of a bundle directory:
   bundle.json          format version, model name/version, created_at, data snapshot hash, feature views,
                        metrics, code version, graph interface (n_items, history_len, user_feature_dim)
+  foldin.onnx          never-seen properties scored by the content tower (rentalml.export.foldin), when the
+                       model has one
+  checkpoint.pkl       the trained model (Fitted) for incremental fine-tuning; not read by serving
   drift_reference.json per-feature and model-score distributions of the training data (rentalml.monitoring)
   scorer.onnx          history → top-k (see rentalml.export.onnx_export); scorer.int8.onnx when quantized
   retrieval.onnx       two-stage serving, models with a two-tower part (rentalml.export.two_stage): history →
@@ -60,8 +63,8 @@ def _histories(fitted, dataset) -> list[np.ndarray]:
 
 def write_bundle(fitted, dataset, out_dir: str | Path, *, model_name: str = "rental-recommender",
                  model_version: str = "0", metrics: dict | None = None, feature_views: list[str] | None = None,
-                 quantize: bool = True, drift_reference: bool = True, n_candidates: int | None = None,
-                 ann_min_items: int | None = None) -> Path:
+                 quantize: bool = True, drift_reference: bool = True, checkpoint: bool = True,
+                 n_candidates: int | None = None, ann_min_items: int | None = None) -> Path:
     from rentalml.config import get_settings
     from rentalml.export.onnx_export import quantize_int8
     from rentalml.export.two_stage import export_two_stage
@@ -123,6 +126,18 @@ def write_bundle(fitted, dataset, out_dir: str | Path, *, model_name: str = "ren
     if two_stage:
         meta["two_stage"] = two_stage
     (out / "bundle.json").write_text(json.dumps(meta, indent=2, default=str))
+    from rentalml.export.foldin import export_foldin
+
+    if export_foldin(fitted, out / "foldin.onnx", HISTORY_LEN) is not None:
+        meta["foldin"] = {"file": "foldin.onnx", "inputs": ["history", "new_features"], "outputs": ["scores", "proxy"]}
+        (out / "bundle.json").write_text(json.dumps(meta, indent=2, default=str))
+    if checkpoint:
+        import pickle
+
+        # the trained model itself, for incremental fine-tuning (rentalml.training.incremental); serving never
+        # reads it
+        with open(out / "checkpoint.pkl", "wb") as fh:
+            pickle.dump(fitted, fh)
     if drift_reference:
         from rentalml.monitoring.drift import write_reference
 

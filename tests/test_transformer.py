@@ -1,0 +1,82 @@
+"""The cluster split, run for real on loopback: a v2 predictor serving the Triton model repository (the
+stand-in for Triton: same repository, same config.pbtxt contract, same protocol) and the transformer side
+(`RemoteStages`) driving the core two-stage recommendation over it. Results equal the in-process stages."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import httpx
+import numpy as np
+import pytest
+
+from rentalml.export.bundle import Bundle, write_bundle
+from rentalml.export.triton import write_triton_repo
+from rentalml.recommend import Filters, recommend
+from rentalml.services import free_port, wait_port
+
+
+@pytest.fixture(scope="module")
+def bundle(market, fit, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tr") / "b"
+    write_bundle(fit("hybrid"), market, out, quantize=False)
+    return Bundle(out)
+
+
+@pytest.fixture(scope="module")
+def predictor(bundle, tmp_path_factory):
+    repo = write_triton_repo(bundle.path, tmp_path_factory.mktemp("repo") / "models")
+    http, grpc = free_port(), free_port()
+    code = ("from rentalml.inference.predictor import serve_repository; "
+            f"serve_repository({str(repo)!r}, {http}, {grpc})")
+    env = {**os.environ, "KSERVE_LOGLEVEL": "WARNING", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        wait_port(http, timeout=60, proc=proc)
+        url = f"http://127.0.0.1:{http}"
+        for _ in range(100):
+            if httpx.get(f"{url}/v2/models/rental-ranker/ready").status_code == 200:
+                break
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+def test_predictor_serves_the_repository_models(predictor):
+    for name in ("rental-retrieval", "rental-ranker", "rental-scorer"):
+        meta = httpx.get(f"{predictor}/v2/models/{name}")
+        assert meta.status_code == 200, name
+        assert httpx.get(f"{predictor}/v2/models/{name}/ready").status_code == 200
+
+
+def test_remote_stages_equal_local(bundle, predictor):
+    from rentalml.inference.predictor import RemoteStages
+
+    stages = RemoteStages(predictor, bundle.n_items)
+    users = list(bundle.user_index[:30]) + ["u_brand_new"]
+    local = recommend(bundle, users, 10, filters=Filters(budget=2000))
+    remote = recommend(bundle, users, 10, filters=Filters(budget=2000), stages=stages, n_candidates=50)
+    local50 = recommend(bundle, users, 10, filters=Filters(budget=2000), n_candidates=50)
+    assert (remote.property_ids == local50.property_ids).all()
+    np.testing.assert_allclose(remote.scores, local50.scores, rtol=1e-4, atol=1e-4)
+    assert remote.sources == local.sources and remote.sources[-1] == "cold_start"
+
+
+def test_predictor_rejects_bad_tensors_naming_them(bundle, predictor):
+    url = f"{predictor}/v2/models/rental-ranker/infer"
+    body = {"inputs": [{"name": "history", "shape": [1, 3], "datatype": "INT64", "data": [1, 2, 3]}]}
+    r = httpx.post(url, json=body, headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and "history" in r.text
+    hist = np.full((1, bundle.history_len), bundle.n_items).ravel().tolist()
+    body = {"inputs": [{"name": "history", "shape": [1, bundle.history_len], "datatype": "FP32", "data": hist}]}
+    r = httpx.post(url, json=body, headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and "datatype" in r.text
+    body = {"inputs": [{"name": "history", "shape": [1, bundle.history_len], "datatype": "INT64", "data": hist}]}
+    r = httpx.post(url, json=body, headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and "candidates" in r.text
+    # and it keeps serving
+    assert httpx.get(f"{predictor}/v2/models/rental-ranker/ready").status_code == 200
