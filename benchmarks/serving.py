@@ -6,12 +6,17 @@ Measures, for top-k (k=10) recommendations of one known user per request:
   v2 REST     `rentalml serve`, tritonclient.http (binary tensors)
   v2 gRPC     `rentalml serve`, tritonclient.grpc
   /predict    `rentalml serve`, friendly JSON API via httpx
-p50/p99 latency at concurrency 1 (--requests sequential requests after a warm-up), and requests/s with
---concurrency client threads (each with its own client) bounded by --load-requests and --load-seconds.
-The server's per-user cache is switched off (RENTALML_SERVE__CACHE_SIZE=0) so every request runs the model,
-comparable with the floor. Writes benchmarks/results/serving.json and prints a markdown table.
+p50/p95/p99 latency at concurrency 1 (--requests sequential requests after a warm-up), and requests/s with
+--concurrency client threads (each with its own client) bounded by --load-requests and --load-seconds; the load
+generator is `rentalml loadtest`'s (rentalml.inference.loadtest).
+First with the server's recommendation cache switched off (RENTALML_SERVE__CACHE_SIZE=0) so every request runs
+the model, comparable with the floor; then ("cache hit" rows) a second server with the default in-process cache
+and requests drawn from --hit-users warmed users, i.e. what a repeat visitor costs. Impression logging is on
+(file sink, RENTALML_SERVE__LOG_IMPRESSIONS=always, as during an A/B test) in both.
+Writes benchmarks/results/serving.json and prints a markdown table.
 
-    python benchmarks/serving.py [--requests 500] [--concurrency 8] [--load-requests 2000] [--load-seconds 30]
+    python benchmarks/serving.py [--requests 500] [--concurrency 8] [--load-requests 2000] [--load-seconds 30] \
+        [--workers 1] [--hit-users 200]
 """
 
 from __future__ import annotations
@@ -25,7 +30,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -55,115 +59,8 @@ def build_bundle(out: Path, users: int, properties: int, events: int, epochs: in
     return path, info
 
 
-def stats(lat_s: list[float]) -> dict:
-    a = np.asarray(lat_s) * 1000
-    return {"n": int(a.size), "p50_ms": round(float(np.percentile(a, 50)), 3),
-            "p99_ms": round(float(np.percentile(a, 99)), 3), "mean_ms": round(float(a.mean()), 3)}
-
-
-def sequential(call, users: list[str], n: int, warmup: int = 50) -> dict:
-    for u in users[:warmup]:
-        call(u)
-    lat = []
-    for i in range(n):
-        u = users[(warmup + i) % len(users)]
-        t0 = time.perf_counter()
-        call(u)
-        lat.append(time.perf_counter() - t0)
-    return stats(lat)
-
-
-def concurrent(make_call, users: list[str], threads: int, total: int, max_seconds: float) -> dict:
-    """`threads` workers, each with its own client (make_call() → call), share `total` requests / max_seconds."""
-    lock = threading.Lock()
-    counter = {"next": 0}
-    lat: list[float] = []
-    errors = []
-    start = threading.Barrier(threads + 1)
-    clock = {"deadline": float("inf")}
-
-    def worker():
-        # the client is built and warmed inside its own thread: tritonclient.http runs on gevent greenlets,
-        # which cannot be used from another thread than the one that created them
-        mine, call = [], None
-        try:
-            call = make_call()
-            call(users[0])
-        except Exception as exc:
-            errors.append(repr(exc))
-            call = None
-        start.wait()
-        while call is not None and time.perf_counter() < clock["deadline"]:
-            with lock:
-                i = counter["next"]
-                if i >= total:
-                    break
-                counter["next"] += 1
-            t0 = time.perf_counter()
-            try:
-                call(users[i % len(users)])
-            except Exception as exc:  # recorded, not fatal
-                errors.append(repr(exc))
-                continue
-            mine.append(time.perf_counter() - t0)
-        with lock:
-            lat.extend(mine)
-
-    ts = [threading.Thread(target=worker) for _ in range(threads)]
-    for t in ts:
-        t.start()
-    start.wait()
-    t0 = time.perf_counter()
-    clock["deadline"] = t0 + max_seconds
-    for t in ts:
-        t.join()
-    wall = time.perf_counter() - t0
-    out = {"threads": threads, "requests": len(lat), "seconds": round(wall, 2),
-           "rps": round(len(lat) / wall, 1), **{f"load_{k}": v for k, v in stats(lat).items() if k != "n"}}
-    if errors:
-        out["errors"] = len(errors)
-        out["first_error"] = errors[0]
-    return out
-
-
-# ---- clients -------------------------------------------------------------------------------------------
-def _v2(client_module: str):
-    """A v2 client factory over tritonclient.http or tritonclient.grpc (same API, different transport)."""
-
-    def factory(port: int, k: int):
-        import importlib
-
-        tc = importlib.import_module(client_module)
-        c = tc.InferenceServerClient(f"127.0.0.1:{port}")
-        kin = tc.InferInput("k", [1], "INT32")
-        kin.set_data_from_numpy(np.array([k], dtype=np.int32))
-
-        def call(user: str):
-            inp = tc.InferInput("user_id", [1], "BYTES")
-            inp.set_data_from_numpy(np.array([user], dtype=object))
-            r = c.infer(MODEL, [inp, kin])
-            assert r.as_numpy("property_id").shape == (1, k)
-
-        return call
-
-    return factory
-
-
-http_v2 = _v2("tritonclient.http")
-grpc_v2 = _v2("tritonclient.grpc")
-
-
-def friendly(port: int, k: int):
-    import httpx
-
-    c = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
-
-    def call(user: str):
-        r = c.post("/predict", json={"user_id": user, "num_recommendations": k})
-        r.raise_for_status()
-        assert len(r.json()["recommendations"]) == k
-
-    return call
+# one load generator for `rentalml loadtest` and this benchmark
+from rentalml.inference.loadtest import concurrent, friendly, grpc_v2, http_v2, sequential  # noqa: E402
 
 
 def in_process(bundle, k: int):
@@ -175,12 +72,15 @@ def in_process(bundle, k: int):
 
 
 # ---- server --------------------------------------------------------------------------------------------
-def start_server(bundle: Path, log: Path, workers: int) -> tuple[subprocess.Popen, int, int]:
+def start_server(bundle: Path, log: Path, workers: int, cache: bool = False) -> tuple[subprocess.Popen, int, int]:
     import tritonclient.grpc as grpcclient
     import tritonclient.http as httpclient
 
     http_port, grpc_port = free_port(), free_port()
-    env = {**os.environ, "KSERVE_LOGLEVEL": "WARNING", "RENTALML_SERVE__CACHE_SIZE": "0"}
+    env = {**os.environ, "KSERVE_LOGLEVEL": "WARNING", "RENTALML_HOME": str(log.parent / "home"),
+           "RENTALML_SERVE__LOG_IMPRESSIONS": "always"}  # the cost of A/B logging is part of the figure
+    if not cache:
+        env["RENTALML_SERVE__CACHE_SIZE"] = "0"
     cmd = [sys.executable, "-c", "from rentalml.cli import app; app()", "serve", "--bundle", str(bundle),
            "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--workers", str(workers)]
     fh = open(log, "wb")  # noqa: SIM115 - lives as long as the server
@@ -239,6 +139,7 @@ def main() -> None:
     ap.add_argument("--load-requests", type=int, default=2000, help="request budget per mode under load")
     ap.add_argument("--load-seconds", type=float, default=30.0, help="time budget per mode under load")
     ap.add_argument("--workers", type=int, default=1, help="`rentalml serve --workers`")
+    ap.add_argument("--hit-users", type=int, default=200, help="warmed users of the cache-hit rows (0: skip them)")
     ap.add_argument("--bundle", type=Path, help="reuse an existing bundle instead of training one")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "serving.json")
     a = ap.parse_args()
@@ -259,7 +160,9 @@ def main() -> None:
     data["catalogue"] = int(bundle.n_items)
     results = {"config": {"k": a.k, "requests": a.requests, "concurrency": a.concurrency,
                           "load_requests": a.load_requests, "load_seconds": a.load_seconds, "workers": a.workers,
-                          "server_cache": "off", "kserve_loglevel": "WARNING", "client": "same host, loopback"},
+                          "server_cache": "off, then on for the cache-hit rows", "hit_users": a.hit_users,
+                          "outcomes_sink": "file", "log_impressions": "always", "kserve_loglevel": "WARNING",
+                          "client": "same host, loopback"},
                "data": data, "env": versions(), "modes": {}}
 
     def record(name, seq, load):
@@ -270,28 +173,40 @@ def main() -> None:
     record("floor", sequential(in_process(bundle, a.k), users, a.requests),
            concurrent(lambda: in_process(bundle, a.k), users, a.concurrency, a.load_requests, a.load_seconds))
 
-    proc, http_port, grpc_port = start_server(bundle_path, tmp / "server.log", a.workers)
-    try:
-        for name, factory, port in [("v2 REST", http_v2, http_port), ("v2 gRPC", grpc_v2, grpc_port),
-                                    ("/predict", friendly, http_port)]:
-            print(f"{name} ...", flush=True)
-            record(name, sequential(factory(port, a.k), users, a.requests),
-                   concurrent(lambda f=factory, p=port: f(p, a.k), users, a.concurrency, a.load_requests,
-                              a.load_seconds))
-    finally:
-        rc = stop_server(proc)
-    results["server_exit_code"] = rc
+    protocols = [("v2 REST", http_v2), ("v2 gRPC", grpc_v2), ("/predict", friendly)]
+    hot = list(dict.fromkeys(users))[:a.hit_users]
+    for cache in ([False, True] if a.hit_users else [False]):
+        proc, http_port, grpc_port = start_server(bundle_path, tmp / f"server-cache-{cache}.log", a.workers, cache)
+        try:
+            for name, factory in protocols:
+                port = grpc_port if factory is grpc_v2 else http_port
+                pool = users
+                if cache:
+                    name = f"{name} (cache hit)"
+                    warm = factory("127.0.0.1", port, a.k)
+                    for u in hot:  # every hot user's row is cached before measuring
+                        warm(u)
+                    pool = (hot * (len(users) // len(hot) + 1))[:len(users)]
+                print(f"{name} ...", flush=True)
+                record(name, sequential(factory("127.0.0.1", port, a.k), pool, a.requests),
+                       concurrent(lambda f=factory, p=port: f("127.0.0.1", p, a.k), pool, a.concurrency,
+                                  a.load_requests, a.load_seconds))
+        finally:
+            rc = stop_server(proc)
+        results[f"server_exit_code{'_cache' if cache else ''}"] = rc
 
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(results, indent=2))
     c = f"c{a.concurrency}"
     print(f"\ncatalogue {data['catalogue']} properties, k={a.k}, {results['env'].get('cpus')} CPUs shared by client "
-          f"and server, server cache off\n")
-    print(f"| mode | p50 ms (c=1) | p99 ms (c=1) | req/s ({a.concurrency} clients) | p50 / p99 ms under load |")
-    print("|---|---:|---:|---:|---:|")
+          f"and server, --workers {a.workers}\n")
+    print(f"| mode | p50 ms (c=1) | p95 ms (c=1) | p99 ms (c=1) | req/s ({a.concurrency} clients) | "
+          f"p50 / p95 / p99 ms under load |")
+    print("|---|---:|---:|---:|---:|---:|")
     for name, r in results["modes"].items():
-        print(f"| {name} | {r['c1']['p50_ms']:.2f} | {r['c1']['p99_ms']:.2f} | {r[c]['rps']:.0f} | "
-              f"{r[c]['load_p50_ms']:.2f} / {r[c]['load_p99_ms']:.2f} |")
+        print(f"| {name} | {r['c1']['p50_ms']:.2f} | {r['c1']['p95_ms']:.2f} | {r['c1']['p99_ms']:.2f} | "
+              f"{r[c]['rps']:.0f} | {r[c]['load_p50_ms']:.2f} / {r[c]['load_p95_ms']:.2f} / "
+              f"{r[c]['load_p99_ms']:.2f} |")
     print(f"\nwrote {a.out}")
 
 

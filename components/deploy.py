@@ -104,6 +104,18 @@ def apply_inference_service(doc: dict, canary_percent: int, api=None) -> dict:
     return {"applied": True, "action": "patched", "namespace": ns, "name": name, "traffic_percent": canary_percent}
 
 
+def set_canary_traffic(name: str, percent: int, *, namespace: str | None = None, api=None) -> dict:
+    """Patch only the predictor's `canaryTrafficPercent` of an existing InferenceService: 100 promotes the
+    latest revision (all traffic), 0 rolls the canary back (all traffic to the last promoted revision)."""
+    if not 0 <= int(percent) <= 100:
+        raise ValueError(f"percent must be between 0 and 100, got {percent}")
+    api = api or _custom_objects_api()
+    ns = _namespace({"metadata": {"namespace": namespace}})
+    patch = {"spec": {"predictor": {"canaryTrafficPercent": int(percent)}}}
+    api.patch_namespaced_custom_object(ISVC_GROUP, ISVC_VERSION, ns, ISVC_PLURAL, name, patch)
+    return {"applied": True, "action": "patched", "namespace": ns, "name": name, "canary_traffic_percent": int(percent)}
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -36,14 +36,18 @@ INFERENCE_REQUESTS = Counter(
 )
 CACHE_HIT_RATE = Gauge(
     "ml_cache_hit_rate",
-    "Share of per-user recommendation lookups answered from the in-process cache since start.",
+    "Share of per-user recommendation lookups answered from the cache (in-process or Redis) since this process "
+    "started, per variant.",
     ["model", "variant"],
 )
 MODEL_LOAD_SECONDS = Gauge(
     "ml_model_load_seconds",
-    "Seconds the serving process took to load the model bundle and warm its ONNX Runtime session.",
+    "Seconds the serving process took to load the model bundle(s) and warm the ONNX Runtime session(s), last "
+    "(re)load.",
     ["model", "variant"],
 )
 
 METRIC_NAMES = ("ml_inference_duration_seconds", "ml_inference_requests_total", "ml_cache_hit_rate",
                 "ml_model_load_seconds")
+MODEL_RELOADS = Counter("ml_model_reloads_total", "Hot reloads of the served model version(s).", ["model"])
+TIMEOUTS = Counter("ml_inference_timeouts_total", "Requests that ran past serve.request_timeout_s.", ["model"])

@@ -1,15 +1,18 @@
 """KServe model `rental-recommender`: the Open Inference Protocol (v2) face of a model bundle.
 
 A thin layer: every recommendation comes from `rentalml.export.bundle.Bundle.recommend` (ONNX Runtime scorer
-plus the bundle's cold-start fallback). This module only validates v2 requests, shapes v2 responses, keeps a
-small per-user LRU cache and records the Prometheus metrics.
+plus the bundle's cold-start fallback). This module validates v2 requests, shapes v2 responses, routes each
+user to the champion or the challenger (sticky A/B split, rentalml.evaluation.ab.assign_variant), keeps the
+recommendation cache in front (rentalml.cache: in-process LRU or Redis), logs impressions (outcomes.py), enforces
+the request timeout, hot-reloads new versions (`reload`, registry watcher) and records the Prometheus metrics.
 
 Interface (contracts.md):
   inputs   user_id      BYTES [N]     marketplace user ids ("u_123"); unknown users get cold-start results
            k            INT32 [1]     optional, 1..settings.serve.max_k (default settings.serve.default_k)
   outputs  property_id  BYTES [N,k]   best first
            score        FP32  [N,k]   non-increasing along each row
-  response parameters: model_version, variant, model_type, sources (comma-separated "model"/"cold_start")
+  response parameters: model_version, variant (one value when every row agrees, else comma-separated per row),
+                       model_type, sources (comma-separated "model"/"cold_start")
   REST response headers: x-model-version, x-variant
 
 When a cold-start user asks for more items than the fallback list holds, the row is padded with property_id ""
@@ -19,26 +22,33 @@ and score -FLT_MAX (finite, so JSON stays valid, and still non-increasing).
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
 import threading
 import time
 import uuid
-from collections import OrderedDict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from rentalml.cache import open_cache
 from rentalml.config import get_settings
-from rentalml.export.bundle import Bundle, Recommendations
+from rentalml.evaluation.ab import CHALLENGER, CHAMPION, assign_variant
+from rentalml.export.bundle import Bundle, Recommendations, read_meta
 
 from . import MODEL_NAME
 from . import metrics as m
+from .outcomes import OutcomeLog
+
+log = logging.getLogger("rentalml.inference")
 
 # Quirk: importing kserve runs argparse.parse_known_args() over sys.argv (kserve/model_server.py), so a caller's
 # own flags (e.g. `--workers 3`) would silently become ModelServer defaults. Import it with a bare argv.
 _argv, sys.argv = sys.argv, sys.argv[:1]
 try:
     import kserve
+    from grpc_interceptor.exceptions import DeadlineExceeded
     from kserve.errors import InvalidInput
     from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 finally:
@@ -53,110 +63,332 @@ INT_TYPES = {"INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UI
 PAD_SCORE = np.float32(np.finfo(np.float32).min)
 
 
-class _LRUCache:
-    """(user_id, k) → one recommendation row; bounded size, entries expire after ttl seconds. Thread-safe."""
+class RequestTimeout(Exception):
+    """The request ran past settings.serve.request_timeout_s (REST 504, gRPC DEADLINE_EXCEEDED)."""
 
-    def __init__(self, size: int, ttl_s: float):
-        self.size, self.ttl_s = int(size), float(ttl_s)
-        self._data: OrderedDict = OrderedDict()
-        self._lock = threading.Lock()
-        self.hits = 0
-        self.misses = 0
 
-    @property
-    def enabled(self) -> bool:
-        return self.size > 0 and self.ttl_s > 0
+@dataclass(frozen=True, eq=False)
+class Arm:
+    """One loaded model version behind an A/B arm."""
 
-    def get(self, key):
-        if not self.enabled:
-            return None
-        now = time.monotonic()
-        with self._lock:
-            entry = self._data.get(key)
-            if entry is not None and entry[0] > now:
-                self._data.move_to_end(key)
-                self.hits += 1
-                return entry[1]
-            if entry is not None:
-                del self._data[key]
-            self.misses += 1
-            return None
-
-    def put(self, key, value) -> None:
-        if not self.enabled:
-            return
-        with self._lock:
-            self._data[key] = (time.monotonic() + self.ttl_s, value)
-            self._data.move_to_end(key)
-            while len(self._data) > self.size:
-                self._data.popitem(last=False)
+    arm: str  # "champion" | "challenger"
+    label: str  # the variant reported in responses, metrics and outcome events
+    bundle: Bundle
+    source: str  # bundle directory (or registry alias) it came from
+    registry_version: str | None = None  # set when the bundle came from the MLflow registry
 
     @property
-    def hit_rate(self) -> float:
-        total = self.hits + self.misses
-        return self.hits / total if total else 0.0
+    def model_version(self) -> str:
+        return self.bundle.model_version
+
+    @property
+    def model_type(self) -> str:
+        return self.bundle.model_type
+
+
+@dataclass(frozen=True)
+class Routing:
+    """The arms and the split; replaced as a whole on reload (requests hold the one they started with)."""
+
+    champion: Arm
+    challenger: Arm | None = None
+    challenger_percent: float = 0.0
+    salt: str = ""
+
+    def arm_of(self, user_id: str) -> Arm:
+        if self.challenger is None or self.challenger_percent <= 0:
+            return self.champion
+        return self.challenger if assign_variant(user_id, self.salt, self.challenger_percent) == CHALLENGER \
+            else self.champion
+
+    def describe(self) -> dict:
+        ch = self.challenger
+        return {"champion": {"variant": self.champion.label, "model_version": self.champion.model_version,
+                             "source": self.champion.source},
+                "challenger": None if ch is None else {"variant": ch.label, "model_version": ch.model_version,
+                                                       "source": ch.source},
+                "challenger_percent": self.challenger_percent if ch is not None else 0.0}
+
+
+@dataclass
+class RoutedRecommendations(Recommendations):
+    variants: list[str] = field(default_factory=list)  # per row
+    versions: list[str] = field(default_factory=list)  # per row
+    arms: list[Arm] = field(default_factory=list)  # per row
+
+    def uniform(self, values: list[str]) -> str:
+        return values[0] if len(set(values)) == 1 else ",".join(values)
+
+
+class _Batch:
+    """One request's rows: cache lookups first, then the misses through their arm's bundle."""
+
+    __slots__ = ("user_ids", "k", "arms", "rows", "missing")
+
+    def __init__(self, model: RecommenderModel, routing: Routing, user_ids: list[str], k: int):
+        self.user_ids, self.k = user_ids, k
+        n = len(user_ids)
+        if routing.challenger is None or routing.challenger_percent <= 0:
+            self.arms = [routing.champion] * n
+            groups = {routing.champion: range(n)}
+        else:
+            self.arms = [routing.arm_of(u) for u in user_ids]
+            groups: dict[Arm, list[int]] = {}
+            for i, arm in enumerate(self.arms):
+                groups.setdefault(arm, []).append(i)
+        self.rows: list = [None] * n  # (ids [k] object, scores [k] float32, source) per user
+        self.missing: dict[Arm, list[int]] = {}
+        for arm, idx in groups.items():
+            hits = model.cache.get_many(arm.model_version, [user_ids[i] for i in idx], k)
+            n_hit = 0
+            for i, hit in zip(idx, hits, strict=True):
+                if hit is None:
+                    self.missing.setdefault(arm, []).append(i)
+                else:
+                    n_hit += 1
+                    self.rows[i] = hit
+            model._count_cache(arm.label, n_hit, len(idx) - n_hit)
+
+    def complete(self, model: RecommenderModel) -> RoutedRecommendations:
+        k = self.k
+        for arm, idx in self.missing.items():
+            kk = min(k, arm.bundle.n_items)
+            rec = arm.bundle.recommend([self.user_ids[i] for i in idx], kk)
+            sc = np.where(np.isfinite(rec.scores), rec.scores, PAD_SCORE).astype(np.float32)
+            put = []
+            for j, i in enumerate(idx):
+                ids, scores = rec.property_ids[j], sc[j]
+                if kk < k:
+                    ids = np.concatenate([ids, np.full(k - kk, "", dtype=object)])
+                    scores = np.concatenate([scores, np.full(k - kk, PAD_SCORE, dtype=np.float32)])
+                self.rows[i] = (np.array(ids, dtype=object), np.array(scores, dtype=np.float32), rec.sources[j])
+                put.append((self.user_ids[i], self.rows[i]))
+            model.cache.put_many(arm.model_version, put, k)
+        self.missing = {}
+        rows = self.rows
+        if len(rows) == 1:  # the common case: views, no copies
+            ids, scores = rows[0][0].reshape(1, k), rows[0][1].reshape(1, k)
+        else:
+            ids, scores = np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows])
+        return RoutedRecommendations(ids, scores, [r[2] for r in rows],
+                                     variants=[a.label for a in self.arms],
+                                     versions=[a.model_version for a in self.arms], arms=self.arms)
+
+
+def resolve_alias(alias: str) -> tuple[Path, str]:
+    """(bundle directory, registry version) of an MLflow alias of settings.model_name."""
+    try:
+        from rentalml.registry.mlflow_registry import fetch_bundle
+    except ImportError as exc:
+        raise FileNotFoundError(f"the MLflow registry is unavailable ({exc})") from None
+    path = Path(fetch_bundle(alias=alias))
+    return path, str(read_meta(path)["model_version"])
 
 
 class RecommenderModel(kserve.Model):
-    """`rental-recommender` served by KServe's ModelServer (REST + gRPC v2). Picklable for `--workers N`."""
+    """`rental-recommender` served by KServe's ModelServer (REST + gRPC v2). Picklable for `--workers N`.
 
-    def __init__(self, bundle: str | Path | Bundle, name: str = MODEL_NAME, variant: str = "champion",
+    `bundle` is the champion: a bundle directory, a loaded Bundle, or None to serve the registry alias
+    `champion` (then `challenger` too when challenger_percent > 0, and reload re-reads the aliases).
+    `challenger` (a directory or Bundle) with `challenger_percent` % of users (sticky: hash of salt + user id)
+    makes this one model an A/B router; responses and metrics carry each row's variant and model version.
+    """
+
+    def __init__(self, bundle: str | Path | Bundle | None, name: str = MODEL_NAME, variant: str = "champion",
                  max_k: int | None = None, default_k: int | None = None, cache_size: int | None = None,
-                 cache_ttl_s: float | None = None):
+                 cache_ttl_s: float | None = None, challenger: str | Path | Bundle | None = None,
+                 challenger_percent: float | None = None, salt: str | None = None,
+                 request_timeout_s: float | None = None, reload_poll_s: float | None = None):
         super().__init__(name, return_response_headers=True)
         serve = get_settings().serve
-        self.bundle_path = Path(bundle.path if isinstance(bundle, Bundle) else bundle)
-        self.bundle: Bundle | None = bundle if isinstance(bundle, Bundle) else None
+        self.registry_mode = bundle is None
+        self._sources = {CHAMPION: bundle, CHALLENGER: challenger}
         self.variant = variant
         self.max_k = int(max_k if max_k is not None else serve.max_k)
         self.default_k = int(default_k if default_k is not None else serve.default_k)
+        self.challenger_percent = float(challenger_percent if challenger_percent is not None
+                                        else serve.challenger_percent)
+        if not 0 <= self.challenger_percent <= 100:
+            raise ValueError(f"challenger_percent must be between 0 and 100, got {self.challenger_percent}")
+        self.salt = salt if salt is not None else serve.ab_salt
+        self.request_timeout_s = float(request_timeout_s if request_timeout_s is not None
+                                       else serve.request_timeout_s)
+        self.reload_poll_s = float(reload_poll_s if reload_poll_s is not None else serve.reload_poll_s)
+        self.impressions_mode = str(serve.log_impressions).lower()
+        if self.impressions_mode not in ("canary", "always", "off"):
+            raise ValueError(f"serve.log_impressions must be 'canary', 'always' or 'off', "
+                             f"got {self.impressions_mode!r}")
         self._cache_size = int(cache_size if cache_size is not None else serve.cache_size)
         self._cache_ttl_s = float(cache_ttl_s if cache_ttl_s is not None else serve.cache_ttl_s)
-        self.cache = _LRUCache(self._cache_size, self._cache_ttl_s)
+        self.routing: Routing | None = None
         self.load_seconds = 0.0
+        self.reloads = 0
+        self._init_process_state()
         # set by the server when REST runs in spawned worker processes: they rebuild the friendly routes
         self.install_routes_on_unpickle = False
 
+    def _init_process_state(self) -> None:
+        """What does not pickle: the cache (locks, sockets), the outcome log, the reload lock and watcher."""
+        self.cache = open_cache(size=self._cache_size, ttl_s=self._cache_ttl_s)
+        self.outcomes = OutcomeLog()
+        self._reload_lock = threading.Lock()
+        self._cache_counts: dict[str, list[int]] = {}
+        self._watcher: threading.Thread | None = None
+
     # ---- lifecycle -------------------------------------------------------------------------------------
-    def load(self) -> bool:
-        t0 = time.perf_counter()
-        if self.bundle is None:
-            self.bundle = Bundle(self.bundle_path)
+    def _arm(self, arm: str, source) -> Arm:
+        label = self.variant if arm == CHAMPION else CHALLENGER
+        if isinstance(source, Bundle):
+            bundle, where, reg = source, str(source.path), None
+        elif source is None:
+            path, reg = resolve_alias(arm)
+            bundle, where = Bundle(path), f"models:/{get_settings().model_name}@{arm}"
+        else:
+            if not (Path(source) / "bundle.json").exists():
+                raise FileNotFoundError(f"{source} is not a model bundle (no bundle.json)")
+            bundle, where, reg = Bundle(source), str(source), None
         # build the ONNX Runtime session and run the graph (and the cold-start path) once, so that the first
         # request pays nothing extra
-        k = min(self.default_k, self.bundle.n_items)
-        self.bundle.score_histories([np.zeros(1, dtype=np.int64)], k)
-        self.bundle.recommend([""], k)
-        self.load_seconds = self.bundle.load_seconds + (time.perf_counter() - t0)
-        m.MODEL_LOAD_SECONDS.labels(self.name, self.variant).set(self.load_seconds)
-        m.CACHE_HIT_RATE.labels(self.name, self.variant).set(0.0)
+        k = min(self.default_k, bundle.n_items)
+        bundle.score_histories([np.zeros(1, dtype=np.int64)], k)
+        bundle.recommend([""], k)
+        return Arm(arm, label, bundle, where, reg)
+
+    def _build_routing(self, champion, challenger, percent: float) -> Routing:
+        t0 = time.perf_counter()
+        champ = self._arm(CHAMPION, champion)
+        chall = None
+        if percent > 0:
+            if challenger is not None or self.registry_mode:
+                try:
+                    chall = self._arm(CHALLENGER, challenger)
+                except LookupError as exc:  # no challenger alias: no canary (logged, not fatal)
+                    log.warning("no challenger to serve (%s): all traffic to the champion", exc)
+        seconds = champ.bundle.load_seconds + (chall.bundle.load_seconds if chall else 0) + \
+            (time.perf_counter() - t0)
+        self.load_seconds = seconds
+        for arm in (champ, chall):
+            if arm is not None:
+                m.MODEL_LOAD_SECONDS.labels(self.name, arm.label).set(seconds)
+                m.CACHE_HIT_RATE.labels(self.name, arm.label).set(0.0)
+        return Routing(champ, chall, percent if chall is not None else 0.0, self.salt)
+
+    def load(self) -> bool:
+        self.routing = self._build_routing(self._sources[CHAMPION], self._sources[CHALLENGER],
+                                           self.challenger_percent)
         self.ready = True
+        self.start_watcher()
         return self.ready
+
+    def reload(self, champion=None, challenger=None, challenger_percent: float | None = None) -> dict:
+        """Load the new version(s) next to the serving ones, then swap the routing in one assignment: requests
+        already running finish on the old bundles, new ones get the new. Returns before/after.
+
+        Registry mode: re-reads the aliases (arguments ignored unless given). Bundle mode: `champion` /
+        `challenger` (directories) replace the current ones; None keeps (re-reads) the current directory."""
+        with self._reload_lock:
+            before = self.routing.describe() if self.routing else None
+            percent = self.challenger_percent if challenger_percent is None else float(challenger_percent)
+            if not 0 <= percent <= 100:
+                raise ValueError(f"challenger_percent must be between 0 and 100, got {percent}")
+            champ_src = champion if champion is not None else (None if self.registry_mode else
+                                                               self.routing.champion.bundle.path)
+            chall_src = challenger
+            if chall_src is None and not self.registry_mode and self.routing and self.routing.challenger:
+                chall_src = self.routing.challenger.bundle.path
+            t0 = time.perf_counter()
+            routing = self._build_routing(champ_src, chall_src, percent)
+            self.routing = routing  # the swap: one reference assignment
+            self.challenger_percent = percent
+            if champion is not None:
+                self._sources[CHAMPION] = champion
+            if challenger is not None:
+                self._sources[CHALLENGER] = challenger
+            if self.cache.backend == "memory":  # versions may repeat across bundle directories
+                self.cache.clear()
+            self.reloads += 1
+            m.MODEL_RELOADS.labels(self.name).inc()
+            after = routing.describe()
+            log.info("reloaded in %.2fs: %s", time.perf_counter() - t0, after)
+            return {"before": before, "after": after, "seconds": round(time.perf_counter() - t0, 3)}
+
+    def registry_versions(self) -> tuple[str | None, str | None]:
+        from rentalml.registry.mlflow_registry import alias_version
+
+        return alias_version(CHAMPION), (alias_version(CHALLENGER) if self.challenger_percent > 0 else None)
+
+    def start_watcher(self) -> None:
+        """Registry mode with serve.reload_poll_s > 0: reload when an alias points to another version."""
+        if not (self.registry_mode and self.reload_poll_s > 0) or (self._watcher and self._watcher.is_alive()):
+            return
+
+        def watch():
+            while True:
+                time.sleep(self.reload_poll_s)
+                try:
+                    r = self.routing
+                    current = (r.champion.registry_version, r.challenger.registry_version if r.challenger else None)
+                    if self.registry_versions() != current:
+                        self.reload()
+                except Exception as exc:  # keep serving the current version; try again next round
+                    log.warning("registry watch: %s", exc)
+
+        self._watcher = threading.Thread(target=watch, name="registry-watch", daemon=True)
+        self._watcher.start()
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["cache"] = None  # locks don't pickle; a fresh process starts with an empty cache
+        for key in ("cache", "outcomes", "_reload_lock", "_cache_counts", "_watcher"):
+            state.pop(key, None)
         return state
 
     def __setstate__(self, state):
         self.__dict__.update(state)
-        self.cache = _LRUCache(self._cache_size, self._cache_ttl_s)
-        if self.ready and self.bundle is not None:
-            m.MODEL_LOAD_SECONDS.labels(self.name, self.variant).set(self.load_seconds)
-            m.CACHE_HIT_RATE.labels(self.name, self.variant).set(0.0)
+        self._init_process_state()
+        if self.ready and self.routing is not None:
+            for arm in (self.routing.champion, self.routing.challenger):
+                if arm is not None:
+                    m.MODEL_LOAD_SECONDS.labels(self.name, arm.label).set(self.load_seconds)
+                    m.CACHE_HIT_RATE.labels(self.name, arm.label).set(0.0)
+            self.start_watcher()
         if self.install_routes_on_unpickle:  # inside a spawned REST worker (see server.serve)
             from .server import worker_init
 
             worker_init(self)
 
+    def log_impressions(self, request_id: str, user_ids: list[str], rec: RoutedRecommendations) -> None:
+        """One `impression` outcome per served item (serve.log_impressions: "canary" = while a challenger is
+        served and the split is on, "always", "off")."""
+        mode = self.impressions_mode
+        routing = self.routing
+        if mode == "off" or (mode == "canary" and (routing.challenger is None or routing.challenger_percent <= 0)):
+            return
+        self.outcomes.impressions(request_id, user_ids, rec.property_ids, rec.variants, rec.versions)
+
+    def _count_cache(self, label: str, hits: int, misses: int) -> None:
+        if not self.cache.enabled:
+            return
+        c = self._cache_counts.setdefault(label, [0, 0])
+        c[0] += hits
+        c[1] += misses
+        m.CACHE_HIT_RATE.labels(self.name, label).set(c[0] / (c[0] + c[1]) if c[0] + c[1] else 0.0)
+
     # ---- metadata --------------------------------------------------------------------------------------
     @property
+    def bundle(self) -> Bundle | None:
+        """The champion's bundle (the one served to everyone outside the canary)."""
+        if self.routing is not None:
+            return self.routing.champion.bundle
+        src = self._sources[CHAMPION]
+        return src if isinstance(src, Bundle) else None
+
+    @property
     def model_version(self) -> str:
-        return self.bundle.model_version if self.bundle is not None else ""
+        return self.routing.champion.model_version if self.routing is not None else ""
 
     @property
     def model_type(self) -> str:
-        return self.bundle.model_type if self.bundle is not None else ""
+        return self.routing.champion.model_type if self.routing is not None else ""
 
     def get_input_types(self) -> list[dict]:
         return [{"name": INPUT_USER, "datatype": "BYTES", "shape": [-1]},
@@ -175,37 +407,40 @@ class RecommenderModel(kserve.Model):
             return f"must be between 1 and {self.max_k}, got {int(k)}"
         return None
 
-    def recommend(self, user_ids: list[str], k: int) -> Recommendations:
-        """Bundle.recommend with the per-user cache in front; pads short rows (see module docstring)."""
-        bundle = self.bundle
-        n, kk = len(user_ids), min(int(k), bundle.n_items)
-        ids = np.empty((n, k), dtype=object)
-        ids[:] = ""
-        scores = np.full((n, k), PAD_SCORE, dtype=np.float32)
-        sources = [""] * n
-        misses = []
-        for i, u in enumerate(user_ids):
-            hit = self.cache.get((u, k))
-            if hit is None:
-                misses.append(i)
-            else:
-                ids[i], scores[i], sources[i] = hit
-        if misses:
-            rec = bundle.recommend([user_ids[i] for i in misses], kk)
-            sc = np.where(np.isfinite(rec.scores), rec.scores, PAD_SCORE).astype(np.float32)
-            for j, i in enumerate(misses):
-                ids[i, :kk] = rec.property_ids[j]
-                scores[i, :kk] = sc[j]
-                sources[i] = rec.sources[j]
-                self.cache.put((user_ids[i], k), (ids[i].copy(), scores[i].copy(), sources[i]))
-        if self.cache.enabled:
-            m.CACHE_HIT_RATE.labels(self.name, self.variant).set(self.cache.hit_rate)
-        return Recommendations(ids, scores, sources)
+    def arm_for(self, user_id: str) -> Arm:
+        return self.routing.arm_of(user_id)
 
-    async def arecommend(self, user_ids: list[str], k: int) -> Recommendations:
-        """recommend() on the event loop's thread pool: ONNX Runtime releases the GIL, so REST and gRPC
-        requests overlap instead of queueing behind one another on the event loop."""
-        return await asyncio.get_running_loop().run_in_executor(None, self.recommend, user_ids, k)
+    def recommend(self, user_ids: list[str], k: int, routing: Routing | None = None) -> RoutedRecommendations:
+        """Each user's arm (sticky A/B split), its cached row or its bundle's Bundle.recommend; pads short rows
+        (see module docstring)."""
+        return _Batch(self, routing or self.routing, user_ids, int(k)).complete(self)
+
+    async def arecommend(self, user_ids: list[str], k: int) -> RoutedRecommendations:
+        """recommend() within settings.serve.request_timeout_s. In-process cache hits are answered on the event
+        loop; misses (and Redis lookups) run on the loop's thread pool: ONNX Runtime releases the GIL, so REST
+        and gRPC requests overlap instead of queueing behind one another on the event loop."""
+        routing = self.routing
+        loop = asyncio.get_running_loop()
+        if self.cache.backend == "memory":
+            batch = _Batch(self, routing, user_ids, int(k))
+            if not batch.missing:
+                return batch.complete(self)
+            fut = loop.run_in_executor(None, batch.complete, self)
+        else:
+            fut = loop.run_in_executor(None, self.recommend, user_ids, k, routing)
+        limit = self.request_timeout_s
+        if limit <= 0:
+            return await fut
+        t0 = time.perf_counter()
+        try:
+            rec = await asyncio.wait_for(fut, limit)
+            # a result that lands after the limit (the worker thread won the race with the timer) is late too
+            if time.perf_counter() - t0 <= limit:
+                return rec
+        except TimeoutError:
+            pass
+        m.TIMEOUTS.labels(self.name).inc()
+        raise RequestTimeout(f"the request took longer than the {limit:g} s limit (serve.request_timeout_s)")
 
     # ---- v2 request parsing ----------------------------------------------------------------------------
     def parse_request(self, request: InferRequest) -> tuple[list[str], int]:
@@ -269,18 +504,21 @@ class RecommenderModel(kserve.Model):
                                        f"outputs are '{OUTPUT_IDS}' and '{OUTPUT_SCORES}'")
         return user_ids, k
 
-    def response_parameters(self, sources: list[str] | None = None) -> dict:
-        params = {"model_version": self.model_version, "variant": self.variant, "model_type": self.model_type}
-        if sources is not None:
-            params["sources"] = ",".join(sources)
-        return params
+    def response_parameters(self, rec: RoutedRecommendations | None = None) -> dict:
+        """model_version / variant: one value when every row agrees, else comma-separated per row."""
+        if rec is None:
+            return {"model_version": self.model_version, "variant": self.variant, "model_type": self.model_type}
+        return {"model_version": rec.uniform(rec.versions), "variant": rec.uniform(rec.variants),
+                "model_type": self.model_type, "sources": ",".join(rec.sources)}
 
     # ---- KServe handler --------------------------------------------------------------------------------
     async def predict(self, payload: InferRequest, headers: dict | None = None,
                       response_headers: dict | None = None) -> InferResponse:
         t0 = time.perf_counter()
-        protocol = m.GRPC if getattr(payload, "from_grpc", False) else m.REST
+        grpc = bool(getattr(payload, "from_grpc", False))
+        protocol = m.GRPC if grpc else m.REST
         status = m.FAILED
+        variant = self.variant
         try:
             if not isinstance(payload, InferRequest):
                 raise InvalidInput(f"{self.name} speaks the v2 inference protocol only "
@@ -290,7 +528,13 @@ class RecommenderModel(kserve.Model):
             except InvalidInput:
                 status = m.REJECTED
                 raise
-            rec = await self.arecommend(user_ids, k)
+            try:
+                rec = await self.arecommend(user_ids, k)
+            except RequestTimeout as exc:
+                if grpc:
+                    raise DeadlineExceeded(str(exc)) from None
+                raise
+            variant = rec.uniform(rec.variants) if len(set(rec.variants)) == 1 else "mixed"
             binary = payload.use_binary_outputs
             requested = [o.name for o in payload.request_outputs] if payload.request_outputs else list(OUTPUTS)
             arrays = {OUTPUT_IDS: ("BYTES", rec.property_ids), OUTPUT_SCORES: ("FP32", rec.scores)}
@@ -300,22 +544,25 @@ class RecommenderModel(kserve.Model):
                 out = InferOutput(name=name, shape=list(arr.shape), datatype=dtype)
                 out.set_data_from_numpy(arr, binary_data=binary)
                 outputs.append(out)
+            params = self.response_parameters(rec)
             if response_headers is not None:
-                response_headers["x-model-version"] = self.model_version
-                response_headers["x-variant"] = self.variant
+                response_headers["x-model-version"] = params["model_version"]
+                response_headers["x-variant"] = params["variant"]
+            request_id = payload.id or uuid.uuid4().hex
             response = InferResponse(
-                response_id=payload.id or str(uuid.uuid4()),
+                response_id=request_id,
                 model_name=self.name,
-                model_version=self.model_version,
+                model_version=rec.versions[0],
                 infer_outputs=outputs,
-                parameters=self.response_parameters(rec.sources),
+                parameters=params,
                 use_binary_outputs=binary,
                 requested_outputs=payload.request_outputs,
                 from_grpc=payload.from_grpc,
             )
+            self.log_impressions(request_id, user_ids, rec)
             status = m.SUCCESS
             return response
         finally:
-            m.INFERENCE_REQUESTS.labels(self.name, self.variant, status).inc()
+            m.INFERENCE_REQUESTS.labels(self.name, variant, status).inc()
             if status != m.REJECTED:
-                m.INFERENCE_DURATION.labels(self.name, self.variant, protocol).observe(time.perf_counter() - t0)
+                m.INFERENCE_DURATION.labels(self.name, variant, protocol).observe(time.perf_counter() - t0)

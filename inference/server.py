@@ -1,8 +1,11 @@
 """`rentalml serve`: KServe ModelServer (REST v2 + gRPC v2) plus the friendly JSON API on the same HTTP port.
 
 HTTP port:  /v2/... (Open Inference Protocol), /v1/..., /metrics (KServe's, default Prometheus registry, so the
-            ml_* metrics of rentalml.inference.metrics are there too), and ours: POST /predict, GET /health.
+            ml_* metrics of rentalml.inference.metrics are there too), and ours: POST /predict, POST /feedback,
+            GET /health, POST /admin/reload, POST /admin/invalidate.
 gRPC port:  inference.GRPCInferenceService (ModelInfer, ModelReady, ModelMetadata, ServerReady, ...).
+Auth (settings.auth.enabled): JWT bearer on everything but health/metrics/readiness (inference/auth.py), REST by
+ASGI middleware, gRPC by a server interceptor.
 
 KServe 0.21 builds its REST app from the module-level FastAPI object `kserve.model_server:app` (imported by
 string in every REST worker), so extra routes go on that object before `ModelServer.start`. With `--workers N`
@@ -16,6 +19,7 @@ import logging
 import os
 import sys
 import time
+import uuid
 from pathlib import Path
 
 from rentalml.config import get_settings
@@ -108,12 +112,20 @@ class JSONInferContentType:
 
 
 def install_routes(model, app=None) -> None:
-    """Add POST /predict, GET /health (and JSONInferContentType) for `model` to KServe's app (idempotent)."""
+    """Add POST /predict, POST /feedback, GET /health, POST /admin/reload, POST /admin/invalidate, the JWT
+    middleware (settings.auth), the 504 timeout answer and JSONInferContentType to KServe's app (idempotent)."""
+    import asyncio
+    from datetime import datetime
+    from typing import Literal
+
+    import orjson
     from fastapi import Request
-    from fastapi.responses import JSONResponse
-    from pydantic import BaseModel, ConfigDict, ValidationError
+    from fastapi.responses import JSONResponse, Response
+    from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
     from . import metrics as m
+    from .auth import JWTMiddleware, Verifier
+    from .model import RequestTimeout
 
     if app is None:
         from kserve.model_server import app
@@ -128,26 +140,52 @@ def install_routes(model, app=None) -> None:
         model_type: str | None = None
         include_explanations: bool = False
 
+    class FeedbackRequest(BaseModel):
+        model_config = ConfigDict(extra="ignore")
+        user_id: str = Field(min_length=1)
+        property_id: str = Field(min_length=1)
+        outcome: Literal["click", "save", "inquiry"]
+        request_id: str | None = None
+        variant: str | None = None
+        model_version: str | None = None
+        timestamp: datetime | None = None
+
+    class ReloadRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        champion: str | None = None
+        challenger: str | None = None
+        challenger_percent: float | None = Field(default=None, ge=0, le=100)
+
+    class InvalidateRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        user_ids: list[str] = []
+        property_ids: list[str] = []
+
+    async def parse(request: Request, schema):
+        """(validated body, None) or (None, 4xx response naming the field)."""
+        try:
+            body = orjson.loads(await request.body())
+        except orjson.JSONDecodeError:
+            body = None
+        if not isinstance(body, dict):
+            return None, _error("body", "the request body must be a JSON object", 400)
+        try:
+            return schema.model_validate(body), None
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            field = ".".join(str(p) for p in first["loc"]) or "body"
+            return None, _error(field, first["msg"], detail=[
+                {"loc": ["body", *e["loc"]], "msg": e["msg"], "type": e["type"]} for e in exc.errors()])
+
     async def predict(request: Request):
         t0 = time.perf_counter()
         status = m.FAILED
+        variant = model.variant
         try:
-            try:
-                body = await request.json()
-            except Exception:
+            req, bad = await parse(request, PredictRequest)
+            if bad is not None:
                 status = m.REJECTED
-                return _error("body", "the request body must be a JSON object", 400)
-            if not isinstance(body, dict):
-                status = m.REJECTED
-                return _error("body", "the request body must be a JSON object", 400)
-            try:
-                req = PredictRequest.model_validate(body)
-            except ValidationError as exc:
-                status = m.REJECTED
-                first = exc.errors()[0]
-                field = ".".join(str(p) for p in first["loc"]) or "body"
-                return _error(field, first["msg"], detail=[
-                    {"loc": ["body", *e["loc"]], "msg": e["msg"], "type": e["type"]} for e in exc.errors()])
+                return bad
             if not req.user_id:
                 status = m.REJECTED
                 return _error("user_id", "must be a non-empty string")
@@ -161,32 +199,91 @@ def install_routes(model, app=None) -> None:
                 return _error("model_type", f"'{req.model_type}' is not served here; this server serves "
                                             f"'{model.model_type}' (send null for the served model)")
             rec = await model.arecommend([req.user_id], k)
+            arm, variant, version = rec.arms[0], rec.variants[0], rec.versions[0]
             items = []
             for rank, (pid, score) in enumerate(zip(rec.property_ids[0], rec.scores[0], strict=True), start=1):
                 if not pid:  # padding past the end of a short cold-start list
                     break
                 item = {"property_id": pid, "score": float(score), "rank": rank}
                 if req.include_explanations:
-                    item["explanation"] = model.bundle.explain(req.user_id, pid)
+                    item["explanation"] = arm.bundle.explain(req.user_id, pid)
                 items.append(item)
+            request_id = uuid.uuid4().hex
+            model.log_impressions(request_id, [req.user_id], rec)
             status = m.SUCCESS
-            return JSONResponse(
-                {"user_id": req.user_id, "recommendations": items, "model_version": model.model_version,
-                 "model_type": model.model_type, "variant": model.variant, "source": rec.sources[0]},
-                headers={"x-model-version": model.model_version, "x-variant": model.variant})
+            return Response(orjson.dumps(
+                {"user_id": req.user_id, "recommendations": items, "model_version": version,
+                 "model_type": arm.model_type, "variant": variant, "source": rec.sources[0],
+                 "request_id": request_id}), media_type="application/json",
+                headers={"x-model-version": version, "x-variant": variant})
         finally:
-            m.INFERENCE_REQUESTS.labels(model.name, model.variant, status).inc()
+            m.INFERENCE_REQUESTS.labels(model.name, variant, status).inc()
             if status != m.REJECTED:
-                m.INFERENCE_DURATION.labels(model.name, model.variant, m.JSON).observe(time.perf_counter() - t0)
+                m.INFERENCE_DURATION.labels(model.name, variant, m.JSON).observe(time.perf_counter() - t0)
+
+    async def feedback(request: Request):
+        req, bad = await parse(request, FeedbackRequest)
+        if bad is not None:
+            return bad
+        arm = model.arm_for(req.user_id)
+        event = model.outcomes.outcome(
+            request_id=req.request_id, user_id=req.user_id, property_id=req.property_id,
+            variant=req.variant or arm.label, model_version=req.model_version or arm.model_version,
+            outcome=req.outcome, timestamp=req.timestamp)
+        return JSONResponse(event, status_code=202)
+
+    async def reload(request: Request):
+        body = None
+        if (await request.body()).strip():
+            body, bad = await parse(request, ReloadRequest)
+            if bad is not None:
+                return bad
+        body = body or ReloadRequest()
+        for field in ("champion", "challenger"):
+            path = getattr(body, field)
+            if path is not None and not (Path(path) / "bundle.json").exists():
+                return _error(field, f"{path} is not a model bundle (no bundle.json)", 400)
+        try:
+            # in the background: requests keep being answered by the current version meanwhile
+            result = await asyncio.get_running_loop().run_in_executor(
+                None, lambda: model.reload(body.champion, body.challenger, body.challenger_percent))
+        except (FileNotFoundError, LookupError, ValueError) as exc:
+            return _error("reload", str(exc), 409)
+        return JSONResponse(result)
+
+    async def invalidate(request: Request):
+        body, bad = await parse(request, InvalidateRequest)
+        if bad is not None:
+            return bad
+        from rentalml.cache import invalidate as drop
+
+        n = await asyncio.get_running_loop().run_in_executor(
+            None, lambda: drop(body.user_ids, body.property_ids, cache=model.cache))
+        return JSONResponse({"invalidated": n, "backend": model.cache.backend})
 
     async def health():
+        routing = model.routing.describe() if model.routing is not None else None
         body = {"status": "ok" if model.ready else "loading", "model": model.name,
-                "model_version": model.model_version, "model_type": model.model_type, "variant": model.variant}
+                "model_version": model.model_version, "model_type": model.model_type, "variant": model.variant,
+                "routing": routing, "cache": {"backend": model.cache.backend, "hit_rate": model.cache.hit_rate}}
         return JSONResponse(body, status_code=200 if model.ready else 503)
 
+    async def on_timeout(request: Request, exc: RequestTimeout):
+        return JSONResponse({"error": str(exc)}, status_code=504)
+
+    app.add_exception_handler(RequestTimeout, on_timeout)
     app.add_middleware(JSONInferContentType)
+    verifier = Verifier()
+    if verifier.enabled:
+        app.add_middleware(JWTMiddleware, verifier=verifier)
     app.add_api_route("/predict", predict, methods=["POST"], tags=["rentalml"],
                       summary="Recommendations for one user (friendly JSON)")
+    app.add_api_route("/feedback", feedback, methods=["POST"], tags=["rentalml"], status_code=202,
+                      summary="A/B outcome of a served recommendation: click, save or inquiry")
+    app.add_api_route("/admin/reload", reload, methods=["POST"], tags=["rentalml"],
+                      summary="Hot reload: load the new version(s), then swap (no request dropped)")
+    app.add_api_route("/admin/invalidate", invalidate, methods=["POST"], tags=["rentalml"],
+                      summary="Drop cached recommendations of users / listing properties")
     app.add_api_route("/health", health, methods=["GET"], tags=["rentalml"], summary="Service health")
 
 
@@ -195,39 +292,78 @@ def resolve_bundle(bundle: Path | None, alias: str) -> Path:
         if not (Path(bundle) / "bundle.json").exists():
             raise FileNotFoundError(f"{bundle} is not a model bundle (no bundle.json)")
         return Path(bundle)
-    try:
-        from rentalml.registry.mlflow_registry import fetch_bundle  # only needed without --bundle
-    except ImportError as exc:
-        raise FileNotFoundError(f"no --bundle given and the MLflow registry is unavailable ({exc})") from None
-    return Path(fetch_bundle(alias=alias))
+    from .model import resolve_alias
+
+    return resolve_alias(alias)[0]
 
 
 def serve(bundle: Path | None = None, *, alias: str = "champion", variant: str | None = None,
           http_port: int | None = None, grpc_port: int | None = None, workers: int = 1,
-          grpc_threads: int = 4) -> None:
-    """Load the bundle and serve it until SIGTERM/SIGINT (KServe handles both and shuts down gracefully)."""
+          grpc_threads: int = 4, challenger: Path | None = None, challenger_percent: float | None = None) -> None:
+    """Load the bundle(s) and serve until SIGTERM/SIGINT (KServe handles both and shuts down gracefully).
+
+    No `bundle`: the registry's `champion` (and `challenger` when challenger_percent > 0), re-read on
+    POST /admin/reload and every serve.reload_poll_s. `alias` other than champion serves that one alias only."""
     settings = get_settings().serve
     http_port = int(http_port if http_port is not None else settings.http_port)
     grpc_port = int(grpc_port if grpc_port is not None else settings.grpc_port)
-    path = resolve_bundle(bundle, alias)
+    if bundle is not None and not (Path(bundle) / "bundle.json").exists():
+        raise FileNotFoundError(f"{bundle} is not a model bundle (no bundle.json)")
+    if challenger is not None and not (Path(challenger) / "bundle.json").exists():
+        raise FileNotFoundError(f"{challenger} is not a model bundle (no bundle.json)")
+    if bundle is None and alias != "champion":
+        bundle = resolve_bundle(None, alias)
     _sanitize_argv()
     configure_logging()
 
+    from .auth import Verifier, grpc_interceptor
     from .model import RecommenderModel
 
-    model = RecommenderModel(path, variant=variant or alias)
+    model = RecommenderModel(bundle, variant=variant or alias, challenger=challenger,
+                             challenger_percent=challenger_percent)
     model.load()
-    log.info("loaded %s version %s (%s) from %s in %.2fs", model.name, model.model_version, model.model_type,
-             path, model.load_seconds)
+    log.info("loaded %s in %.2fs: %s", model.name, model.load_seconds, model.routing.describe())
     install_routes(model)
     model.install_routes_on_unpickle = workers > 1
+    verifier = Verifier()
+    if verifier.enabled:
+        _authenticate_grpc(grpc_interceptor(verifier))
     server = _model_server_class()(
         http_port=http_port, grpc_port=grpc_port, workers=workers, max_threads=grpc_threads, enable_docs_url=False,
         enable_latency_logging=logging.getLogger("kserve.trace").isEnabledFor(logging.INFO))
     try:
         server.start([model])
     finally:
+        model.outcomes.flush(5.0)
         _reap_rest_workers(server)
+
+
+def _authenticate_grpc(interceptor) -> None:
+    """KServe 0.21 builds its grpc.aio server with fixed interceptors (GRPCServer.start): swap in a subclass
+    whose server also runs `interceptor` first (JWT on every method but ServerLive/ServerReady/ModelReady)."""
+    from concurrent import futures
+
+    import kserve.model_server as ms
+    from grpc import aio
+    from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
+    from kserve.protocol.grpc.interceptors import ExceptionToStatusInterceptor, LoggingInterceptor
+    from kserve.protocol.grpc.server import GRPCServer
+    from kserve.protocol.grpc.servicer import InferenceServicer
+
+    class AuthGRPCServer(GRPCServer):
+        async def start(self, max_workers):
+            servicer = InferenceServicer(self._data_plane, self._model_repository_extension)
+            self._server = aio.server(
+                futures.ThreadPoolExecutor(max_workers=max_workers),
+                interceptors=(interceptor, LoggingInterceptor(), ExceptionToStatusInterceptor()),
+                options=[("grpc.max_send_message_length", self._kwargs.get("grpc_max_send_message_length")),
+                         ("grpc.max_receive_message_length", self._kwargs.get("grpc_max_receive_message_length"))])
+            grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, self._server)
+            self._server.add_insecure_port(f"[::]:{self._port}")
+            await self._server.start()
+            await self._server.wait_for_termination()
+
+    ms.GRPCServer = AuthGRPCServer
 
 
 def _model_server_class():

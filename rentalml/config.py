@@ -39,7 +39,7 @@ class StreamSettings(BaseModel):
     allowed_lateness_s: int = 3600
     #: event ids are remembered this long beyond the lateness bound (event time) to recognise redeliveries
     dedupe_margin_s: int = 3600
-    #: recent distinct properties kept per user (user taste, `recent_history`)
+    #: recent distinct properties kept per user (`rentalml.streaming.state.recent_history`)
     history_len: int = 50
     #: recent interactions kept per user for the user_taste features (30-day window, as the batch table)
     taste_events: int = 200
@@ -73,7 +73,7 @@ class ServeSettings(BaseModel):
     ab_salt: str = "rentalml-ab-1"
     outcomes_sink: str = "file"  # "file" ($RENTALML_HOME/ab/outcomes.jsonl or outcomes_path) | "kafka" | "off"
     outcomes_path: Path | None = None
-    log_impressions: bool = True
+    log_impressions: str = "canary"  # "canary" (while a challenger is served) | "always" | "off"
     ab_min_impressions: int = 1000
     ab_alpha: float = 0.05
     # hot reload: poll the registry aliases every N seconds (0 = only POST /admin/reload)

@@ -3,110 +3,36 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import numpy as np
-import pandas as pd
 import pytest
 
 tritonclient = pytest.importorskip("tritonclient")
 import tritonclient.grpc as grpcclient  # noqa: E402
 import tritonclient.http as httpclient  # noqa: E402
+from serving_helpers import MODEL, Server, make_bundle, warm_users  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from rentalml.config import get_settings  # noqa: E402
 
-MODEL = "rental-recommender"
 DEFAULT_K = get_settings().serve.default_k
 MAX_K = get_settings().serve.max_k
 METRICS = ("ml_inference_duration_seconds", "ml_inference_requests_total", "ml_cache_hit_rate", "ml_model_load_seconds")
 
 
-def _dataset():
-    try:
-        from rentalml.data.generator import generate_marketplace
-
-        return generate_marketplace(n_users=300, n_properties=200, n_events=6000, seed=1)
-    except ImportError:  # generator not there: a small random marketplace
-        from rentalml.data.dataset import Dataset
-
-        rng = np.random.default_rng(1)
-        pids = [f"p_{i:06d}" for i in range(200)]
-        items = pd.DataFrame({"property_id": pids, "price": rng.integers(500, 4000, 200).astype(float),
-                              "bedrooms": rng.integers(0, 4, 200), "city": rng.choice(["Austin", "Boston"], 200),
-                              "neighbourhood": rng.choice(["n1", "n2", "n3"], 200)}).set_index("property_id")
-        inter = pd.DataFrame({"user_id": [f"u_{i:06d}" for i in rng.integers(0, 300, 6000)],
-                              "property_id": [pids[i] for i in rng.integers(0, 200, 6000)]})
-        return Dataset(inter, items)
-
-
 @pytest.fixture(scope="session")
 def bundle_dir(tmp_path_factory) -> Path:
-    from rentalml.export.bundle import write_bundle
-    from rentalml.training.trainer import fit_model
-
-    ds = _dataset()
-    fitted = fit_model("hybrid", ds, params={"epochs": 5, "neighbours": 32})
-    return write_bundle(fitted, ds, tmp_path_factory.mktemp("serving") / "bundle", model_version="1")
+    return make_bundle(tmp_path_factory.mktemp("serving") / "bundle", "1")
 
 
 @pytest.fixture(scope="session")
 def known_users(bundle_dir) -> list[str]:
-    users = pd.read_parquet(bundle_dir / "users.parquet")
-    warm = users[users["history"].map(len) > 0]["user_id"].astype(str).tolist()
-    return warm[:3]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, bundle: Path, log: Path, *extra: str):
-        self.http_port, self.grpc_port = _free_port(), _free_port()
-        self.log = log
-        env = {**os.environ, "KSERVE_LOGLEVEL": "WARNING"}
-        cmd = [sys.executable, "-c", "from rentalml.cli import app; app()", "serve", "--bundle", str(bundle),
-               "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port), *extra]
-        self._log_fh = open(log, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(cmd, stdout=self._log_fh, stderr=subprocess.STDOUT, env=env)
-        self.url = f"http://127.0.0.1:{self.http_port}"
-
-    def wait_ready(self, timeout: float = 90.0) -> None:
-        deadline = time.monotonic() + timeout
-        grpc = grpcclient.InferenceServerClient(f"127.0.0.1:{self.grpc_port}")
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"server exited with {self.proc.returncode}:\n{self.log.read_text()[-4000:]}")
-            try:
-                if (httpx.get(f"{self.url}/v2/models/{MODEL}/ready", timeout=1).status_code == 200
-                        and grpc.is_server_ready()):
-                    return
-            except Exception:
-                pass
-            time.sleep(0.2)
-        raise AssertionError(f"server not ready after {timeout}s:\n{self.log.read_text()[-4000:]}")
-
-    def stop(self, timeout: float = 30.0) -> int | None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-                return None
-        self._log_fh.close()
-        return self.proc.returncode
+    return warm_users(bundle_dir)[:3]
 
 
 @pytest.fixture(scope="module")
@@ -361,3 +287,31 @@ def test_workers_serve_and_shut_down(bundle_dir, known_users, tmp_path):
     assert rc == 0, srv.log.read_text()[-3000:]
     with socket.socket() as s:  # no REST worker left behind holding the port
         assert s.connect_ex(("127.0.0.1", srv.http_port)) != 0
+
+
+# ---- rentalml loadtest -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("protocol", ["friendly", "rest", "grpc"])
+def test_loadtest_cli(server, bundle_dir, protocol):
+    port = server.grpc_port if protocol == "grpc" else server.http_port
+    # own process: the CLI imports tritonclient.grpc (and this test process may already hold it, harmlessly)
+    out = subprocess.run([sys.executable, "-c", "from rentalml.cli import app; app()", "loadtest",
+                          "--url", f"http://127.0.0.1:{port}", "--protocol", protocol, "--requests", "60",
+                          "--duration", "20", "--concurrency", "2", "--k", "5", "--users-from", str(bundle_dir)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads(out.stdout)
+    assert res["protocol"] == protocol and res["requests"] == 60 and res["errors"] == 0
+    assert 0 < res["p50_ms"] <= res["p95_ms"] <= res["p99_ms"] and res["rps"] > 0
+
+
+def test_loadtest_refuses_other_hosts():
+    from rentalml.inference.loadtest import loopback_target
+
+    assert loopback_target("http://127.0.0.1:8080") == ("127.0.0.1", 8080)
+    assert loopback_target("localhost:8081")[1] == 8081
+    for url in ("http://10.1.2.3:8080", "http://8.8.8.8:80", "http://127.0.0.1"):
+        with pytest.raises(ValueError):
+            loopback_target(url)
+    out = subprocess.run([sys.executable, "-c", "from rentalml.cli import app; app()", "loadtest", "--url",
+                          "http://192.0.2.1:8080", "--requests", "1"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "loopback" in out.stderr

@@ -1,0 +1,196 @@
+"""Hot reload under concurrent load (registry watcher and POST /admin/reload): zero failed requests, responses
+switch model version; and the request timeout (REST 504, gRPC DEADLINE_EXCEEDED)."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import httpx
+import pytest
+
+tritonclient = pytest.importorskip("tritonclient")
+import tritonclient.grpc as grpcclient  # noqa: E402
+import tritonclient.http as httpclient  # noqa: E402
+from serving_helpers import Server, make_bundle, v2_infer, v2_params, warm_users  # noqa: E402
+from tritonclient.utils import InferenceServerException  # noqa: E402
+
+from rentalml.config import Settings  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory):
+    from rentalml.registry import mlflow_registry as reg
+
+    home = tmp_path_factory.mktemp("reload-home")
+    s = Settings(home=home, mlflow_tracking_uri=f"sqlite:///{home}/mlflow.db")
+    cwd = os.getcwd()
+    os.chdir(home)  # nothing MLflow writes may land in the repository
+    try:
+        bundle = make_bundle(home / "b1", "1")  # v1: the champion the server starts with
+        run = reg.log_training_run(model_type="hybrid", params={}, metrics={"ndcg@10": 0.1}, bundle_dir=bundle,
+                                   settings=s)
+        assert reg.register(run, settings=s)["version"] == "1"
+        make_bundle(home / "b2", "2")  # registered by the first test, under load
+        yield s, reg, home
+    finally:
+        os.chdir(cwd)
+
+
+@pytest.fixture(scope="module")
+def server(registry, tmp_path_factory):
+    s, _, home = registry
+    srv = Server(None, tmp_path_factory.mktemp("reload-log") / "server.log",
+                 env={"RENTALML_HOME": str(home), "RENTALML_MLFLOW_TRACKING_URI": s.tracking_uri,
+                      "RENTALML_SERVE__RELOAD_POLL_S": "0.5"})
+    srv.users = warm_users(home / "b1")[:50]
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        assert srv.stop() == 0, srv.log.read_text()[-3000:]
+
+
+class Load:
+    """Client threads (each its own tritonclient.http client) sending v2 requests until stopped."""
+
+    def __init__(self, srv, threads: int = 4):
+        self.srv, self.stop_evt = srv, threading.Event()
+        self.results: list[list[tuple[float, str]]] = [[] for _ in range(threads)]
+        self.errors: list[str] = []
+        self.threads = [threading.Thread(target=self._run, args=(i,)) for i in range(threads)]
+
+    def _run(self, i):
+        c = httpclient.InferenceServerClient(f"127.0.0.1:{self.srv.http_port}")
+        n = 0
+        while not self.stop_evt.is_set():
+            u = self.srv.users[(i * 7 + n) % len(self.srv.users)]
+            n += 1
+            try:
+                r = v2_infer(c, httpclient, [u], k=5)
+                assert r.as_numpy("property_id").shape == (1, 5)
+                self.results[i].append((time.monotonic(), v2_params(r, False)["model_version"]))
+            except Exception as exc:
+                self.errors.append(repr(exc))
+        c.close()
+
+    def __enter__(self):
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop_evt.set()
+        for t in self.threads:
+            t.join()
+
+    def check(self, old: str, new: str, switched_at: float):
+        assert not self.errors, self.errors[:3]
+        total = sum(len(r) for r in self.results)
+        assert total > 50, total
+        for res in self.results:
+            versions = [v for _, v in res]
+            assert set(versions) <= {old, new}
+            assert old in versions and new in versions, versions
+            first_new = versions.index(new)
+            assert all(v == new for v in versions[first_new:]), "no response from the old version after the swap"
+            assert all(v == new for t, v in res if t > switched_at)
+        return total
+
+
+def _version(srv) -> str:
+    return httpx.get(f"{srv.url}/health").json()["model_version"]
+
+
+def test_watcher_reloads_new_champion_under_load(server, registry):
+    s, reg, home = registry
+    assert _version(server) == "1"
+    with Load(server) as load:
+        time.sleep(1.0)
+        # a new, better version is registered: the gate makes it the champion
+        run = reg.log_training_run(model_type="hybrid", params={}, metrics={"ndcg@10": 0.2}, bundle_dir=home / "b2",
+                                   settings=s)
+        res = reg.register(run, settings=s)
+        assert (res["version"], res["alias"]) == ("2", "champion")
+        deadline = time.monotonic() + 30
+        while _version(server) != "2" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        switched = time.monotonic()
+        assert _version(server) == "2"
+        time.sleep(1.0)
+    total = load.check("1", "2", switched)
+    print(f"watcher reload under load: {total} requests, 0 failed")
+
+
+def test_admin_reload_under_load(server, registry):
+    s, reg, _ = registry
+    with Load(server) as load:
+        time.sleep(1.0)
+        reg.set_alias("champion", "1", settings=s)  # roll back to v1 and reload at once
+        r = httpx.post(f"{server.url}/admin/reload", timeout=60)
+        switched = time.monotonic()
+        assert r.status_code == 200, r.text
+        assert r.json()["after"]["champion"]["model_version"] == "1"
+        time.sleep(1.0)
+    print(f"/admin/reload under load: {load.check('2', '1', switched)} requests, 0 failed")
+    text = httpx.get(f"{server.url}/metrics").text
+    assert "ml_model_reloads_total" in text
+    bad = httpx.post(f"{server.url}/admin/reload", json={"champion": "/no/such/bundle"})
+    assert bad.status_code == 400 and "champion" in bad.json()["error"]
+    bad = httpx.post(f"{server.url}/admin/reload", json={"challenger_percent": 150})
+    assert bad.status_code == 422 and "challenger_percent" in bad.json()["error"]
+
+
+def test_canary_from_registry_then_promote(server, registry):
+    """Registry mode: the challenger alias joins at 50 % (sticky by user), `promote` moves the aliases and the
+    running server follows (watcher) — everyone on the new champion."""
+    from rentalml.evaluation import ab
+
+    s, reg, _ = registry
+    reg.set_alias("challenger", "2", settings=s)
+    assert (reg.alias_version("champion", settings=s), reg.alias_version("challenger", settings=s)) == ("1", "2")
+    r = httpx.post(f"{server.url}/admin/reload", json={"challenger_percent": 50}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["after"]["challenger"]["model_version"] == "2"
+    salt = Settings().serve.ab_salt
+    c = grpcclient.InferenceServerClient(f"127.0.0.1:{server.grpc_port}")
+    for u in server.users[:20]:
+        params = v2_params(v2_infer(c, grpcclient, [u], k=3), True)
+        arm = ab.assign_variant(u, salt, 50)
+        assert (params["variant"], params["model_version"]) == (arm, "1" if arm == "champion" else "2")
+    assert ab.promote(settings=s)["champion"] == "2"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        health = httpx.get(f"{server.url}/health").json()
+        if health["model_version"] == "2" and health["routing"]["challenger"] is None:
+            break
+        time.sleep(0.1)
+    assert health["routing"]["challenger"] is None, health
+    for u in server.users[:10]:
+        params = v2_params(v2_infer(c, grpcclient, [u], k=3), True)
+        assert (params["variant"], params["model_version"]) == ("champion", "2")
+    c.close()
+
+
+def test_request_timeout(registry, tmp_path):
+    _, _, home = registry
+    srv = Server(home / "b1", tmp_path / "timeout.log", env={"RENTALML_SERVE__REQUEST_TIMEOUT_S": "0.000001",
+                                                            "RENTALML_SERVE__CACHE_SIZE": "0"})
+    try:
+        srv.wait_ready()
+        # known users (the ONNX graph runs, ~ms) against a 1 µs limit
+        users = warm_users(home / "b1")[:100]
+        r = httpx.post(f"{srv.url}/predict", json={"user_id": users[0], "num_recommendations": 100})
+        assert r.status_code == 504 and "request_timeout_s" in r.json()["error"], r.text
+        h = httpclient.InferenceServerClient(f"127.0.0.1:{srv.http_port}")
+        with pytest.raises(InferenceServerException) as err:
+            v2_infer(h, httpclient, users, k=100)
+        assert err.value.status() == "504" and "request_timeout_s" in err.value.message()
+        g = grpcclient.InferenceServerClient(f"127.0.0.1:{srv.grpc_port}")
+        with pytest.raises(InferenceServerException) as err:
+            v2_infer(g, grpcclient, users, k=100)
+        assert err.value.status() == "StatusCode.DEADLINE_EXCEEDED" and "request_timeout_s" in err.value.message()
+        assert "ml_inference_timeouts_total" in httpx.get(f"{srv.url}/metrics").text
+    finally:
+        assert srv.stop() == 0, srv.log.read_text()[-3000:]
