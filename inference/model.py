@@ -36,6 +36,7 @@ from rentalml.cache import open_cache
 from rentalml.config import get_settings
 from rentalml.evaluation.ab import CHALLENGER, CHAMPION, assign_variant
 from rentalml.export.bundle import Bundle, Recommendations, read_meta
+from rentalml.recommend import Engine, FeastFeatures, LocalFeatures
 
 from . import MODEL_NAME
 from . import metrics as m
@@ -76,6 +77,7 @@ class Arm:
     bundle: Bundle
     source: str  # bundle directory (or registry alias) it came from
     registry_version: str | None = None  # set when the bundle came from the MLflow registry
+    engine: Engine | None = None  # retrieval → features → business filters → ranking (rentalml.recommend)
 
     @property
     def model_version(self) -> str:
@@ -123,7 +125,7 @@ class RoutedRecommendations(Recommendations):
 class _Batch:
     """One request's rows: cache lookups first, then the misses through their arm's bundle."""
 
-    __slots__ = ("user_ids", "k", "arms", "rows", "missing")
+    __slots__ = ("user_ids", "k", "arms", "rows", "missing", "cache_versions")
 
     def __init__(self, model: RecommenderModel, routing: Routing, user_ids: list[str], k: int):
         self.user_ids, self.k = user_ids, k
@@ -138,8 +140,12 @@ class _Batch:
                 groups.setdefault(arm, []).append(i)
         self.rows: list = [None] * n  # (ids [k] object, scores [k] float32, source) per user
         self.missing: dict[Arm, list[int]] = {}
+        self.cache_versions: dict[Arm, str] = {}
         for arm, idx in groups.items():
-            hits = model.cache.get_many(arm.model_version, [user_ids[i] for i in idx], k)
+            if arm.engine.refresh is not None:
+                arm.engine.refresh()  # fresh stream state first (rate-limited): it decides the cache version
+            self.cache_versions[arm] = version = arm.engine.cache_version
+            hits = model.cache.get_many(version, [user_ids[i] for i in idx], k)
             n_hit = 0
             for i, hit in zip(idx, hits, strict=True):
                 if hit is None:
@@ -153,7 +159,7 @@ class _Batch:
         k = self.k
         for arm, idx in self.missing.items():
             kk = min(k, arm.bundle.n_items)
-            rec = arm.bundle.recommend([self.user_ids[i] for i in idx], kk)
+            rec = arm.engine.recommend([self.user_ids[i] for i in idx], kk)
             sc = np.where(np.isfinite(rec.scores), rec.scores, PAD_SCORE).astype(np.float32)
             put = []
             for j, i in enumerate(idx):
@@ -163,7 +169,7 @@ class _Batch:
                     scores = np.concatenate([scores, np.full(k - kk, PAD_SCORE, dtype=np.float32)])
                 self.rows[i] = (np.array(ids, dtype=object), np.array(scores, dtype=np.float32), rec.sources[j])
                 put.append((self.user_ids[i], self.rows[i]))
-            model.cache.put_many(arm.model_version, put, k)
+            model.cache.put_many(self.cache_versions[arm], put, k)
         self.missing = {}
         rows = self.rows
         if len(rows) == 1:  # the common case: views, no copies
@@ -173,6 +179,36 @@ class _Batch:
         return RoutedRecommendations(ids, scores, [r[2] for r in rows],
                                      variants=[a.label for a in self.arms],
                                      versions=[a.model_version for a in self.arms], arms=self.arms)
+
+
+def make_engine(bundle: Bundle) -> Engine:
+    """The serving engine of a bundle, as the settings say: the graphs in process or on a remote v2 predictor
+    (`serve.predictor_url`: the transformer role, Triton in the cluster), candidate features from the bundle or
+    the Feast online store (`serve.feature_source`), fresh history and new listings from the stream state."""
+    s = get_settings()
+    stages = None
+    if s.serve.predictor_url:
+        from .predictor import RemoteStages
+
+        stages = RemoteStages(s.serve.predictor_url, bundle.n_items, timeout=s.serve.request_timeout_s)
+    local = LocalFeatures(bundle)
+    features = local
+    if s.serve.feature_source == "feast":
+        from rentalml.features.store import open_store
+
+        features = FeastFeatures(open_store(s), fallback=local)
+    elif s.serve.feature_source != "bundle":
+        raise ValueError(f"serve.feature_source must be 'bundle' or 'feast', got {s.serve.feature_source!r}")
+    recent = live = refresh = None
+    if s.serve.fold_in:
+        from .freshness import StreamFeed
+
+        feed = StreamFeed(bundle, s, local)
+        recent, live, refresh = feed.recent, feed.live, feed.refresh
+        local.live = live
+        return Engine(bundle, stages=stages, features=features, recent=recent, live=live, refresh=refresh,
+                      generation=lambda: feed.generation, n_candidates=s.export.n_candidates)
+    return Engine(bundle, stages=stages, features=features, n_candidates=s.export.n_candidates)
 
 
 def resolve_alias(alias: str) -> tuple[Path, str]:
@@ -251,8 +287,9 @@ class RecommenderModel(kserve.Model):
         # request pays nothing extra
         k = min(self.default_k, bundle.n_items)
         bundle.score_histories([np.zeros(1, dtype=np.int64)], k)
-        bundle.recommend([""], k)
-        return Arm(arm, label, bundle, where, reg)
+        engine = make_engine(bundle)
+        engine.recommend([""], k)
+        return Arm(arm, label, bundle, where, reg, engine)
 
     def _build_routing(self, champion, challenger, percent: float) -> Routing:
         t0 = time.perf_counter()

@@ -206,7 +206,7 @@ def install_routes(model, app=None) -> None:
                     break
                 item = {"property_id": pid, "score": float(score), "rank": rank}
                 if req.include_explanations:
-                    item["explanation"] = arm.bundle.explain(req.user_id, pid)
+                    item["explanation"] = arm.engine.explain(req.user_id, pid)
                 items.append(item)
             request_id = uuid.uuid4().hex
             model.log_impressions(request_id, [req.user_id], rec)

@@ -82,6 +82,13 @@ class ServeSettings(BaseModel):
     cluster: bool = False
     isvc_name: str = "rental-recommender"
     namespace: str | None = None
+    # where candidate features come from: "bundle" (the bundle's property table) | "feast" (the online store)
+    feature_source: str = "bundle"
+    # transformer role: the v2 predictor (Triton in the cluster) that runs rental-retrieval / rental-ranker
+    predictor_url: str | None = None
+    # fold-in from the stream state: users' streamed interactions and never-seen listings, without retraining
+    fold_in: bool = False
+    live_refresh_s: float = 1.0
 
 
 class AuthSettings(BaseModel):

@@ -287,3 +287,50 @@ def recommend(bundle, user_ids: list[str], k: int = 10, *, filters: list[Filters
         floor = out_sc[i, :have].min() if have else 0.0
         out_sc[i, have: have + len(fb_ids)] = floor - 1.0 - np.arange(len(fb_ids), dtype=np.float32)
     return Ranked(out_ids, out_sc, sources, removed)
+
+
+class Engine:
+    """What a server holds per loaded model version: the bundle plus where features, fresh history and
+    never-seen properties come from, and which stages run the graphs. `recommend` and `explain` are all the
+    serving layer calls."""
+
+    def __init__(self, bundle, *, stages: Stages | None = None, features: FeatureSource | None = None,
+                 recent: Callable[[str], list[str]] | None = None, live=None, n_candidates: int = 200,
+                 refresh: Callable[[], object] | None = None, generation: Callable[[], int] | None = None):
+        self.bundle = bundle
+        self._generation = generation  # changes when fresh state changed what this engine would answer
+        self.refresh = refresh  # called before each recommendation (e.g. pull new listings, rate-limited)
+        self.live = live
+        self.stages = stages or LocalStages(bundle)
+        self.features = features or LocalFeatures(bundle, live)
+        self.recent = recent
+        self.n_candidates = n_candidates
+
+    @property
+    def cache_version(self) -> str:
+        """The model version, plus the fresh-state generation when there is one: the key cached lists live under."""
+        v = str(self.bundle.model_version)
+        return v if self._generation is None else f"{v}+{self._generation()}"
+
+    def recommend(self, user_ids: list[str], k: int, filters: list[Filters] | Filters | None = None) -> Ranked:
+        if self.refresh is not None:
+            self.refresh()
+        return recommend(self.bundle, user_ids, k, filters=filters, features=self.features, stages=self.stages,
+                         recent=self.recent, live=self.live, n_candidates=self.n_candidates)
+
+    def explain(self, user_id: str, property_id: str) -> str:
+        """The bundle's explanation, with the property's current attributes (price changes, new listings)."""
+        try:
+            row = self.features.properties([property_id]).iloc[0].to_dict()
+        except Exception:  # the feature source is down: the explanation falls back to the bundle's table
+            row = {}
+        attrs = {k: v for k, v in row.items() if v is not None and not (isinstance(v, float) and np.isnan(v))}
+        return self.bundle.explain(user_id, property_id, attributes=attrs,
+                                   history=self._history(user_id))
+
+    def _history(self, user_id: str) -> np.ndarray | None:
+        if self.recent is None:
+            return None
+        from rentalml.export.foldin import merged_histories
+
+        return merged_histories(self.bundle, [user_id], self.recent, self.live)[0]

@@ -6,10 +6,11 @@ events (streaming, APIs) and document the fields.
 
 from __future__ import annotations
 
+from copy import copy
 from datetime import date, datetime
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
 EventType = Literal["view", "save", "inquiry", "application", "lease"]
 
@@ -76,3 +77,49 @@ class Interaction(BaseModel):
     @property
     def weight(self) -> float:
         return EVENT_WEIGHTS[self.event_type]
+
+
+PropertyEventType = Literal["listed", "updated", "delisted"]
+#: attribute names a `property_data` event may carry (the property schema without the id, plus `available`)
+PROPERTY_ATTRIBUTES = [*(n for n in Property.model_fields if n != "property_id"), "available"]
+
+
+def _all_optional(model: type[BaseModel], exclude: set[str]) -> dict:
+    """The fields of `model` (same types and bounds) as omittable (default None, not validated); an explicit null
+    stays invalid for a field the model requires."""
+    fields = {}
+    for name, info in model.model_fields.items():
+        if name not in exclude:
+            opt = copy(info)
+            opt.default, opt.default_factory = None, None
+            fields[name] = (info.annotation, opt)
+    return fields
+
+
+#: The changed attributes of a `property_data` event: any subset of the property schema (same types and bounds),
+#: plus `available` (1 = on the market, 0 = delisted). Unknown names are rejected.
+PropertyAttributes = create_model("PropertyAttributes", __config__=ConfigDict(extra="forbid"),
+                                  **_all_optional(Property, {"property_id"}),
+                                  available=(int | None, Field(default=None, ge=0, le=1)))
+
+
+class PropertyEvent(BaseModel):
+    """One `property_data` event (contracts.md): `listed`/`updated` carry only the changed attributes."""
+
+    model_config = ConfigDict(extra="forbid")
+    event_id: str = Field(min_length=1)
+    event_type: PropertyEventType
+    property_id: str = Field(min_length=1)
+    timestamp: datetime
+    attributes: PropertyAttributes = Field(default_factory=PropertyAttributes)
+
+    _zoned = field_validator("timestamp")(Interaction._zoned.__func__)
+
+    def changed(self) -> dict:
+        """The attributes the event sets (JSON-ready), `available` implied by listed (1) / delisted (0)."""
+        out = self.attributes.model_dump(mode="json", exclude_unset=True)
+        if self.event_type == "listed":
+            out.setdefault("available", 1)
+        elif self.event_type == "delisted":
+            out["available"] = 0
+        return out

@@ -277,12 +277,16 @@ class Bundle:
         ids = np.where(out_idx >= 0, self.property_ids[np.clip(out_idx, 0, None)], "")
         return Recommendations(ids.astype(object), out_sc, sources)
 
-    def explain(self, user_id: str, property_id: str) -> str:
-        """A short human explanation for recommending property_id to user_id."""
+    def explain(self, user_id: str, property_id: str, attributes: dict | None = None,
+                history: np.ndarray | None = None) -> str:
+        """A short human explanation for recommending property_id to user_id. `attributes` (current values,
+        e.g. from the online feature store) override the bundle's; `history` overrides the user's training
+        history (e.g. with streamed events folded in)."""
         j = self.property_index.get_indexer([property_id])[0]
-        if j < 0:
+        if j < 0 and not attributes:
             return "unknown property"
-        row = self.properties.iloc[j]
+        row = self.properties.iloc[j].to_dict() if j >= 0 else {}
+        row.update(attributes or {})
         bits = []
         if "bedrooms" in row and pd.notna(row["bedrooms"]):
             bits.append(f"{int(row['bedrooms'])} bed")
@@ -291,7 +295,9 @@ class Bundle:
         if "neighbourhood" in row and pd.notna(row["neighbourhood"]):
             bits.append(f"in {row['neighbourhood']}")
         desc = ", ".join(bits)
-        hist = self.history_of(user_id)
+        hist = self.history_of(user_id) if history is None else history
+        if j < 0:
+            return f"new listing{': ' + desc if desc else ''}"
         if len(hist) == 0:
             return f"popular with renters{': ' + desc if desc else ''}"
         if self.item_vectors is not None:
