@@ -27,24 +27,51 @@ def register(app: typer.Typer) -> None:
         challenger_percent: float | None = typer.Option(None, "--challenger-percent", min=0, max=100,
                                                         help="share of users (sticky) sent to the challenger "
                                                         "(default RENTALML_SERVE__CHALLENGER_PERCENT, else 0)"),
-        http_port: int | None = typer.Option(None, "--http-port", help="REST port (default: "
+        http_port: int | None = typer.Option(None, "--http-port", "--http_port", help="REST port (default: "
                                              "RENTALML_SERVE__HTTP_PORT, else 8080)"),
-        grpc_port: int | None = typer.Option(None, "--grpc-port", help="gRPC port (default: "
+        grpc_port: int | None = typer.Option(None, "--grpc-port", "--grpc_port", help="gRPC port (default: "
                                              "RENTALML_SERVE__GRPC_PORT, else 8081)"),
         workers: int = typer.Option(1, "--workers", min=1, help="REST worker processes (gRPC stays in the main one)"),
         grpc_threads: int = typer.Option(4, "--grpc-threads", min=1, help="gRPC server thread pool size"),
+        role: str = typer.Option("server", "--role", help="server: everything in this process | transformer: "
+                                 "ids, features, filters and fold-in here, the graphs on --predictor-host (Triton "
+                                 "in the cluster) | predictor: serve a Triton model repository on ONNX Runtime"),
+        predictor_host: str | None = typer.Option(None, "--predictor-host", "--predictor_host",
+                                                  help="transformer: the v2 predictor (host:port or URL; KServe "
+                                                  "passes it; default RENTALML_SERVE__PREDICTOR_URL)"),
+        model_name: str | None = typer.Option(None, "--model-name", "--model_name",
+                                              help="model name to serve under (KServe passes the "
+                                              "InferenceService name; default rental-recommender)"),
+        model_repository: Path | None = typer.Option(None, "--model-repository", help="predictor: a Triton "
+                                                     "model repository (rentalml export --triton DIR)"),
     ) -> None:
         """Serve recommendations: KServe v2 REST + gRPC, POST /predict, POST /feedback, GET /health, /metrics,
         POST /admin/reload, POST /admin/invalidate.
 
         Logging follows KSERVE_LOGLEVEL (DEBUG/INFO/WARNING/ERROR); SIGTERM/SIGINT shut down gracefully.
         """
+        from rentalml.config import get_settings
+
         from .server import serve as run_server
 
+        s = get_settings().serve
         try:
+            if role == "predictor":
+                if model_repository is None:
+                    raise ValueError("--role predictor needs --model-repository DIR")
+                from .predictor import serve_repository
+
+                serve_repository(model_repository, http_port or s.http_port, grpc_port or s.grpc_port)
+                return
+            if role not in ("server", "transformer"):
+                raise ValueError(f"--role must be server, transformer or predictor, got {role!r}")
+            predictor = predictor_host or s.predictor_url
+            if role == "transformer" and not predictor:
+                raise ValueError("--role transformer needs --predictor-host (or RENTALML_SERVE__PREDICTOR_URL)")
             run_server(bundle, alias=alias, variant=variant, http_port=http_port, grpc_port=grpc_port,
                        workers=workers, grpc_threads=grpc_threads, challenger=challenger_bundle,
-                       challenger_percent=challenger_percent)
+                       challenger_percent=challenger_percent, predictor_url=predictor if role == "transformer"
+                       else None, model_name=model_name)
         except (FileNotFoundError, LookupError, ValueError) as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from None

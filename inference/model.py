@@ -22,6 +22,7 @@ and score -FLT_MAX (finite, so JSON stays valid, and still non-increasing).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import sys
 import threading
@@ -181,16 +182,17 @@ class _Batch:
                                      versions=[a.model_version for a in self.arms], arms=self.arms)
 
 
-def make_engine(bundle: Bundle) -> Engine:
+def make_engine(bundle: Bundle, predictor_url: str | None = None) -> Engine:
     """The serving engine of a bundle, as the settings say: the graphs in process or on a remote v2 predictor
     (`serve.predictor_url`: the transformer role, Triton in the cluster), candidate features from the bundle or
     the Feast online store (`serve.feature_source`), fresh history and new listings from the stream state."""
     s = get_settings()
     stages = None
-    if s.serve.predictor_url:
+    predictor_url = predictor_url or s.serve.predictor_url
+    if predictor_url:
         from .predictor import RemoteStages
 
-        stages = RemoteStages(s.serve.predictor_url, bundle.n_items, timeout=s.serve.request_timeout_s)
+        stages = RemoteStages(predictor_url, bundle.n_items, timeout=s.serve.request_timeout_s)
     local = LocalFeatures(bundle)
     features = local
     if s.serve.feature_source == "feast":
@@ -234,8 +236,10 @@ class RecommenderModel(kserve.Model):
                  max_k: int | None = None, default_k: int | None = None, cache_size: int | None = None,
                  cache_ttl_s: float | None = None, challenger: str | Path | Bundle | None = None,
                  challenger_percent: float | None = None, salt: str | None = None,
-                 request_timeout_s: float | None = None, reload_poll_s: float | None = None):
+                 request_timeout_s: float | None = None, reload_poll_s: float | None = None,
+                 predictor_url: str | None = None):
         super().__init__(name, return_response_headers=True)
+        self.predictor_url = predictor_url  # transformer role: the graphs run on this v2 predictor
         serve = get_settings().serve
         self.registry_mode = bundle is None
         self._sources = {CHAMPION: bundle, CHALLENGER: challenger}
@@ -287,7 +291,7 @@ class RecommenderModel(kserve.Model):
         # request pays nothing extra
         k = min(self.default_k, bundle.n_items)
         bundle.score_histories([np.zeros(1, dtype=np.int64)], k)
-        engine = make_engine(bundle)
+        engine = make_engine(bundle, self.predictor_url)
         engine.recommend([""], k)
         return Arm(arm, label, bundle, where, reg, engine)
 
@@ -377,11 +381,22 @@ class RecommenderModel(kserve.Model):
         state = dict(self.__dict__)
         for key in ("cache", "outcomes", "_reload_lock", "_cache_counts", "_watcher"):
             state.pop(key, None)
+        r = state.get("routing")
+        if r is not None:  # engines hold connections (predictor, Feast, stream state): rebuilt per process
+            state["routing"] = dataclasses.replace(
+                r, champion=dataclasses.replace(r.champion, engine=None),
+                challenger=None if r.challenger is None else dataclasses.replace(r.challenger, engine=None))
         return state
 
     def __setstate__(self, state):
         self.__dict__.update(state)
         self._init_process_state()
+        r = self.routing
+        if r is not None:
+            self.routing = dataclasses.replace(
+                r, champion=dataclasses.replace(r.champion, engine=make_engine(r.champion.bundle, self.predictor_url)),
+                challenger=None if r.challenger is None else dataclasses.replace(
+                    r.challenger, engine=make_engine(r.challenger.bundle, self.predictor_url)))
         if self.ready and self.routing is not None:
             for arm in (self.routing.champion, self.routing.challenger):
                 if arm is not None:

@@ -299,7 +299,8 @@ def resolve_bundle(bundle: Path | None, alias: str) -> Path:
 
 def serve(bundle: Path | None = None, *, alias: str = "champion", variant: str | None = None,
           http_port: int | None = None, grpc_port: int | None = None, workers: int = 1,
-          grpc_threads: int = 4, challenger: Path | None = None, challenger_percent: float | None = None) -> None:
+          grpc_threads: int = 4, challenger: Path | None = None, challenger_percent: float | None = None,
+          predictor_url: str | None = None, model_name: str | None = None) -> None:
     """Load the bundle(s) and serve until SIGTERM/SIGINT (KServe handles both and shuts down gracefully).
 
     No `bundle`: the registry's `champion` (and `challenger` when challenger_percent > 0), re-read on
@@ -316,11 +317,12 @@ def serve(bundle: Path | None = None, *, alias: str = "champion", variant: str |
     _sanitize_argv()
     configure_logging()
 
+    from . import MODEL_NAME
     from .auth import Verifier, grpc_interceptor
     from .model import RecommenderModel
 
-    model = RecommenderModel(bundle, variant=variant or alias, challenger=challenger,
-                             challenger_percent=challenger_percent)
+    model = RecommenderModel(bundle, name=model_name or MODEL_NAME, variant=variant or alias, challenger=challenger,
+                             challenger_percent=challenger_percent, predictor_url=predictor_url)
     model.load()
     log.info("loaded %s in %.2fs: %s", model.name, model.load_seconds, model.routing.describe())
     install_routes(model)

@@ -29,11 +29,10 @@ def bundle(market, fit, tmp_path_factory):
 def predictor(bundle, tmp_path_factory):
     repo = write_triton_repo(bundle.path, tmp_path_factory.mktemp("repo") / "models")
     http, grpc = free_port(), free_port()
-    code = ("from rentalml.inference.predictor import serve_repository; "
-            f"serve_repository({str(repo)!r}, {http}, {grpc})")
     env = {**os.environ, "KSERVE_LOGLEVEL": "WARNING", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, start_new_session=True)
+    proc = subprocess.Popen([sys.executable, "-m", "rentalml.cli", "serve", "--role", "predictor",
+                             "--model-repository", str(repo), "--http-port", str(http), "--grpc-port", str(grpc)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     try:
         wait_port(http, timeout=60, proc=proc)
         url = f"http://127.0.0.1:{http}"
@@ -80,3 +79,39 @@ def test_predictor_rejects_bad_tensors_naming_them(bundle, predictor):
     assert r.status_code == 400 and "candidates" in r.text
     # and it keeps serving
     assert httpx.get(f"{predictor}/v2/models/rental-ranker/ready").status_code == 200
+
+
+def test_transformer_role_over_the_predictor(bundle, predictor, tmp_path):
+    """`rentalml serve --role transformer` started the way KServe starts a transformer (it appends
+    --model_name, --predictor_host and --http_port): its v2 answers equal the in-process engine's."""
+    import tritonclient.http as httpclient
+
+    http, grpc = free_port(), free_port()
+    env = {**os.environ, "KSERVE_LOGLEVEL": "WARNING", "OMP_NUM_THREADS": "1", "RENTALML_HOME": str(tmp_path)}
+    host = predictor.removeprefix("http://")
+    proc = subprocess.Popen([sys.executable, "-m", "rentalml.cli", "serve", "--role", "transformer",
+                             "--bundle", str(bundle.path), "--grpc-port", str(grpc), "--model_name",
+                             "rental-recommender", "--predictor_host", host, "--http_port", str(http)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        wait_port(http, timeout=90, proc=proc)
+        client = httpclient.InferenceServerClient(f"127.0.0.1:{http}")
+        for _ in range(200):
+            try:
+                if client.is_model_ready("rental-recommender"):
+                    break
+            except Exception:
+                pass
+        users = list(bundle.user_index[:20]) + ["u_brand_new"]
+        inp = httpclient.InferInput("user_id", [len(users)], "BYTES")
+        inp.set_data_from_numpy(np.array(users, dtype=object))
+        k = httpclient.InferInput("k", [1], "INT32")
+        k.set_data_from_numpy(np.array([10], dtype=np.int32))
+        res = client.infer("rental-recommender", [inp, k])
+        got = np.array([[p.decode() for p in row] for row in res.as_numpy("property_id")], dtype=object)
+        local = recommend(bundle, users, 10)
+        assert (got == local.property_ids).all()
+        assert res.get_response()["parameters"]["sources"].split(",")[-1] == "cold_start"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
