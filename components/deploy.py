@@ -1,10 +1,11 @@
 """Deployment targets of the pipeline's deploy step.
 
-* KServe: the `rental-recommender` InferenceService runs `rentalml serve` as a custom predictor container;
-  KServe's storage initializer downloads the bundle from STORAGE_URI (the model version's artifact URI) into
-  /mnt/models. A new version is rolled out as a canary: patching the predictor with
-  `canaryTrafficPercent: N` makes KServe (serverless mode) send N % of the traffic to the new revision and
-  the rest to the last ready one; promoting is a later patch to 100.
+* KServe: the `rental-recommender` InferenceService is `rentalml serve --role transformer` on the version's
+  bundle (KServe's storage initializer downloads STORAGE_URI, the model version's artifact URI, into
+  /mnt/models) in front of a Triton predictor on the bundle's model repository (`<bundle>/triton`). A new
+  version is rolled out as a canary: patching both components with `canaryTrafficPercent: N` makes KServe
+  (serverless mode) send N % of the traffic to the new revisions and the rest to the last ready ones;
+  promoting is a later patch to 100.
 * Local: a `rentalml serve` process started by an earlier deploy (pid and ports under
   $RENTALML_HOME/serving/local-server.json) is stopped and restarted on the new version's bundle.
 """
@@ -28,31 +29,48 @@ SA_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
 def inference_service(name: str, *, model_uri: str, version: str, image: str, canary_percent: int | None = None,
                       namespace: str | None = None, service_account: str = "rentalml-serving") -> dict:
-    """The InferenceService serving `model_uri` (a bundle directory) with `rentalml serve`."""
+    """The InferenceService of one model version: the `rentalml serve --role transformer` (ids, features,
+    business filters, fold-in, cache, A/B metrics) on the version's bundle, in front of a Triton predictor on
+    the bundle's model repository (`<bundle>/triton`, written by the export step). KServe's storage
+    initializer downloads both (STORAGE_URI / storageUri → /mnt/models). With `canary_percent` both components
+    carry canaryTrafficPercent: KServe sends that share to the new revisions."""
     meta: dict = {"name": name, "labels": {"app.kubernetes.io/part-of": "rentalml",
                                            "rentalml.io/model-version": str(version)},
                   "annotations": {"rentalml.io/model-uri": model_uri}}
     if namespace:
         meta["namespace"] = namespace
-    predictor: dict = {
+    transformer: dict = {
         "serviceAccountName": service_account,  # bound to the object-store credentials of the storage initializer
         "minReplicas": 1,
         "containers": [{
             "name": "kserve-container",
             "image": image,
             "command": ["rentalml"],
-            "args": ["serve", "--bundle", "/mnt/models", "--http-port", "8080", "--grpc-port", "8081",
+            # KServe appends --model_name, --predictor_host and --http_port
+            "args": ["serve", "--role", "transformer", "--bundle", "/mnt/models", "--grpc-port", "8081",
                      "--variant", f"v{version}"],
-            "env": [{"name": "STORAGE_URI", "value": model_uri}],
+            "env": [{"name": "STORAGE_URI", "value": model_uri},
+                    {"name": "RENTALML_SERVE__FEATURE_SOURCE", "value": "feast"},
+                    {"name": "RENTALML_SERVE__FOLD_IN", "value": "true"}],
             "ports": [{"containerPort": 8080, "protocol": "TCP"}],
             "readinessProbe": {"httpGet": {"path": "/v2/health/ready", "port": 8080}},
             "resources": {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"memory": "4Gi"}},
         }],
     }
+    predictor: dict = {
+        "serviceAccountName": service_account,
+        "minReplicas": 1,
+        "model": {"modelFormat": {"name": "onnx"}, "runtime": "kserve-tritonserver", "protocolVersion": "v2",
+                  "storageUri": f"{model_uri.rstrip('/')}/triton",
+                  "resources": {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"memory": "4Gi"}}},
+    }
     if canary_percent is not None:
-        predictor["canaryTrafficPercent"] = int(canary_percent)
+        transformer["canaryTrafficPercent"] = predictor["canaryTrafficPercent"] = int(canary_percent)
     return {"apiVersion": f"{ISVC_GROUP}/{ISVC_VERSION}", "kind": "InferenceService", "metadata": meta,
-            "spec": {"predictor": predictor}}
+            "spec": {"transformer": transformer, "predictor": predictor}}
+
+
+COMPONENTS = ("transformer", "predictor")
 
 
 def write_manifest(doc: dict, path: str | Path) -> Path:
@@ -94,12 +112,13 @@ def apply_inference_service(doc: dict, canary_percent: int, api=None) -> dict:
         if exc.status != 404:
             raise
         first = json.loads(json.dumps(doc))
-        first["spec"]["predictor"].pop("canaryTrafficPercent", None)
+        for comp in first["spec"].values():
+            comp.pop("canaryTrafficPercent", None)
         first["metadata"]["namespace"] = ns
         api.create_namespaced_custom_object(ISVC_GROUP, ISVC_VERSION, ns, ISVC_PLURAL, first)
         return {"applied": True, "action": "created", "namespace": ns, "name": name, "traffic_percent": 100}
     patch = {"metadata": {"labels": doc["metadata"]["labels"], "annotations": doc["metadata"]["annotations"]},
-             "spec": {"predictor": {**doc["spec"]["predictor"], "canaryTrafficPercent": int(canary_percent)}}}
+             "spec": {c: {**spec, "canaryTrafficPercent": int(canary_percent)} for c, spec in doc["spec"].items()}}
     api.patch_namespaced_custom_object(ISVC_GROUP, ISVC_VERSION, ns, ISVC_PLURAL, name, patch)
     return {"applied": True, "action": "patched", "namespace": ns, "name": name, "traffic_percent": canary_percent}
 
@@ -111,7 +130,7 @@ def set_canary_traffic(name: str, percent: int, *, namespace: str | None = None,
         raise ValueError(f"percent must be between 0 and 100, got {percent}")
     api = api or _custom_objects_api()
     ns = _namespace({"metadata": {"namespace": namespace}})
-    patch = {"spec": {"predictor": {"canaryTrafficPercent": int(percent)}}}
+    patch = {"spec": {c: {"canaryTrafficPercent": int(percent)} for c in COMPONENTS}}
     api.patch_namespaced_custom_object(ISVC_GROUP, ISVC_VERSION, ns, ISVC_PLURAL, name, patch)
     return {"applied": True, "action": "patched", "namespace": ns, "name": name, "canary_traffic_percent": int(percent)}
 

@@ -221,8 +221,13 @@ def export(dataset_dir: str | Path, model_path: str | Path, bundle_dir: str | Pa
     fitted = load_fitted(model_path)
     out = write_bundle(fitted, ds, bundle_dir, model_name=get_settings().model_name, metrics=metrics,
                        feature_views=feature_views)
+    from rentalml.export.triton import write_triton_repo
+
+    # the Triton model repository the cluster's predictor serves (the InferenceService's storageUri)
+    repo = write_triton_repo(out, Path(out) / "triton")
     info = {"files": sorted(p.name for p in Path(out).iterdir()),
-            "scorer_onnx_bytes": (Path(out) / "scorer.onnx").stat().st_size}
+            "scorer_onnx_bytes": (Path(out) / "scorer.onnx").stat().st_size,
+            "triton_models": sorted(p.name for p in repo.iterdir() if p.is_dir())}
     int8 = Path(out) / "scorer.int8.onnx"
     if int8.exists():
         info["scorer_int8_bytes"] = int8.stat().st_size

@@ -309,13 +309,15 @@ def test_promote_and_rollback_move_aliases(registry, tmp_path, monkeypatch):
         assert out["champion"] == "2" and out["previous_champion"] == "1" and _aliases(registry) == ("2", None)
         path, ctype, body = FakeKubeAPI.patches[-1]
         assert path == "/apis/serving.kserve.io/v1beta1/namespaces/ml/inferenceservices/rental-recommender"
-        assert "merge-patch" in ctype and body == {"spec": {"predictor": {"canaryTrafficPercent": 100}}}
+        assert "merge-patch" in ctype and body == {"spec": {"transformer": {"canaryTrafficPercent": 100},
+                                                     "predictor": {"canaryTrafficPercent": 100}}}
         # no canary left: rollback restores the previous champion (recorded at promotion); cluster canary → 0
         res = runner.invoke(app, ["ab", "rollback", "--cluster", "--namespace", "ml"])
         assert res.exit_code == 0, res.output
         out = json.loads(res.output)
         assert out["action"] == "champion_restored" and out["champion"] == "1" and _aliases(registry) == ("1", None)
-        assert FakeKubeAPI.patches[-1][2] == {"spec": {"predictor": {"canaryTrafficPercent": 0}}}
+        assert FakeKubeAPI.patches[-1][2] == {"spec": {"transformer": {"canaryTrafficPercent": 0},
+                                                         "predictor": {"canaryTrafficPercent": 0}}}
         assert len(FakeKubeAPI.patches) == 2
     finally:
         httpd.shutdown()

@@ -142,19 +142,27 @@ class FakeApi:
 def test_inference_service_canary():
     isvc = d.inference_service("rental-recommender", model_uri="s3://mlflow/7/abc/artifacts/bundle", version="7",
                                image="img:1", canary_percent=10, namespace="ml")
-    pred = isvc["spec"]["predictor"]
-    assert isvc["apiVersion"] == "serving.kserve.io/v1beta1" and pred["canaryTrafficPercent"] == 10
-    c = pred["containers"][0]
+    tr, pred = isvc["spec"]["transformer"], isvc["spec"]["predictor"]
+    assert isvc["apiVersion"] == "serving.kserve.io/v1beta1"
+    assert pred["canaryTrafficPercent"] == tr["canaryTrafficPercent"] == 10
+    c = tr["containers"][0]
     assert {"name": "STORAGE_URI", "value": "s3://mlflow/7/abc/artifacts/bundle"} in c["env"]
-    assert c["args"][:3] == ["serve", "--bundle", "/mnt/models"] and "v7" in c["args"]
+    assert c["args"][:5] == ["serve", "--role", "transformer", "--bundle", "/mnt/models"] and "v7" in c["args"]
+    assert pred["model"]["runtime"] == "kserve-tritonserver" and pred["model"]["protocolVersion"] == "v2"
+    assert pred["model"]["storageUri"] == "s3://mlflow/7/abc/artifacts/bundle/triton"
+    # the kserve SDK's models accept it, strictly (unknown or dropped fields fail): the manifests' checker
+    from test_manifests import _kserve_errors
+
+    assert _kserve_errors([isvc]) == [[]]
 
     api = FakeApi(exists=False)  # first deploy: created with all traffic
     res = d.apply_inference_service(isvc, 10, api=api)
     assert res["action"] == "created" and res["traffic_percent"] == 100
-    assert "canaryTrafficPercent" not in api.calls[-1][2]["spec"]["predictor"]
+    assert not any("canaryTrafficPercent" in c for c in api.calls[-1][2]["spec"].values())
     api = FakeApi(exists=True)  # later deploys: the new version behind the canary percentage
     res = d.apply_inference_service(isvc, 10, api=api)
-    assert res["action"] == "patched" and api.calls[-1][2]["spec"]["predictor"]["canaryTrafficPercent"] == 10
+    assert res["action"] == "patched"
+    assert {c["canaryTrafficPercent"] for c in api.calls[-1][2]["spec"].values()} == {10}
 
 
 def test_local_server_restart(tmp_path):
