@@ -196,17 +196,7 @@ def test_friendly_api_variant_feedback_and_outcome_log(ab_server, bundles, tmp_p
 
 
 def test_outcomes_to_kafka(bundles, kafka_bootstrap, tmp_path):
-    from kafka import KafkaAdminClient
-    from kafka.admin import NewTopic
-    from kafka.errors import TopicAlreadyExistsError
-
-    admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
-    try:
-        admin.create_topics([NewTopic("ab_outcomes", 1, 1)])
-    except TopicAlreadyExistsError:
-        pass
-    finally:
-        admin.close()
+    # the server creates the ab_outcomes topic itself (configured partitions) before its first send
     srv = Server(bundles[0], tmp_path / "kafka.log", env={"RENTALML_SERVE__OUTCOMES_SINK": "kafka",
                                                           "RENTALML_SERVE__LOG_IMPRESSIONS": "always",
                                                           "RENTALML_KAFKA__BOOTSTRAP_SERVERS": kafka_bootstrap})
