@@ -34,6 +34,7 @@ from __future__ import annotations
 import json
 import math
 import sqlite3
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -355,7 +356,9 @@ class SQLiteState(StateStore):
     def __init__(self, settings: Settings, path: Path):
         super().__init__(settings)
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(str(path), isolation_level=None, timeout=30)
+        # readers (a server's request threads) share the connection: serialized by SQLite and by self._read
+        self.db = sqlite3.connect(str(path), isolation_level=None, timeout=30, check_same_thread=False)
+        self._read = threading.Lock()
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.executescript(_SCHEMA)
 
@@ -531,20 +534,23 @@ class SQLiteState(StateStore):
                                     "score=excluded.score", (key, p, t))
 
     def properties_since(self, ts: float) -> list[tuple[str, float]]:
-        return [(m, float(sc)) for m, sc in self.db.execute(
-            "SELECT member, score FROM zsets WHERE key=? AND score>=? ORDER BY score, member",
-            (f"{self.prefix}:props", ts)).fetchall()]
+        with self._read:
+            return [(m, float(sc)) for m, sc in self.db.execute(
+                "SELECT member, score FROM zsets WHERE key=? AND score>=? ORDER BY score, member",
+                (f"{self.prefix}:props", ts)).fetchall()]
 
     def recent_history(self, user_id: str) -> list[str]:
-        return [m for (m,) in self.db.execute("SELECT member FROM zsets WHERE key=? ORDER BY score, member",
-                                              (f"{self.prefix}:hist:{user_id}",)).fetchall()]
+        with self._read:
+            return [m for (m,) in self.db.execute("SELECT member FROM zsets WHERE key=? ORDER BY score, member",
+                                                  (f"{self.prefix}:hist:{user_id}",)).fetchall()]
 
     def property_attributes(self, property_ids: list[str]) -> dict[str, dict]:
         out = {}
-        for pid in property_ids:
-            h = self._hgetall(f"{self.prefix}:prop:{pid}")
-            if h:
-                out[pid] = decode_attributes(h)
+        with self._read:
+            for pid in property_ids:
+                h = self._hgetall(f"{self.prefix}:prop:{pid}")
+                if h:
+                    out[pid] = decode_attributes(h)
         return out
 
     def seed_properties(self, attrs: dict[str, dict]) -> int:

@@ -1,4 +1,6 @@
-"""`make demo`'s loop end to end (smaller marketplace): generate → evaluate → export → register → serve → ask."""
+"""`make demo`'s loop end to end (smaller marketplace): generate → database → feature store → evaluate → pipeline
+(ingest from the database) → register → Tansu + serve → ask → stream events → ask again (fold-in, fresh features)
+→ drift check."""
 
 from __future__ import annotations
 
@@ -18,8 +20,13 @@ def test_demo_runs_the_whole_loop(tmp_path):
     for model in ("popularity", "collaborative", "content", "hybrid"):
         assert f"| {model} |" in out
     assert "alias champion" in out
-    assert "u_new_visitor" in out and "server stopped" in out
+    assert "u_new_visitor" in out and "server and broker stopped" in out
     recs = [line for line in out.splitlines() if "->" in line and line.strip().startswith("u_")]
-    assert len(recs) == 3 and all(line.count("p_") == 5 for line in recs)
+    assert len(recs) == 6 and all(line.count("p_") == 5 for line in recs)
+    visitor = [line for line in recs if line.strip().startswith("u_new_visitor")]
+    assert "[cold_start" in visitor[0] and "[model" in visitor[1]  # folded in from streamed views, no retraining
+    assert "stream processor:" in out and "now explained as:" in out
+    assert "drift over threshold:" in out
+    assert (tmp_path / "home" / "rentalml.db").exists() and (tmp_path / "home" / "feast" / "registry.db").exists()
     assert (tmp_path / "home" / "mlflow.db").exists()
     assert not (tmp_path / "mlruns").exists()  # artifacts stay under the state dir
