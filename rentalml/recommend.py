@@ -75,6 +75,11 @@ class Filters:
         return cls(available_only=bool(avail), city=city, budget=budget, budget_band=(lo, hi),
                    min_bedrooms=num("min_bedrooms", p.get("min_bedrooms"), int))
 
+    @property
+    def trivial(self) -> bool:
+        """Only the availability rule: answered from the feature source's unavailable set, no feature lookup."""
+        return self.city is None and self.budget is None and self.min_bedrooms is None
+
     def mask(self, feats: pd.DataFrame) -> np.ndarray:
         """Which rows of `feats` (FILTER_COLUMNS; missing values never exclude) pass."""
         ok = np.ones(len(feats), dtype=bool)
@@ -109,10 +114,21 @@ class LocalFeatures:
             self.table["available"] = 1
         self.live = live
         self.overrides: dict[str, dict] = {}
+        avail = pd.to_numeric(self.table["available"], errors="coerce").fillna(1)
+        self._unavailable: set[str] = set(self.table.index[avail.to_numpy() <= 0])
         self.users: dict[str, dict] = {}
 
     def update(self, property_id: str, attributes: dict) -> None:
         self.overrides.setdefault(str(property_id), {}).update(attributes)
+        if "available" in attributes:
+            if float(attributes["available"] or 0) > 0:
+                self._unavailable.discard(str(property_id))
+            else:
+                self._unavailable.add(str(property_id))
+
+    def unavailable(self) -> set[str]:
+        """Ids that are not available (delisted): the availability rule's fast path."""
+        return self._unavailable
 
     def properties(self, ids: list[str]) -> pd.DataFrame:
         df = self.table.reindex(ids)
@@ -186,6 +202,24 @@ class LocalStages:
     def max_candidates(self) -> int:
         return self.two_stage.n_candidates if self.two_stage is not None else self.n_items
 
+    @property
+    def exact(self) -> bool:
+        """retrieve_rank scores the whole catalogue with the full model (no ANN index)."""
+        return self.two_stage is None or not self.two_stage.ann
+
+    def retrieve_rank(self, history: np.ndarray, n: int,
+                      user_features: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Both stages in one call where the catalogue allows: below the ANN size the one-graph scorer ranks the
+        whole catalogue by the full model (exact, and one ONNX Runtime call instead of two); ANN bundles run
+        retrieval → IVF search → ranker."""
+        if self.two_stage is not None and self.two_stage.ann:
+            cand = self.retrieve(history, n, user_features)
+            return self.rank(history, cand, user_features)
+        feed = self._feed({"history": history, "k": np.array([min(n, self.n_items)], np.int64)}, user_features,
+                          len(history))
+        idx, sc = self.bundle.session.run(None, feed)
+        return idx, sc
+
     def _feed(self, feed: dict, user_features: np.ndarray | None, n: int) -> dict:
         d = self.bundle.user_feature_dim
         if d:
@@ -249,8 +283,16 @@ def recommend(bundle, user_ids: list[str], k: int = 10, *, filters: list[Filters
     if warm:
         hist = pad_histories([hist_list[i] for i in warm], bundle.n_items, bundle.history_len)
         uf = user_features_of(bundle, [user_ids[i] for i in warm])
-        cand = stages.retrieve(hist, max(n_candidates, k), uf)
-        idx, sc = stages.rank(hist, cand, uf)
+        fast = all(filters[i].trivial for i in warm) and hasattr(features, "unavailable")
+        gone = features.unavailable() if fast and filters[warm[0]].available_only else set()
+        # availability only: no more candidates are needed than k plus what the rule can remove
+        # (only for exact stages: a two-stage retrieval needs its full C for the ranker to choose from)
+        c = min(max(n_candidates, k), k + len(gone)) if fast and getattr(stages, "exact", False) else \
+            max(n_candidates, k)
+        if hasattr(stages, "retrieve_rank"):
+            idx, sc = stages.retrieve_rank(hist, c, uf)
+        else:
+            idx, sc = stages.rank(hist, stages.retrieve(hist, c, uf), uf)
         ids = np.where(idx < bundle.n_items, bundle.property_ids[np.clip(idx, 0, bundle.n_items - 1)], "")
         if live is not None and len(live):
             new_sc, _ = live.scores(hist, uf)
@@ -258,13 +300,17 @@ def recommend(bundle, user_ids: list[str], k: int = 10, *, filters: list[Filters
             sc = np.concatenate([sc, new_sc], axis=1)
             order = np.argsort(-sc, axis=1, kind="stable")
             ids, sc = np.take_along_axis(ids, order, 1), np.take_along_axis(sc, order, 1)
-        uniq = sorted({p for p in ids.ravel() if p})
-        feats = features.properties(uniq) if uniq else pd.DataFrame(columns=FILTER_COLUMNS)
+        if not fast:  # (availability only: a set lookup, no feature fetch)
+            uniq = sorted({p for p in ids.ravel() if p})
+            feats = features.properties(uniq) if uniq else pd.DataFrame(columns=FILTER_COLUMNS)
         for r, i in enumerate(warm):
             seen = set(recent(user_ids[i]) or []) if recent else set()
             row_ids, row_sc = ids[r], sc[r]
             valid = np.array([bool(p) and p not in seen for p in row_ids]) & np.isfinite(row_sc)
-            ok = valid & filters[i].mask(feats.reindex(row_ids))
+            if fast:
+                ok = valid & np.array([p not in gone for p in row_ids]) if gone else valid
+            else:
+                ok = valid & filters[i].mask(feats.reindex(row_ids))
             removed[i] = int(valid.sum() - ok.sum())
             take = np.flatnonzero(ok)[:k]
             out_ids[i, : len(take)], out_sc[i, : len(take)] = row_ids[take], row_sc[take]
