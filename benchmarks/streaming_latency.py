@@ -8,7 +8,10 @@ subprocess) and this measuring process share the CPUs.
   * probes: every --interval s a `property_data` "updated" event with a new price for one of --probes properties
     (round robin), sent with its own producer (linger 0) and the send time recorded;
   * a poller reads `property_attributes:price` of the pending probes from the online store (Redis) every few ms;
-    latency = first time the new price is read - send time.
+    latency = first time the new price is read - send time;
+  * with --serve (default): a `rentalml serve` (bundle of the background dataset, serve.feature_source=feast)
+    is polled on POST /explain for the pending probes; served latency = first time the explanation shows the new
+    price - send time (the path Kafka → processor → Feast → serving).
 Writes benchmarks/results/streaming_latency.json (one entry per --rate under "runs": p50/p95/p99, achieved
 events/s) and prints a markdown row.
 
@@ -53,6 +56,8 @@ def main() -> None:
     ap.add_argument("--probes", type=int, default=20, help="properties whose price is updated (round robin)")
     ap.add_argument("--dataset", default="synthetic:2000,1000,20000", help="users,properties of the background; "
                     "its interactions are replayed cyclically")
+    ap.add_argument("--serve", action=argparse.BooleanOptionalAction, default=True,
+                    help="also measure the served explanation (POST /explain of a rentalml serve on Feast)")
     args = ap.parse_args()
 
     from rentalml.services import start_redis, start_tansu
@@ -80,6 +85,23 @@ def main() -> None:
                                 stdout=subprocess.DEVNULL, stderr=open(log, "ab"), cwd=str(ROOT))
         procs.append(proc)
         probes = [f"p_{i:06d}" for i in range(1, args.probes + 1)]
+        served_url = None
+        if args.serve:
+            from rentalml.data.loaders import load_dataset
+            from rentalml.export.bundle import write_bundle
+            from rentalml.services import free_port, wait_port
+            from rentalml.training.trainer import fit_model
+
+            ds = load_dataset(args.dataset)
+            bundle = write_bundle(fit_model("popularity", ds), ds, home / "bundle", quantize=False)
+            http, grpc = free_port(), free_port()
+            srv = subprocess.Popen([sys.executable, "-m", "rentalml.cli", "serve", "--bundle", str(bundle),
+                                    "--http-port", str(http), "--grpc-port", str(grpc)],
+                                   env={**env, "KSERVE_LOGLEVEL": "WARNING", "RENTALML_SERVE__FEATURE_SOURCE": "feast"},
+                                   stdout=subprocess.DEVNULL, stderr=open(home / "serve.log", "ab"), cwd=str(ROOT))
+            procs.append(srv)
+            wait_port(http, timeout=120, proc=srv)
+            served_url = f"http://127.0.0.1:{http}/explain"
         prod = producer(linger_ms=0, acks=1)
 
         def update(i: int, pid: str, price: float) -> float:
@@ -139,9 +161,37 @@ def main() -> None:
                     break
                 time.sleep(0.02)  # resolution vs. the CPU this reader takes from the processor
 
+        seen_served: dict[int, float] = {}
+
+        def served_poller() -> None:
+            import httpx
+
+            client = httpx.Client(timeout=5)
+            while not (stop.is_set() and (len(seen_served) >= len(sent) or time.perf_counter() - stop_at[0] > 10)):
+                with lock:
+                    pending = {i: v for i, v in sent.items() if i not in seen_served}
+                latest: dict[str, tuple[int, float]] = {}
+                for i, (pid, price, _) in pending.items():
+                    latest[pid] = max(latest.get(pid, (i, price)), (i, price))
+                shown = {}
+                for pid in latest:
+                    r = client.post(served_url, json={"user_id": "u_000001", "property_id": pid})
+                    shown[pid] = r.json().get("explanation", "") if r.status_code == 200 else ""
+                now = time.perf_counter()
+                with lock:
+                    for i, (pid, price, _) in pending.items():
+                        if f"${price:,.0f}/month" in shown.get(pid, "") or (
+                                latest[pid][0] > i and f"${latest[pid][1]:,.0f}/month" in shown.get(pid, "")):
+                            seen_served[i] = now
+                time.sleep(0.02)
+            client.close()
+
         stop_at = [0.0]
         th = threading.Thread(target=poller, daemon=True)
         th.start()
+        th2 = threading.Thread(target=served_poller, daemon=True) if served_url else None
+        if th2 is not None:
+            th2.start()
         t_start = time.perf_counter()
         i = 0
         while time.perf_counter() - t_start < args.seconds - 2.0 and bg.poll() is None:
@@ -155,10 +205,13 @@ def main() -> None:
         stop.set()
         stop_at[0] = time.perf_counter()
         th.join(timeout=15)
+        if th2 is not None:
+            th2.join(timeout=15)
         bg_out, _ = bg.communicate(timeout=60)
         produced = json.loads(bg_out.decode().strip().splitlines()[-1])
         time.sleep(1.0)
         lat = np.array([seen[k] - sent[k][2] for k in sent if k in seen])
+        lat_srv = np.array([seen_served[k] - sent[k][2] for k in sent if k in seen_served])
         rows = _totals(log)
         window = [(t, d) for t, d in rows if d["records"] > 0]
         if len(window) >= 2:
@@ -181,6 +234,9 @@ def main() -> None:
             "price_updates": {"sent": len(sent), "seen": int(len(lat))},
             "latency_s": {**{f"p{q}": round(float(np.percentile(lat, q)), 4) for q in (50, 95, 99)},
                           "max": round(float(lat.max()), 4), "mean": round(float(lat.mean()), 4)} if len(lat) else None,
+            "served_explanation_latency_s": ({**{f"p{q}": round(float(np.percentile(lat_srv, q)), 4)
+                                                 for q in (50, 95, 99)}, "seen": int(len(lat_srv)),
+                                              "max": round(float(lat_srv.max()), 4)} if len(lat_srv) else None),
             "batch_s": {"p50": round(float(np.nanpercentile(batch_s, 50)), 4),
                         "p99": round(float(np.nanpercentile(batch_s, 99)), 4)},
             "push_s": {"p50": round(float(np.nanpercentile(push_s, 50)), 4),

@@ -5,7 +5,7 @@ RS256 with a public key (`auth.jwt_public_key_file`, PEM). A token is accepted w
 with the key for its `alg` (only algorithms listed in `auth.algorithms` and for which a key is configured),
 it has not expired, and — when `auth.audience` is set — its `aud` matches.
 
-Protected: POST /predict, POST /feedback, /admin/*, every /v1/* and /v2/* route except /v2/health/*
+Protected: POST /predict, POST /explain, POST /feedback, /admin/*, every /v1/* and /v2/* route except /v2/health/*
 and /v2/models/<m>/ready (REST, `Authorization: Bearer <token>`), and every gRPC method except ServerLive,
 ServerReady, ModelReady (gRPC metadata `authorization: Bearer <token>`). Open: /health, /metrics, /v2/health/*,
 /v2/models/<m>/ready (the probes).
@@ -84,7 +84,7 @@ def is_open_path(path: str) -> bool:
         return True
     if path.startswith("/v2/models/") and path.endswith("/ready"):  # readiness probes (gRPC ModelReady too)
         return True
-    return not (path.startswith(("/v1/", "/v2/", "/admin/")) or path in ("/predict", "/feedback", "/v2"))
+    return not (path.startswith(("/v1/", "/v2/", "/admin/")) or path in ("/predict", "/explain", "/feedback", "/v2"))
 
 
 class JWTMiddleware:

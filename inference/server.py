@@ -140,6 +140,11 @@ def install_routes(model, app=None) -> None:
         model_type: str | None = None
         include_explanations: bool = False
 
+    class ExplainRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        user_id: str = Field(min_length=1)
+        property_id: str = Field(min_length=1)
+
     class FeedbackRequest(BaseModel):
         model_config = ConfigDict(extra="ignore")
         user_id: str = Field(min_length=1)
@@ -221,6 +226,18 @@ def install_routes(model, app=None) -> None:
             if status != m.REJECTED:
                 m.INFERENCE_DURATION.labels(model.name, variant, m.JSON).observe(time.perf_counter() - t0)
 
+    async def explain(request: Request):
+        """Why (user, property) would be recommended, with the property's current attributes (Feast online
+        features when serve.feature_source=feast) and the user's streamed history."""
+        req, bad = await parse(request, ExplainRequest)
+        if bad is not None:
+            return bad
+        arm = model.arm_for(req.user_id)
+        text = await asyncio.get_running_loop().run_in_executor(
+            None, arm.engine.explain, req.user_id, req.property_id)
+        return JSONResponse({"user_id": req.user_id, "property_id": req.property_id, "explanation": text,
+                             "variant": arm.label, "model_version": arm.model_version})
+
     async def feedback(request: Request):
         req, bad = await parse(request, FeedbackRequest)
         if bad is not None:
@@ -278,6 +295,8 @@ def install_routes(model, app=None) -> None:
         app.add_middleware(JWTMiddleware, verifier=verifier)
     app.add_api_route("/predict", predict, methods=["POST"], tags=["rentalml"],
                       summary="Recommendations for one user (friendly JSON)")
+    app.add_api_route("/explain", explain, methods=["POST"], tags=["rentalml"],
+                      summary="Explanation of one (user, property) pair with current attributes")
     app.add_api_route("/feedback", feedback, methods=["POST"], tags=["rentalml"], status_code=202,
                       summary="A/B outcome of a served recommendation: click, save or inquiry")
     app.add_api_route("/admin/reload", reload, methods=["POST"], tags=["rentalml"],

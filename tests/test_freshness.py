@@ -145,6 +145,12 @@ def test_streamed_events_reach_served_recommendations(world, market):
     assert r.status_code == 200, r.text
     recs = {x["property_id"]: x for x in r.json()["recommendations"]}
     assert known in recs and "$4,321/month" in recs[known]["explanation"]
+    r = httpx.post(f"{world['server'].url}/explain", json={"user_id": users[0], "property_id": known})
+    assert r.status_code == 200 and "$4,321/month" in r.json()["explanation"]
+    r = httpx.post(f"{world['server'].url}/explain", json={"user_id": users[0], "property_id": new_pid})
+    assert r.status_code == 200 and r.json()["explanation"].startswith("new listing")
+    r = httpx.post(f"{world['server'].url}/explain", json={"user_id": users[0]})
+    assert r.status_code == 422 and "property_id" in r.text
 
     # a delisting takes the property out of every list (available = 0 in Feast; cached rows invalidated)
     _send(env, [("property_data", known, {"event_id": f"d-{tag}", "event_type": "delisted", "property_id": known,
