@@ -21,9 +21,10 @@ COPY streaming streaming
 RUN pip install --no-cache-dir .
 
 FROM ${PYTHON_IMAGE}
-# OpenMPI and ssh for the MPIJob launcher/workers (the operator mounts the ssh keys)
+# OpenMPI and ssh for the MPIJob launcher/workers (the operator mounts the ssh keys); postgresql-client for
+# `rentalml backup` / `restore` of PostgreSQL (pg_dump, pg_restore)
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends openmpi-bin openssh-client openssh-server \
+    && apt-get install -y --no-install-recommends openmpi-bin openssh-client openssh-server postgresql-client \
     && rm -rf /var/lib/apt/lists/* \
     && groupadd --gid 10001 rentalml \
     && useradd --uid 10001 --gid 10001 --create-home --home-dir /home/rentalml rentalml
