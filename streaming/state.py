@@ -125,6 +125,23 @@ def decode_attributes(h: dict[str, str]) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------- Redis
+# drop the hourly ('h:<hour>') and 5-minute ('v5:<slot>') counter fields older than the windows need (min_h, min_m
+# in scope); returns the kept fields as a flat list. Shared by the apply and the refresh scripts.
+_LUA_PRUNE = r"""
+local function prune(key)
+  local flat = redis.call('HGETALL', key)
+  local keep = {}
+  for j = 1, #flat, 2 do
+    local f = flat[j]
+    local kind, b = string.match(f, '^(%w+):(%-?%d+)$')
+    local old = false
+    if kind == 'v5' then old = tonumber(b) < min_m elseif kind then old = tonumber(b) < min_h end
+    if old then redis.call('HDEL', key, f) else keep[#keep + 1] = f; keep[#keep + 1] = flat[j + 1] end
+  end
+  return keep
+end
+"""
+
 _LUA = r"""
 local P = KEYS[1]
 local cfg = cjson.decode(ARGV[1])
@@ -191,18 +208,7 @@ local function version(key, changed)
 end
 local min_h = math.floor(clock / 3600) - keep_h
 local min_m = math.floor(clock / 300) - 24
-local function prune(key)
-  local flat = redis.call('HGETALL', key)
-  local keep = {}
-  for j = 1, #flat, 2 do
-    local f = flat[j]
-    local kind, b = string.match(f, '^(%w+):(%-?%d+)$')
-    local old = false
-    if kind == 'v5' then old = tonumber(b) < min_m elseif kind then old = tonumber(b) < min_h end
-    if old then redis.call('HDEL', key, f) else keep[#keep + 1] = f; keep[#keep + 1] = flat[j + 1] end
-  end
-  return keep
-end
+""" + _LUA_PRUNE + r"""
 local res = {outcomes = outcomes, clock = string.format('%.6f', clock), eng = {}, prop = {}, usr = {}, hist = {},
              uev = {}}
 for id, changed in pairs(eng) do
@@ -233,21 +239,13 @@ local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local min_h = math.floor(clock / 3600) - keep_h
 local min_m = math.floor(clock / 300) - 24
 local res = {clock = string.format('%.6f', clock), eng = {}}
+""" + _LUA_PRUNE + r"""
 for i = 2, #ARGV do
   local k = P .. ':eng:' .. ARGV[i]
   if redis.call('EXISTS', k) == 1 then
     local v = tonumber(redis.call('HGET', k, '_v') or '0')
     redis.call('HSET', k, '_v', string.format('%d', math.max(v + 1, now_us)))
-    local flat = redis.call('HGETALL', k)
-    local keep = {}
-    for j = 1, #flat, 2 do
-      local f = flat[j]
-      local kind, b = string.match(f, '^(%w+):(%-?%d+)$')
-      local old = false
-      if kind == 'v5' then old = tonumber(b) < min_m elseif kind then old = tonumber(b) < min_h end
-      if old then redis.call('HDEL', k, f) else keep[#keep + 1] = f; keep[#keep + 1] = flat[j + 1] end
-    end
-    res.eng[ARGV[i]] = keep
+    res.eng[ARGV[i]] = prune(k)
   end
 end
 return cjson.encode(res)

@@ -48,6 +48,14 @@ def fit(market, splits):
     return get
 
 
+@pytest.fixture(scope="session")
+def hybrid_bundle_dir(market, fit, tmp_path_factory):
+    """A bundle of the default (hybrid) model fit on the random-75-25 train split, written once per session."""
+    from rentalml.export.bundle import write_bundle
+
+    return write_bundle(fit("hybrid"), market, tmp_path_factory.mktemp("hybrid-bundle") / "b", quantize=False)
+
+
 # --- real services on loopback (rentalml.services) ------------------------------------------------------------
 # Outside CI a missing server binary skips the test with the reason; `.ci/run` sets RENTALML_REQUIRE_SERVICES=1,
 # which turns that skip into a failure, so CI can never pass with a service test silently skipped.

@@ -12,15 +12,13 @@ import pytest
 
 from rentalml.data.dataset import Dataset
 from rentalml.data.generator import generate_marketplace
-from rentalml.export.bundle import Bundle, write_bundle
+from rentalml.export.bundle import Bundle
 from rentalml.export.foldin import LiveCatalogue, recommend_live
 
 
 @pytest.fixture(scope="module")
-def bundle(market, fit, tmp_path_factory):
-    out = tmp_path_factory.mktemp("foldin") / "b"
-    write_bundle(fit("hybrid"), market, out, quantize=False)
-    return Bundle(out)
+def bundle(hybrid_bundle_dir):
+    return Bundle(hybrid_bundle_dir)
 
 
 def test_bundle_has_foldin_graph_and_checkpoint(bundle):

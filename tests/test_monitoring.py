@@ -15,15 +15,13 @@ import pytest
 
 from rentalml.data.dataset import Dataset
 from rentalml.data.generator import generate_marketplace
-from rentalml.export.bundle import Bundle, write_bundle
+from rentalml.export.bundle import Bundle
 from rentalml.monitoring import drift as d
 
 
 @pytest.fixture(scope="module")
-def bundle_dir(market, fit, tmp_path_factory):
-    out = tmp_path_factory.mktemp("bundle") / "b"
-    write_bundle(fit("hybrid"), market, out, quantize=False)
-    return out
+def bundle_dir(hybrid_bundle_dir):
+    return hybrid_bundle_dir
 
 
 def shifted(ds: Dataset, seed: int = 7) -> Dataset:

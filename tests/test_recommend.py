@@ -5,15 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from rentalml.export.bundle import Bundle, write_bundle
+from rentalml.export.bundle import Bundle
 from rentalml.recommend import Filters, LocalFeatures, LocalStages, recommend
 
 
 @pytest.fixture(scope="module")
-def bundle(market, fit, tmp_path_factory):
-    out = tmp_path_factory.mktemp("rec") / "b"
-    write_bundle(fit("hybrid"), market, out, quantize=False)
-    return Bundle(out)
+def bundle(hybrid_bundle_dir):
+    return Bundle(hybrid_bundle_dir)
 
 
 def test_without_filters_two_stage_equals_the_scorer(bundle):

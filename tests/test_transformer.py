@@ -12,17 +12,15 @@ import httpx
 import numpy as np
 import pytest
 
-from rentalml.export.bundle import Bundle, write_bundle
+from rentalml.export.bundle import Bundle
 from rentalml.export.triton import write_triton_repo
 from rentalml.recommend import Filters, recommend
 from rentalml.services import free_port, wait_port
 
 
 @pytest.fixture(scope="module")
-def bundle(market, fit, tmp_path_factory):
-    out = tmp_path_factory.mktemp("tr") / "b"
-    write_bundle(fit("hybrid"), market, out, quantize=False)
-    return Bundle(out)
+def bundle(hybrid_bundle_dir):
+    return Bundle(hybrid_bundle_dir)
 
 
 @pytest.fixture(scope="module")

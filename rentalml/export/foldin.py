@@ -22,12 +22,11 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pandas as pd
 import torch
 from torch import nn
 
-from rentalml.export.onnx_export import OPSET, Scorer
+from rentalml.export.onnx_export import Scorer, dummy_history, export_graph
 from rentalml.models.hybrid import COLD_SHRINK, Hybrid
 from rentalml.models.neural import TwoTower
 
@@ -83,22 +82,10 @@ def export_foldin(fitted, path: str | Path, history_len: int = 256) -> Path | No
         mod = FoldIn(fitted).eval()
     except TypeError:
         return None
-    path = Path(path)
-    n, f = len(fitted.item_ids), fitted.item_features.shape[1]
-    hist = torch.full((2, history_len), n, dtype=torch.int64)
-    hist[:, :3] = torch.tensor([0, 1, 2])
-    args: tuple = (hist, torch.zeros(3, f))
-    names = ["history", "new_features"]
-    axes = {"history": {0: "batch"}, "new_features": {0: "new"}, "scores": {0: "batch", 1: "new"}, "proxy": {0: "new"}}
-    if mod.scorer.user_feat_dim:
-        args = (*args, torch.zeros(2, mod.scorer.user_feat_dim))
-        names.append("user_features")
-        axes["user_features"] = {0: "batch"}
-    with torch.no_grad():
-        torch.onnx.export(mod, args, str(path), input_names=names, output_names=["scores", "proxy"],
-                          dynamic_axes=axes, opset_version=OPSET, dynamo=False)
-    onnx.checker.check_model(str(path))
-    return path
+    inputs = {"history": (dummy_history(len(fitted.item_ids), history_len), {0: "batch"}),
+              "new_features": (torch.zeros(3, fitted.item_features.shape[1]), {0: "new"})}
+    return export_graph(mod, path, inputs, {"scores": {0: "batch", 1: "new"}, "proxy": {0: "new"}},
+                        mod.scorer.user_feat_dim)
 
 
 class LiveCatalogue:

@@ -99,18 +99,34 @@ def export_scorer(fitted, path: str | Path, history_len: int = 256) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     scorer = Scorer(fitted).eval()
-    n = len(fitted.item_ids)
-    hist = torch.full((2, history_len), n, dtype=torch.int64)
-    hist[:, :3] = torch.tensor([0, 1, 2])
-    args: tuple = (hist, torch.tensor([10], dtype=torch.int64))
-    names = ["history", "k"]
-    axes = {"history": {0: "batch", 1: "history_len"}, "indices": {0: "batch", 1: "k"}, "scores": {0: "batch", 1: "k"}}
-    if scorer.user_feat_dim:
-        args = (*args, torch.zeros(2, scorer.user_feat_dim))
+    inputs = {"history": (dummy_history(len(fitted.item_ids), history_len), {0: "batch", 1: "history_len"}),
+              "k": (torch.tensor([10], dtype=torch.int64), {})}
+    return export_graph(scorer, path, inputs, {"indices": {0: "batch", 1: "k"}, "scores": {0: "batch", 1: "k"}},
+                        scorer.user_feat_dim)
+
+
+def dummy_history(n_items: int, history_len: int, batch: int = 2) -> torch.Tensor:
+    """A tracing input: padded histories (n_items = padding) with three real items."""
+    hist = torch.full((batch, history_len), n_items, dtype=torch.int64)
+    hist[:, :3] = torch.tensor([0, 1, min(2, n_items - 1)])
+    return hist
+
+
+def export_graph(module: torch.nn.Module, path: str | Path, inputs: dict[str, tuple[torch.Tensor, dict]],
+                 outputs: dict[str, dict], user_feat_dim: int = 0) -> Path:
+    """torch.onnx.export of one of the bundle's graphs (opset OPSET, TorchScript exporter) + the ONNX checker.
+    `inputs`: name → (example tensor, dynamic axes); `outputs`: name → dynamic axes; an optional trailing
+    `user_features` input [batch, user_feat_dim] when the model has a user-feature tower."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    names, args = list(inputs), tuple(t for t, _ in inputs.values())
+    axes = {name: ax for name, (_, ax) in inputs.items() if ax} | {name: ax for name, ax in outputs.items() if ax}
+    if user_feat_dim:
+        args = (*args, torch.zeros(2, user_feat_dim))
         names.append("user_features")
         axes["user_features"] = {0: "batch"}
     with torch.no_grad():
-        torch.onnx.export(scorer, args, str(path), input_names=names, output_names=["indices", "scores"],
+        torch.onnx.export(module.eval(), args, str(path), input_names=names, output_names=list(outputs),
                           dynamic_axes=axes, opset_version=OPSET, dynamo=False)
     onnx.checker.check_model(str(path))
     return path

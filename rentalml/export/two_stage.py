@@ -25,11 +25,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import onnx
 import torch
 from torch import nn
 
-from rentalml.export.onnx_export import NEG, OPSET, pad_histories
+from rentalml.export.onnx_export import NEG, dummy_history, export_graph, pad_histories
 from rentalml.models.hybrid import Hybrid
 from rentalml.models.itemitem import SparseEASE
 from rentalml.models.neural import TwoTower
@@ -126,50 +125,21 @@ class Ranker(_UserTower):
         return torch.gather(candidates, 1, order), top_s
 
 
-def _dummy(n: int, history_len: int, batch: int = 2) -> torch.Tensor:
-    hist = torch.full((batch, history_len), n, dtype=torch.int64)
-    hist[:, :3] = torch.tensor([0, 1, min(2, n - 1)])
-    return hist
-
-
 def export_retrieval(fitted, path: str | Path, history_len: int, n_candidates: int = DEFAULT_CANDIDATES,
                      embedding_only: bool = False) -> Path:
-    path = Path(path)
     mod = Retrieval(fitted, n_candidates, embedding_only).eval()
-    args: tuple = (_dummy(mod.n, history_len),)
-    names = ["history"]
-    axes: dict = {"history": {0: "batch"}}
-    if mod.user_feat_dim:
-        args = (*args, torch.zeros(2, mod.user_feat_dim))
-        names.append("user_features")
-        axes["user_features"] = {0: "batch"}
     outs = ["user_embedding"] if embedding_only else ["candidates", "candidate_scores"]
-    axes.update({o: {0: "batch"} for o in outs})
-    with torch.no_grad():
-        torch.onnx.export(mod, args, str(path), input_names=names, output_names=outs, dynamic_axes=axes,
-                          opset_version=OPSET, dynamo=False)
-    onnx.checker.check_model(str(path))
-    return path
+    return export_graph(mod, path, {"history": (dummy_history(mod.n, history_len), {0: "batch"})},
+                        {o: {0: "batch"} for o in outs}, mod.user_feat_dim)
 
 
 def export_ranker(fitted, path: str | Path, history_len: int, n_candidates: int) -> Path:
-    path = Path(path)
     mod = Ranker(fitted).eval()
     c = max(1, min(int(n_candidates), mod.n))
-    cand = torch.arange(c, dtype=torch.int64).repeat(2, 1)
-    args: tuple = (_dummy(mod.n, history_len), cand)
-    names = ["history", "candidates"]
     cand_axes = {0: "batch", 1: "n_candidates"}  # any C: a caller may rank fewer than retrieval returns
-    axes: dict = {"history": {0: "batch"}, "candidates": cand_axes, "indices": cand_axes, "scores": cand_axes}
-    if mod.user_feat_dim:
-        args = (*args, torch.zeros(2, mod.user_feat_dim))
-        names.append("user_features")
-        axes["user_features"] = {0: "batch"}
-    with torch.no_grad():
-        torch.onnx.export(mod, args, str(path), input_names=names, output_names=["indices", "scores"],
-                          dynamic_axes=axes, opset_version=OPSET, dynamo=False)
-    onnx.checker.check_model(str(path))
-    return path
+    inputs = {"history": (dummy_history(mod.n, history_len), {0: "batch"}),
+              "candidates": (torch.arange(c, dtype=torch.int64).repeat(2, 1), cand_axes)}
+    return export_graph(mod, path, inputs, {"indices": cand_axes, "scores": cand_axes}, mod.user_feat_dim)
 
 
 def export_two_stage(fitted, out_dir: str | Path, history_len: int, n_candidates: int = DEFAULT_CANDIDATES,
