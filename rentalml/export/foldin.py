@@ -59,12 +59,7 @@ class FoldIn(nn.Module):
     def forward(self, history: torch.Tensor, new_features: torch.Tensor, user_features: torch.Tensor | None = None):
         sc = self.scorer
         batch = history.shape[0]
-        mask = (history < self.n).to(torch.float32)
-        cnt = mask.sum(1, keepdim=True).clamp(min=1.0)
-        h = sc.table_in[history].sum(1) / cnt.sqrt()
-        if sc.user_feat_dim:
-            h = torch.cat([h, user_features], dim=1)
-        u = sc.user_tower(torch.tanh(h))
+        u = sc.user_vector(history, user_features)
         c = self.item_content(new_features)  # [M, d]: the ID part of a never-seen property is zero
         scores = u @ c.T + self.new_bias
         proxy = self.warm[torch.argmax(nn.functional.normalize(c, dim=1) @ self.warm_vec_t, dim=1)]

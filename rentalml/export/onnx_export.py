@@ -69,16 +69,20 @@ class Scorer(nn.Module):
         if self.tower is None and self.itemitem is None and not self.has_pop:
             raise TypeError(f"no ONNX export for {type(model).__name__}")
 
+    def user_vector(self, history: torch.Tensor, user_features: torch.Tensor | None = None) -> torch.Tensor:
+        """The user tower on a padded history (TwoTowerNet.user_vectors on index matrices)."""
+        mask = (history < self.n).to(torch.float32)
+        cnt = mask.sum(1, keepdim=True).clamp(min=1.0)
+        h = self.table_in[history].sum(1) / cnt.sqrt()
+        if self.user_feat_dim:
+            h = torch.cat([h, user_features], dim=1)
+        return self.user_tower(torch.tanh(h))
+
     def forward(self, history: torch.Tensor, k: torch.Tensor, user_features: torch.Tensor | None = None):
         batch = history.shape[0]
         scores = torch.zeros(batch, self.n + 1)
         if self.tower is not None:
-            mask = (history < self.n).to(torch.float32)
-            cnt = mask.sum(1, keepdim=True).clamp(min=1.0)
-            h = self.table_in[history].sum(1) / cnt.sqrt()
-            if self.user_feat_dim:
-                h = torch.cat([h, user_features], dim=1)
-            u = self.user_tower(torch.tanh(h))
+            u = self.user_vector(history, user_features)
             s = u @ self.table_out_t + self.bias
             scores = scores + torch.cat([s, torch.zeros(batch, 1)], dim=1)
         if self.itemitem is not None:
