@@ -21,6 +21,7 @@ from typing import Protocol
 import numpy as np
 import pandas as pd
 
+from rentalml.export.bundle import FALLBACK_PER_CITY as FALLBACK
 from rentalml.export.onnx_export import pad_histories
 
 #: property attributes the filters and explanations need, in the names of the property schema / Feast view
@@ -326,7 +327,14 @@ def recommend(bundle, user_ids: list[str], k: int = 10, *, filters: list[Filters
         fb_ids = bundle.property_ids[fb_idx]
         keep = ~np.isin(fb_ids, list(exclude))
         fb_ids, fb_sc = fb_ids[keep], fb_sc[keep]
-        ok = filters[i].mask(features.properties(list(fb_ids))) if len(fb_ids) else np.zeros(0, bool)
+        if not len(fb_ids):
+            ok = np.zeros(0, bool)
+        elif filters[i].trivial and hasattr(features, "unavailable"):  # availability only: no feature fetch
+            gone_i = features.unavailable() if filters[i].available_only else set()
+            ok = np.array([p not in gone_i for p in fb_ids], dtype=bool)
+        else:  # the city list and the global one at most (FALLBACK each)
+            fb_ids, fb_sc = fb_ids[: max(4 * k, 2 * FALLBACK)], fb_sc[: max(4 * k, 2 * FALLBACK)]
+            ok = filters[i].mask(features.properties(list(fb_ids)))
         fb_ids, fb_sc = fb_ids[ok][: k - have], fb_sc[ok][: k - have]
         out_ids[i, have: have + len(fb_ids)] = fb_ids
         # fallback scores sit below every model score of the list
