@@ -37,13 +37,24 @@ from rentalml.cache import open_cache
 from rentalml.config import get_settings
 from rentalml.evaluation.ab import CHALLENGER, CHAMPION, assign_variant
 from rentalml.export.bundle import Bundle, Recommendations, read_meta
-from rentalml.recommend import Engine, FeastFeatures, LocalFeatures
+from rentalml.recommend import Engine, FeastFeatures, Filters, LocalFeatures
 
 from . import MODEL_NAME
 from . import metrics as m
 from .outcomes import OutcomeLog
 
 log = logging.getLogger("rentalml.inference")
+
+#: request parameters (v2 `parameters`, `/predict` "filters") that set business rules for that request
+FILTER_PARAMS = ("budget", "budget_band", "city", "min_bedrooms", "available_only")
+
+
+def _param_value(v):
+    """A v2 request parameter's value: plain over REST; an InferParameter-like message over gRPC."""
+    if hasattr(v, "WhichOneof"):
+        which = v.WhichOneof("parameter_choice")
+        return getattr(v, which) if which else None
+    return v
 
 # Quirk: importing kserve runs argparse.parse_known_args() over sys.argv (kserve/model_server.py), so a caller's
 # own flags (e.g. `--workers 3`) would silently become ModelServer defaults. Import it with a bare argv.
@@ -126,10 +137,11 @@ class RoutedRecommendations(Recommendations):
 class _Batch:
     """One request's rows: cache lookups first, then the misses through their arm's bundle."""
 
-    __slots__ = ("user_ids", "k", "arms", "rows", "missing", "cache_versions")
+    __slots__ = ("user_ids", "k", "arms", "rows", "missing", "cache_versions", "filters")
 
-    def __init__(self, model: RecommenderModel, routing: Routing, user_ids: list[str], k: int):
-        self.user_ids, self.k = user_ids, k
+    def __init__(self, model: RecommenderModel, routing: Routing, user_ids: list[str], k: int,
+                 filters: Filters | None = None):
+        self.user_ids, self.k, self.filters = user_ids, k, filters
         n = len(user_ids)
         if routing.challenger is None or routing.challenger_percent <= 0:
             self.arms = [routing.champion] * n
@@ -146,6 +158,9 @@ class _Batch:
             if arm.engine.refresh is not None:
                 arm.engine.refresh()  # fresh stream state first (rate-limited): it decides the cache version
             self.cache_versions[arm] = version = arm.engine.cache_version
+            if filters is not None:  # request-specific business rules: not what the cache holds
+                self.missing[arm] = list(idx)
+                continue
             hits = model.cache.get_many(version, [user_ids[i] for i in idx], k)
             n_hit = 0
             for i, hit in zip(idx, hits, strict=True):
@@ -160,7 +175,7 @@ class _Batch:
         k = self.k
         for arm, idx in self.missing.items():
             kk = min(k, arm.bundle.n_items)
-            rec = arm.engine.recommend([self.user_ids[i] for i in idx], kk)
+            rec = arm.engine.recommend([self.user_ids[i] for i in idx], kk, self.filters)
             sc = np.where(np.isfinite(rec.scores), rec.scores, PAD_SCORE).astype(np.float32)
             put = []
             for j, i in enumerate(idx):
@@ -170,7 +185,8 @@ class _Batch:
                     scores = np.concatenate([scores, np.full(k - kk, PAD_SCORE, dtype=np.float32)])
                 self.rows[i] = (np.array(ids, dtype=object), np.array(scores, dtype=np.float32), rec.sources[j])
                 put.append((self.user_ids[i], self.rows[i]))
-            model.cache.put_many(self.cache_versions[arm], put, k)
+            if self.filters is None:
+                model.cache.put_many(self.cache_versions[arm], put, k)
         self.missing = {}
         rows = self.rows
         if len(rows) == 1:  # the common case: views, no copies
@@ -462,24 +478,32 @@ class RecommenderModel(kserve.Model):
     def arm_for(self, user_id: str) -> Arm:
         return self.routing.arm_of(user_id)
 
-    def recommend(self, user_ids: list[str], k: int, routing: Routing | None = None) -> RoutedRecommendations:
+    def recommend(self, user_ids: list[str], k: int, routing: Routing | None = None,
+                  filters: Filters | None = None) -> RoutedRecommendations:
         """Each user's arm (sticky A/B split), its cached row or its bundle's Bundle.recommend; pads short rows
         (see module docstring)."""
-        return _Batch(self, routing or self.routing, user_ids, int(k)).complete(self)
+        return _Batch(self, routing or self.routing, user_ids, int(k), filters).complete(self)
 
-    async def arecommend(self, user_ids: list[str], k: int) -> RoutedRecommendations:
+    @staticmethod
+    def parse_filters(params: dict | None) -> Filters | None:
+        """Business rules from request parameters (`budget`, `budget_band`, `city`, `min_bedrooms`,
+        `available_only`); None when the request names none. ValueError names the bad field."""
+        given = {k: _param_value(v) for k, v in (params or {}).items() if k in FILTER_PARAMS}
+        return Filters.from_request(given) if given else None
+
+    async def arecommend(self, user_ids: list[str], k: int, filters: Filters | None = None) -> RoutedRecommendations:
         """recommend() within settings.serve.request_timeout_s. In-process cache hits are answered on the event
         loop; misses (and Redis lookups) run on the loop's thread pool: ONNX Runtime releases the GIL, so REST
         and gRPC requests overlap instead of queueing behind one another on the event loop."""
         routing = self.routing
         loop = asyncio.get_running_loop()
         if self.cache.backend == "memory":
-            batch = _Batch(self, routing, user_ids, int(k))
+            batch = _Batch(self, routing, user_ids, int(k), filters)
             if not batch.missing:
                 return batch.complete(self)
             fut = loop.run_in_executor(None, batch.complete, self)
         else:
-            fut = loop.run_in_executor(None, self.recommend, user_ids, k, routing)
+            fut = loop.run_in_executor(None, self.recommend, user_ids, k, routing, filters)
         limit = self.request_timeout_s
         if limit <= 0:
             return await fut
@@ -577,11 +601,15 @@ class RecommenderModel(kserve.Model):
                                    f"(POST /v2/models/{self.name}/infer or gRPC ModelInfer)")
             try:
                 user_ids, k = self.parse_request(payload)
+                try:
+                    filters = self.parse_filters(payload.parameters)
+                except ValueError as exc:
+                    raise InvalidInput(f"request parameter {exc}") from None
             except InvalidInput:
                 status = m.REJECTED
                 raise
             try:
-                rec = await self.arecommend(user_ids, k)
+                rec = await self.arecommend(user_ids, k, filters)
             except RequestTimeout as exc:
                 if grpc:
                     raise DeadlineExceeded(str(exc)) from None

@@ -139,6 +139,8 @@ def install_routes(model, app=None) -> None:
         num_recommendations: int = model.default_k
         model_type: str | None = None
         include_explanations: bool = False
+        # business rules for this request: budget, budget_band [lo, hi], city, min_bedrooms, available_only
+        filters: dict | None = None
 
     class ExplainRequest(BaseModel):
         model_config = ConfigDict(extra="forbid")
@@ -203,7 +205,17 @@ def install_routes(model, app=None) -> None:
                 status = m.REJECTED
                 return _error("model_type", f"'{req.model_type}' is not served here; this server serves "
                                             f"'{model.model_type}' (send null for the served model)")
-            rec = await model.arecommend([req.user_id], k)
+            try:
+                filters = model.parse_filters(req.filters)
+            except ValueError as exc:
+                status = m.REJECTED
+                field, _, msg = str(exc).partition(": ")
+                return _error(f"filters.{field}", msg or str(exc))
+            if req.filters and filters is None:
+                status = m.REJECTED
+                return _error("filters", f"unknown rule(s) {sorted(req.filters)}; rules: budget, budget_band, city, "
+                                         "min_bedrooms, available_only")
+            rec = await model.arecommend([req.user_id], k, filters)
             arm, variant, version = rec.arms[0], rec.variants[0], rec.versions[0]
             items = []
             for rank, (pid, score) in enumerate(zip(rec.property_ids[0], rec.scores[0], strict=True), start=1):
