@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from rentalml.export.bundle import FALLBACK_PER_CITY as FALLBACK
-from rentalml.export.onnx_export import pad_histories
+from rentalml.export.onnx_export import pad_histories, trim_padding
 
 #: property attributes the filters and explanations need, in the names of the property schema / Feast view
 FILTER_COLUMNS = ["price", "bedrooms", "city", "available"]
@@ -216,8 +216,8 @@ class LocalStages:
         if self.two_stage is not None and self.two_stage.ann:
             cand = self.retrieve(history, n, user_features)
             return self.rank(history, cand, user_features)
-        feed = self._feed({"history": history, "k": np.array([min(n, self.n_items)], np.int64)}, user_features,
-                          len(history))
+        feed = self._feed({"history": trim_padding(history, self.n_items),
+                           "k": np.array([min(n, self.n_items)], np.int64)}, user_features, len(history))
         idx, sc = self.bundle.session.run(None, feed)
         return idx, sc
 
@@ -243,8 +243,8 @@ class LocalStages:
             feed = self._feed({"history": history, "candidates": candidates}, user_features, len(history))
             return self.two_stage.rank(history, candidates, feed.get("user_features"))
         # one-graph models: the scorer's order over the whole catalogue, restricted to the candidates
-        feed = self._feed({"history": history, "k": np.array([self.n_items], np.int64)}, user_features,
-                          len(history))
+        feed = self._feed({"history": trim_padding(history, self.n_items), "k": np.array([self.n_items], np.int64)},
+                          user_features, len(history))
         idx, sc = self.bundle.session.run(None, feed)
         out_i = np.full(candidates.shape, self.n_items, np.int64)
         out_s = np.full(candidates.shape, -np.inf, np.float32)

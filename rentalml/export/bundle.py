@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 from rentalml import __version__
-from rentalml.export.onnx_export import export_scorer, pad_histories
+from rentalml.export.onnx_export import export_scorer, pad_histories, trim_padding
 
 FORMAT_VERSION = 1
 HISTORY_LEN = 256
@@ -226,7 +226,7 @@ class Bundle:
                         user_features: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-k property indices and scores for arbitrary histories (index arrays, oldest → newest)."""
         k = max(1, min(int(k), self.n_items))
-        feed = {"history": pad_histories(histories, self.n_items, self.history_len),
+        feed = {"history": trim_padding(pad_histories(histories, self.n_items, self.history_len), self.n_items),
                 "k": np.array([k], dtype=np.int64)}
         if self.user_feature_dim:
             feed["user_features"] = (user_features if user_features is not None else
