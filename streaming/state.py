@@ -376,6 +376,17 @@ class SQLiteState(StateStore):
     def _hgetall(self, key: str) -> dict[str, str]:
         return dict(self.db.execute("SELECT field, value FROM hashes WHERE key=?", (key,)).fetchall())
 
+    def _prune(self, key: str, min_h: int, min_m: int) -> dict[str, str]:
+        """Delete counter fields older than the windows need (as _LUA_PRUNE); return the kept fields."""
+        out = {}
+        for f, v in self._hgetall(key).items():
+            kind, _, b = f.partition(":")
+            if b and b.lstrip("-").isdigit() and int(b) < (min_m if kind == "v5" else min_h):
+                self.db.execute("DELETE FROM hashes WHERE key=? AND field=?", (key, f))
+            else:
+                out[f] = v
+        return out
+
     def _maxfield(self, key: str, f: str, v: float) -> None:
         old = self._hget(key, f)
         if old is None or v > float(old):
@@ -451,26 +462,16 @@ class SQLiteState(StateStore):
                 if changed or v == 0:
                     self._hset(key, "_v", str(max(v + 1, now_us)))
 
-            def prune(key: str) -> dict[str, str]:
-                out = {}
-                for f, v in self._hgetall(key).items():
-                    kind, _, b = f.partition(":")
-                    if b and b.lstrip("-").isdigit() and int(b) < (min_m if kind == "v5" else min_h):
-                        db.execute("DELETE FROM hashes WHERE key=? AND field=?", (key, f))
-                    else:
-                        out[f] = v
-                return out
-
             res = Applied(outcomes, clock)
             for i, changed in eng.items():
                 version(f"{P}:eng:{i}", changed)
-                res.engagement[i] = prune(f"{P}:eng:{i}")
+                res.engagement[i] = self._prune(f"{P}:eng:{i}", min_h, min_m)
             for i, changed in prop.items():
                 version(f"{P}:prop:{i}", changed)
                 res.properties[i] = self._hgetall(f"{P}:prop:{i}")
             for i, changed in usr.items():
                 version(f"{P}:user:{i}", changed)
-                res.users[i] = prune(f"{P}:user:{i}")
+                res.users[i] = self._prune(f"{P}:user:{i}", min_h, min_m)
                 hk = f"{P}:hist:{i}"
                 db.execute("DELETE FROM zsets WHERE key=? AND member NOT IN (SELECT member FROM zsets WHERE key=? "
                            "ORDER BY score DESC, member DESC LIMIT ?)", (hk, hk, self.history_len))
@@ -503,14 +504,7 @@ class SQLiteState(StateStore):
                 if not h:
                     continue
                 self._hset(key, "_v", str(max(int(h.get("_v", 0)) + 1, now_us)))
-                out = {}
-                for f, v in self._hgetall(key).items():
-                    kind, _, b = f.partition(":")
-                    if b and b.lstrip("-").isdigit() and int(b) < (min_m if kind == "v5" else min_h):
-                        db.execute("DELETE FROM hashes WHERE key=? AND field=?", (key, f))
-                    else:
-                        out[f] = v
-                res.engagement[pid] = out
+                res.engagement[pid] = self._prune(key, min_h, min_m)
             db.execute("COMMIT")
             return res
         except BaseException:

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from rentalml.export.onnx_export import NEG, dummy_history, export_graph, pad_histories
+from rentalml.export.onnx_export import NEG, Scorer, dummy_history, export_graph, pad_histories
 from rentalml.models.hybrid import Hybrid
 from rentalml.models.itemitem import SparseEASE
 from rentalml.models.neural import TwoTower
@@ -52,13 +52,8 @@ class _UserTower(nn.Module):
         self.user_tower = tower.net.user_tower
         self.user_feat_dim = tower.net.user_feat_dim
 
-    def user_vector(self, history: torch.Tensor, user_features: torch.Tensor | None) -> torch.Tensor:
-        mask = (history < self.n).to(torch.float32)
-        cnt = mask.sum(1, keepdim=True).clamp(min=1.0)
-        h = self.table_in[history].sum(1) / cnt.sqrt()
-        if self.user_feat_dim:
-            h = torch.cat([h, user_features], dim=1)
-        return self.user_tower(torch.tanh(h))
+    # the scorer's user tower on the same buffers (n, table_in, user_tower, user_feat_dim): one definition
+    user_vector = Scorer.user_vector
 
 
 class Retrieval(_UserTower):
