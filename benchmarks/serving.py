@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import platform
-import signal
 import socket
 import subprocess
 import sys
@@ -102,12 +101,9 @@ def start_server(bundle: Path, log: Path, workers: int, cache: bool = False) -> 
 
 
 def stop_server(proc: subprocess.Popen) -> int | None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        return proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        return None
+    from rentalml.services import stop_process
+
+    return stop_process(proc, timeout=30)
 
 
 def versions() -> dict:

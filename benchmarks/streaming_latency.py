@@ -60,7 +60,7 @@ def main() -> None:
                     help="also measure the served explanation (POST /explain of a rentalml serve on Feast)")
     args = ap.parse_args()
 
-    from rentalml.services import start_redis, start_tansu
+    from rentalml.services import start_redis, start_tansu, stop_process
 
     tansu, redis = start_tansu(), start_redis()
     home = Path(tempfile.mkdtemp(prefix="rentalml-stream-bench-"))
@@ -256,12 +256,7 @@ def main() -> None:
                   f"{len(lat)}/{len(sent)} |")
     finally:
         for p in procs:
-            if p.poll() is None:
-                p.terminate()
-                try:
-                    p.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+            stop_process(p)
         tansu.stop()
         redis.stop()
 

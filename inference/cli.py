@@ -124,34 +124,29 @@ def register(app: typer.Typer) -> None:
     isvc_opt = typer.Option(None, "--isvc", help="InferenceService name (default serve.isvc_name)")
     ns_opt = typer.Option(None, "--namespace", help="namespace (default serve.namespace, in-cluster: own)")
 
+    def _move(action: str, percent: int, cluster, isvc, namespace) -> None:
+        from rentalml.evaluation import ab as abm
+
+        try:
+            res = getattr(abm, action)()
+        except LookupError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+        res["cluster"] = _cluster(percent, cluster, isvc, namespace)
+        _echo_json(res)
+
     @ab.command("promote")
     def ab_promote(cluster: bool | None = cluster_opt, isvc: str | None = isvc_opt,
                    namespace: str | None = ns_opt) -> None:
         """challenger → champion (the old champion is recorded for rollback); cluster: canary to 100 %."""
-        from rentalml.evaluation import ab as abm
-
-        try:
-            res = abm.promote()
-        except LookupError as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(2) from None
-        res["cluster"] = _cluster(100, cluster, isvc, namespace)
-        _echo_json(res)
+        _move("promote", 100, cluster, isvc, namespace)
 
     @ab.command("rollback")
     def ab_rollback(cluster: bool | None = cluster_opt, isvc: str | None = isvc_opt,
                     namespace: str | None = ns_opt) -> None:
         """Stop the canary (drop the challenger alias) or, without one, restore the previous champion;
         cluster: canary to 0 %."""
-        from rentalml.evaluation import ab as abm
-
-        try:
-            res = abm.rollback()
-        except LookupError as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(2) from None
-        res["cluster"] = _cluster(0, cluster, isvc, namespace)
-        _echo_json(res)
+        _move("rollback", 0, cluster, isvc, namespace)
 
     @app.command()
     def loadtest(

@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"   report: {write_report(result, s.home_dir / 'reports' / 'demo', curves)}")
     reg = summary["registered"]
     print(f"   rental-recommender v{reg.get('version')} -> alias {reg.get('alias')} (gate: {summary['gate']})")
-    from rentalml.services import start_tansu
+    from rentalml.services import start_tansu, stop_process
 
     broker = start_tansu()
     http_port, grpc_port = _free_port(), _free_port()
@@ -191,11 +191,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"   new listing {listing} appears in {seen} of {len(users)} lists; "
               f"u_new_visitor: {'model' if first['u_new_visitor'] != second['u_new_visitor'] else 'unchanged'}")
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc)
         broker.stop()
     print("== 8. drift check of the demo data against the champion's training snapshot (no retraining)")
     out = subprocess.run([sys.executable, "-m", "rentalml.cli", "monitor", "drift", "--current", str(data_dir),
