@@ -302,9 +302,21 @@ def install_routes(model, app=None) -> None:
 
     app.add_exception_handler(RequestTimeout, on_timeout)
     app.add_middleware(JSONInferContentType)
+    # outermost layers, around the stack Starlette builds on the first request (after KServe added its own):
+    # JWT for every path, then the v2 REST infer fast path (fastpath.py)
     verifier = Verifier()
-    if verifier.enabled:
-        app.add_middleware(JWTMiddleware, verifier=verifier)
+    fast = get_settings().serve.fast_path
+    build_stack = app.build_middleware_stack
+
+    def build_middleware_stack():
+        stack = build_stack()
+        if fast:
+            from .fastpath import FastV2Infer
+
+            stack = FastV2Infer(stack, model, lambda: app.exception_handlers)
+        return JWTMiddleware(stack, verifier) if verifier.enabled else stack
+
+    app.build_middleware_stack = build_middleware_stack
     app.add_api_route("/predict", predict, methods=["POST"], tags=["rentalml"],
                       summary="Recommendations for one user (friendly JSON)")
     app.add_api_route("/explain", explain, methods=["POST"], tags=["rentalml"],

@@ -320,7 +320,7 @@ def recommend(bundle, user_ids: list[str], k: int = 10, *, filters: list[Filters
         have = int((out_ids[i] != "").sum())
         if have >= k:
             continue
-        pos = bundle.user_index.get_indexer([user_ids[i]])[0]
+        pos = bundle.user_positions([user_ids[i]])[0]
         city = filters[i].city or (bundle.user_city[pos] if pos >= 0 else None)
         exclude = {p for p in out_ids[i] if p} | set(bundle.property_ids[hist_list[i]])
         fb_idx, fb_sc = bundle.cold_start(bundle.n_items, city)
@@ -359,6 +359,13 @@ class Engine:
         self.features = features or LocalFeatures(bundle, live)
         self.recent = recent
         self.n_candidates = n_candidates
+
+    @property
+    def in_process(self) -> bool:
+        """Everything a recommendation needs is in this process's memory (no feature store, stream state or
+        remote predictor to call): the serving layer may run it on its event loop."""
+        return (type(self.stages) is LocalStages and type(self.features) is LocalFeatures and self.recent is None
+                and self.live is None)
 
     @property
     def cache_version(self) -> str:

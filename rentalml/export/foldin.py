@@ -154,7 +154,7 @@ def user_features_of(bundle, user_ids: list[str]) -> np.ndarray | None:
         return None
     out = np.zeros((len(user_ids), bundle.user_feature_dim), np.float32)
     if bundle.user_features is not None:
-        pos = bundle.user_index.get_indexer(list(user_ids))
+        pos = bundle.user_positions(user_ids)
         out[pos >= 0] = bundle.user_features[pos[pos >= 0]]
     return out
 
