@@ -9,6 +9,8 @@ that answered it (aggregate in Prometheus with `sum without(instance, pod)` as u
 
 from __future__ import annotations
 
+import functools
+
 from prometheus_client import Counter, Gauge, Histogram
 
 # protocol label values
@@ -51,3 +53,14 @@ METRIC_NAMES = ("ml_inference_duration_seconds", "ml_inference_requests_total", 
                 "ml_model_load_seconds")
 MODEL_RELOADS = Counter("ml_model_reloads_total", "Hot reloads of the served model version(s).", ["model"])
 TIMEOUTS = Counter("ml_inference_timeouts_total", "Requests that ran past serve.request_timeout_s.", ["model"])
+
+
+@functools.lru_cache(maxsize=256)
+def requests(model: str, variant: str, status: str):
+    """INFERENCE_REQUESTS' child for these labels (labels() costs a few µs per call on the request path)."""
+    return INFERENCE_REQUESTS.labels(model, variant, status)
+
+
+@functools.lru_cache(maxsize=256)
+def duration(model: str, variant: str, protocol: str):
+    return INFERENCE_DURATION.labels(model, variant, protocol)

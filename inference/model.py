@@ -260,8 +260,18 @@ class _LoopBatcher:
         fut = loop.create_future()
         self.pending.append((batch, fut))
         if len(self.pending) == 1:
-            loop.call_soon(self.flush)
+            if self.alone(loop):  # nothing else can join this batch: answer now (saves two loop turns, ~50 µs)
+                self.flush()
+            else:
+                loop.call_soon(self.flush)
         return fut
+
+    @staticmethod
+    def alone(loop) -> bool:
+        """No other callback is ready to run in this loop iteration (so no other request can reach submit()
+        before a deferred flush would). asyncio's loop keeps them in `_ready`; other loops: assume company."""
+        ready = getattr(loop, "_ready", None)
+        return ready is not None and len(ready) == 0
 
     def flush(self) -> None:
         pending, self.pending = self.pending, []
@@ -685,8 +695,19 @@ class RecommenderModel(kserve.Model):
                 "model_type": self.model_type, "sources": ",".join(rec.sources)}
 
     # ---- KServe handler --------------------------------------------------------------------------------
+    def parse(self, payload: InferRequest) -> tuple[list[str], int, Filters | None]:
+        """(user ids, k, business rules) of a v2 request; InvalidInput naming the field otherwise."""
+        user_ids, k = self.parse_request(payload)
+        try:
+            filters = self.parse_filters(payload.parameters)
+        except ValueError as exc:
+            raise InvalidInput(f"request parameter {exc}") from None
+        return user_ids, k, filters
+
     async def predict(self, payload: InferRequest, headers: dict | None = None,
-                      response_headers: dict | None = None) -> InferResponse:
+                      response_headers: dict | None = None, parsed: tuple | None = None) -> InferResponse:
+        """The v2 answer. `parsed`: what `parse(payload)` returned, when the caller has already validated it
+        (the REST fast path)."""
         t0 = time.perf_counter()
         grpc = bool(getattr(payload, "from_grpc", False))
         protocol = m.GRPC if grpc else m.REST
@@ -697,11 +718,7 @@ class RecommenderModel(kserve.Model):
                 raise InvalidInput(f"{self.name} speaks the v2 inference protocol only "
                                    f"(POST /v2/models/{self.name}/infer or gRPC ModelInfer)")
             try:
-                user_ids, k = self.parse_request(payload)
-                try:
-                    filters = self.parse_filters(payload.parameters)
-                except ValueError as exc:
-                    raise InvalidInput(f"request parameter {exc}") from None
+                user_ids, k, filters = parsed if parsed is not None else self.parse(payload)
             except InvalidInput:
                 status = m.REJECTED
                 raise
@@ -743,6 +760,6 @@ class RecommenderModel(kserve.Model):
             status = m.SUCCESS
             return response
         finally:
-            m.INFERENCE_REQUESTS.labels(self.name, variant, status).inc()
+            m.requests(self.name, variant, status).inc()
             if status != m.REJECTED:
-                m.INFERENCE_DURATION.labels(self.name, variant, protocol).observe(time.perf_counter() - t0)
+                m.duration(self.name, variant, protocol).observe(time.perf_counter() - t0)

@@ -56,9 +56,8 @@ class OutcomeLog:
     # ---- producers (request handlers) ----------------------------------------------------------------
     def impressions(self, request_id: str, user_ids, property_ids, variants, versions) -> None:
         """One request's served rows: property_ids [N, k] (padding "" skipped), per-row variant and version."""
-        if self.enabled:
-            self._put(("imp", request_id, list(user_ids), property_ids, list(variants), list(versions),
-                       datetime.now(UTC).isoformat()))
+        if self.enabled:  # (the timestamp is formatted by the writer thread, off the request path)
+            self._put(("imp", request_id, list(user_ids), property_ids, list(variants), list(versions), time.time()))
 
     def outcome(self, **event) -> dict:
         """One feedback event (click/save/inquiry); returns the event as logged."""
@@ -86,6 +85,7 @@ class OutcomeLog:
         if item[0] == "evt":
             return [item[1]]
         _, request_id, users, ids, variants, versions, ts = item
+        ts = datetime.fromtimestamp(ts, UTC).isoformat()
         out = []
         for i, u in enumerate(users):
             for rank, pid in enumerate(ids[i]):

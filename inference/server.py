@@ -234,9 +234,9 @@ def install_routes(model, app=None) -> None:
                  "request_id": request_id}), media_type="application/json",
                 headers={"x-model-version": version, "x-variant": variant})
         finally:
-            m.INFERENCE_REQUESTS.labels(model.name, variant, status).inc()
+            m.requests(model.name, variant, status).inc()
             if status != m.REJECTED:
-                m.INFERENCE_DURATION.labels(model.name, variant, m.JSON).observe(time.perf_counter() - t0)
+                m.duration(model.name, variant, m.JSON).observe(time.perf_counter() - t0)
 
     async def explain(request: Request):
         """Why (user, property) would be recommended, with the property's current attributes (Feast online

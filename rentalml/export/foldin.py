@@ -152,10 +152,14 @@ def user_features_of(bundle, user_ids: list[str]) -> np.ndarray | None:
     user without a profile)."""
     if not bundle.user_feature_dim:
         return None
+    if bundle.user_features is None:
+        return np.zeros((len(user_ids), bundle.user_feature_dim), np.float32)
+    pos = bundle.user_positions(user_ids)
+    known = pos >= 0
+    if known.all():
+        return bundle.user_features[pos]
     out = np.zeros((len(user_ids), bundle.user_feature_dim), np.float32)
-    if bundle.user_features is not None:
-        pos = bundle.user_positions(user_ids)
-        out[pos >= 0] = bundle.user_features[pos[pos >= 0]]
+    out[known] = bundle.user_features[pos[known]]
     return out
 
 

@@ -57,12 +57,17 @@ class Scorer(nn.Module):
             self.register_buffer("out_w", torch.from_numpy(np.vstack([ii.out_w, np.zeros_like(pad_idx,
                                                                                               np.float32)])))
             self.itemitem = True
-            proxy = getattr(model, "proxy", None)
-            if proxy is not None:
-                self.register_buffer("proxy", torch.from_numpy(np.append(proxy, n).astype(np.int64)))
-                self.register_buffer("proxy_w", torch.from_numpy(np.append(model.proxy_w, 0.0).astype(np.float32)))
-            else:
-                self.proxy = None
+            # never-seen properties borrow their content neighbour's item-item score; warm ones are their own
+            # proxy with weight 1, so the graph touches only the cold columns (a gather over all n columns cost
+            # ~40 µs of a ~250 µs call on a 10k catalogue)
+            proxy, proxy_w = getattr(model, "proxy", None), getattr(model, "proxy_w", None)
+            cold = np.zeros(0, np.int64) if proxy is None else \
+                np.flatnonzero((proxy != np.arange(n)) | (proxy_w != 1.0)).astype(np.int64)
+            self.n_cold = len(cold)
+            if self.n_cold:
+                self.register_buffer("cold_idx", torch.from_numpy(cold)[None, :])
+                self.register_buffer("cold_proxy", torch.from_numpy(proxy[cold].astype(np.int64)))
+                self.register_buffer("cold_w", torch.from_numpy(proxy_w[cold].astype(np.float32)))
         if isinstance(model, Popularity):
             self.register_buffer("pop", torch.from_numpy(model.pop.astype(np.float32)))
             self.has_pop = True
@@ -80,20 +85,20 @@ class Scorer(nn.Module):
 
     def forward(self, history: torch.Tensor, k: torch.Tensor, user_features: torch.Tensor | None = None):
         batch = history.shape[0]
-        scores = torch.zeros(batch, self.n + 1)
+        scores = None  # [N, n + 1]: column n is the padding index
         if self.tower is not None:
             u = self.user_vector(history, user_features)
-            s = u @ self.table_out_t + self.bias
-            scores = scores + torch.cat([s, torch.zeros(batch, 1)], dim=1)
+            scores = torch.cat([u @ self.table_out_t + self.bias, torch.zeros(batch, 1)], dim=1)
         if self.itemitem is not None:
             tgt = self.out_idx[history].reshape(batch, -1)
             w = self.out_w[history].reshape(batch, -1)
             ii = torch.zeros(batch, self.n + 1).scatter_add(1, tgt, w)
-            if self.proxy is not None:  # never-seen properties borrow their content neighbour's score
-                ii = ii[:, self.proxy] * self.proxy_w
-            scores = scores + self.beta * ii
+            if self.n_cold:  # never-seen properties borrow their content neighbour's score
+                ii = ii.scatter(1, self.cold_idx.expand(batch, -1), ii[:, self.cold_proxy] * self.cold_w)
+            scores = self.beta * ii if scores is None else scores + self.beta * ii
         if self.has_pop:
-            scores = scores + torch.cat([self.pop, torch.zeros(1)])[None, :]
+            pop = torch.cat([self.pop, torch.zeros(1)])[None, :]
+            scores = torch.zeros(batch, self.n + 1) + pop if scores is None else scores + pop
         scores = scores.scatter(1, history, torch.full(history.shape, NEG))
         top_s, top_i = torch.topk(scores[:, : self.n], k[0], dim=1)
         return top_i, top_s

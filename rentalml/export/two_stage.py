@@ -111,9 +111,10 @@ class Ranker(_UserTower):
             tgt = self.out_idx[history].reshape(batch, -1)
             w = self.out_w[history].reshape(batch, -1)
             ii = torch.zeros(batch, self.n + 1).scatter_add(1, tgt, w)
-            if self.has_proxy:
-                ii = ii[:, self.proxy] * self.proxy_w
-            s = s + self.beta * torch.gather(ii, 1, candidates)
+            if self.has_proxy:  # the candidates' proxies only (never-seen properties borrow a neighbour's score)
+                s = s + self.beta * (torch.gather(ii, 1, self.proxy[candidates]) * self.proxy_w[candidates])
+            else:
+                s = s + self.beta * torch.gather(ii, 1, candidates)
         seen = (candidates.unsqueeze(2) == history.unsqueeze(1)).to(torch.float32).sum(2) > 0
         s = torch.where(seen | (candidates >= self.n), torch.full_like(s, NEG), s)
         top_s, order = torch.topk(s, candidates.shape[1], dim=1)
