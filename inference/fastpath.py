@@ -240,3 +240,22 @@ def _binary_response(request, response) -> tuple[bytes, int] | None:
         head["parameters"] = to_http_parameters(response.parameters)
     header = orjson.dumps(head)
     return b"".join([header, *raws]), len(header)
+
+
+def fast_servicer_class(model):
+    """KServe's gRPC InferenceServicer with ModelInfer of `model` answered by `RecommenderModel.predict` directly
+    (the request validation and conversion KServe's servicer does, then no dataplane model lookup and no
+    `Model.__call__`); other models, versions or a model that is not ready take KServe's path. Errors propagate to
+    the server's interceptors exactly as before (InvalidInput → INVALID_ARGUMENT, timeout → DEADLINE_EXCEEDED)."""
+    from kserve.protocol.grpc.servicer import InferenceServicer
+    from kserve.protocol.infer_type import InferRequest
+
+    class FastInferenceServicer(InferenceServicer):
+        async def ModelInfer(self, request, context):  # noqa: N802 - the gRPC method name
+            if request.model_name != model.name or request.model_version or not model.ready:
+                return await super().ModelInfer(request, context)
+            self.validate_grpc_request(request)
+            response = await model.predict(InferRequest.from_grpc(request))
+            return response.to_grpc()
+
+    return FastInferenceServicer

@@ -371,8 +371,8 @@ def serve(bundle: Path | None = None, *, alias: str = "champion", variant: str |
     install_routes(model)
     model.install_routes_on_unpickle = workers > 1
     verifier = Verifier()
-    if verifier.enabled:
-        _authenticate_grpc(grpc_interceptor(verifier))
+    _install_grpc_server(grpc_interceptor(verifier) if verifier.enabled else None,
+                         model if settings.fast_path else None)
     server = _model_server_class()(
         http_port=http_port, grpc_port=grpc_port, workers=workers, max_threads=grpc_threads, enable_docs_url=False,
         enable_latency_logging=logging.getLogger("kserve.trace").isEnabledFor(logging.INFO))
@@ -383,9 +383,13 @@ def serve(bundle: Path | None = None, *, alias: str = "champion", variant: str |
         _reap_rest_workers(server)
 
 
-def _authenticate_grpc(interceptor) -> None:
-    """KServe 0.21 builds its grpc.aio server with fixed interceptors (GRPCServer.start): swap in a subclass
-    whose server also runs `interceptor` first (JWT on every method but ServerLive/ServerReady/ModelReady)."""
+def _install_grpc_server(interceptor=None, fast_model=None) -> None:
+    """KServe 0.21 builds its grpc.aio server with fixed interceptors and servicer (GRPCServer.start): swap in a
+    subclass whose server runs `interceptor` first (JWT on every method but ServerLive/ServerReady/ModelReady)
+    and, with `fast_model`, answers that model's ModelInfer without KServe's dataplane
+    (fastpath.fast_servicer_class). Neither: KServe's own server."""
+    if interceptor is None and fast_model is None:
+        return
     from concurrent import futures
 
     import kserve.model_server as ms
@@ -395,12 +399,17 @@ def _authenticate_grpc(interceptor) -> None:
     from kserve.protocol.grpc.server import GRPCServer
     from kserve.protocol.grpc.servicer import InferenceServicer
 
-    class AuthGRPCServer(GRPCServer):
+    from .fastpath import fast_servicer_class
+
+    servicer_class = InferenceServicer if fast_model is None else fast_servicer_class(fast_model)
+    interceptors = (*((interceptor,) if interceptor is not None else ()), LoggingInterceptor(),
+                    ExceptionToStatusInterceptor())
+
+    class RentalGRPCServer(GRPCServer):
         async def start(self, max_workers):
-            servicer = InferenceServicer(self._data_plane, self._model_repository_extension)
+            servicer = servicer_class(self._data_plane, self._model_repository_extension)
             self._server = aio.server(
-                futures.ThreadPoolExecutor(max_workers=max_workers),
-                interceptors=(interceptor, LoggingInterceptor(), ExceptionToStatusInterceptor()),
+                futures.ThreadPoolExecutor(max_workers=max_workers), interceptors=interceptors,
                 options=[("grpc.max_send_message_length", self._kwargs.get("grpc_max_send_message_length")),
                          ("grpc.max_receive_message_length", self._kwargs.get("grpc_max_receive_message_length"))])
             grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, self._server)
@@ -408,7 +417,7 @@ def _authenticate_grpc(interceptor) -> None:
             await self._server.start()
             await self._server.wait_for_termination()
 
-    ms.GRPCServer = AuthGRPCServer
+    ms.GRPCServer = RentalGRPCServer
 
 
 def _model_server_class():

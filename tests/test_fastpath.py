@@ -17,7 +17,9 @@ import numpy as np
 import pytest
 
 httpclient = pytest.importorskip("tritonclient.http")
+import tritonclient.grpc as grpcclient  # noqa: E402
 from serving_helpers import MODEL, Server, make_bundle, warm_users  # noqa: E402
+from tritonclient.utils import InferenceServerException  # noqa: E402
 
 INFER = f"/v2/models/{MODEL}/infer"
 
@@ -133,6 +135,37 @@ def test_fast_path_answers_as_kserve_does(servers, bundle_dir):
             assert a[0] == 200, f"{name}: {a}"
 
 
+def _grpc_answer(server, users, k=None, dtype="BYTES", model=MODEL):
+    c = grpcclient.InferenceServerClient(f"127.0.0.1:{server.grpc_port}")
+    arr = np.array(users, dtype=object if dtype == "BYTES" else np.int32)
+    inp = grpcclient.InferInput("user_id", list(arr.shape), dtype)
+    inp.set_data_from_numpy(arr)
+    inputs = [inp]
+    if k is not None:
+        kin = grpcclient.InferInput("k", [1], "INT32")
+        kin.set_data_from_numpy(np.array([k], dtype=np.int32))
+        inputs.append(kin)
+    try:
+        r = c.infer(model, inputs)
+    except InferenceServerException as exc:
+        return ("error", exc.status(), exc.message())
+    resp = r.get_response(as_json=True)
+    resp.pop("id", None)
+    return ("ok", resp, r.as_numpy("property_id").tolist(), r.as_numpy("score").tolist())
+    
+
+def test_grpc_fast_servicer_answers_as_kserve_does(servers, bundle_dir):
+    fast, slow = servers
+    users = warm_users(bundle_dir)[:4]
+    cases = {"one user": dict(users=users[:1]), "three users, k=4": dict(users=users[:3], k=4),
+             "unknown user": dict(users=["nobody"], k=2), "k=0": dict(users=users[:1], k=0),
+             "INT32 user_id": dict(users=[1, 2], dtype="INT32"), "other model": dict(users=users[:1], model="nope")}
+    for name, kw in cases.items():
+        a, b = _grpc_answer(fast, **kw), _grpc_answer(slow, **kw)
+        assert a == b, f"{name}:\nfast {a}\nslow {b}"
+        assert (a[0] == "ok") == (name in ("one user", "three users, k=4", "unknown user")), (name, a)
+
+
 def _kserve_predict_count(server) -> float:
     """KServe's own request_predict_seconds histogram: fed by its stack (Model.__call__), not by the fast path."""
     text = httpx.get(server.url + "/metrics", timeout=10).text
@@ -151,6 +184,11 @@ def test_fast_path_is_the_one_answering(servers, bundle_dir):
     after = _kserve_predict_count(fast), _kserve_predict_count(slow)
     assert after[0] == before[0], "well-formed requests must not reach KServe's stack on the fast server"
     assert after[1] == before[1] + 5
+    for _ in range(3):  # gRPC: the fast servicer answers without KServe's dataplane either
+        for s in (fast, slow):
+            assert _grpc_answer(s, users[:1])[0] == "ok"
+    again = _kserve_predict_count(fast), _kserve_predict_count(slow)
+    assert again == (after[0], after[1] + 3)
 
 
 def test_concurrent_requests_get_what_they_get_alone(servers, bundle_dir):
