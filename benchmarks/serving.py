@@ -2,7 +2,7 @@
 
 Catalogue: ~10k properties (synthetic marketplace: 5k users / 10k properties / 100k events, quick hybrid fit).
 Measures, for top-k (k=10) recommendations of one known user per request:
-  floor       in-process Bundle.recommend (ONNX Runtime + id maps), no server
+  floor       the serving engine in process (rentalml.recommend.Engine: ONNX Runtime + id maps + rules), no server
   v2 REST     `rentalml serve`, tritonclient.http (binary tensors)
   v2 gRPC     `rentalml serve`, tritonclient.grpc
   /predict    `rentalml serve`, friendly JSON API via httpx
@@ -10,13 +10,14 @@ p50/p95/p99 latency at concurrency 1 (--requests sequential requests after a war
 --concurrency client threads (each with its own client) bounded by --load-requests and --load-seconds; the load
 generator is `rentalml loadtest`'s (rentalml.inference.loadtest).
 First with the server's recommendation cache switched off (RENTALML_SERVE__CACHE_SIZE=0) so every request runs
-the model, comparable with the floor; then ("cache hit" rows) a second server with the default in-process cache
-and requests drawn from --hit-users warmed users, i.e. what a repeat visitor costs. Impression logging is on
-(file sink, RENTALML_SERVE__LOG_IMPRESSIONS=always, as during an A/B test) in both.
+the model, once per --precisions entry (serve.precision: fp32 = scorer.onnx, int8 = scorer.int8.onnx; the run
+also records how far int8's lists are from fp32's); then ("cache hit" rows) a server with the default in-process
+cache and requests drawn from --hit-users warmed users, i.e. what a repeat visitor costs. Impression logging is
+on (file sink, RENTALML_SERVE__LOG_IMPRESSIONS=always, as during an A/B test) throughout.
 Writes benchmarks/results/serving.json and prints a markdown table.
 
     python benchmarks/serving.py [--requests 500] [--concurrency 8] [--load-requests 2000] [--load-seconds 30] \
-        [--workers 1] [--hit-users 200]
+        [--workers 1] [--hit-users 200] [--precisions fp32,int8]
 """
 
 from __future__ import annotations
@@ -62,22 +63,36 @@ def build_bundle(out: Path, users: int, properties: int, events: int, epochs: in
 from rentalml.inference.loadtest import concurrent, friendly, grpc_v2, http_v2, sequential  # noqa: E402
 
 
-def in_process(bundle, k: int):
+def in_process(engine, k: int):
+    """The serving engine in process (rentalml.recommend.Engine: what `rentalml serve` runs on a cache miss)."""
     def call(user: str):
-        r = bundle.recommend([user], k)
+        r = engine.recommend([user], k)
         assert r.property_ids.shape == (1, k)
 
     return call
 
 
+def int8_agreement(bundle_path: Path, users: list[str], k: int) -> dict:
+    """How far the int8 scorer's lists are from fp32's on this bundle (top-k overlap per user)."""
+    from rentalml.export.bundle import Bundle
+
+    a = Bundle(bundle_path).recommend(users, k).property_ids
+    b = Bundle(bundle_path, int8=True).recommend(users, k).property_ids
+    overlap = [len(set(x) & set(y)) / k for x, y in zip(a, b, strict=True)]
+    return {"users": len(users), f"top{k}_overlap_mean": round(float(np.mean(overlap)), 4),
+            f"top{k}_identical_share": round(float(np.mean([o == 1.0 for o in overlap])), 4)}
+
+
 # ---- server --------------------------------------------------------------------------------------------
-def start_server(bundle: Path, log: Path, workers: int, cache: bool = False) -> tuple[subprocess.Popen, int, int]:
+def start_server(bundle: Path, log: Path, workers: int, cache: bool = False,
+                 precision: str = "fp32") -> tuple[subprocess.Popen, int, int]:
     import tritonclient.grpc as grpcclient
     import tritonclient.http as httpclient
 
     http_port, grpc_port = free_port(), free_port()
     env = {**os.environ, "KSERVE_LOGLEVEL": "WARNING", "RENTALML_HOME": str(log.parent / "home"),
-           "RENTALML_SERVE__LOG_IMPRESSIONS": "always"}  # the cost of A/B logging is part of the figure
+           "RENTALML_SERVE__LOG_IMPRESSIONS": "always",  # the cost of A/B logging is part of the figure
+           "RENTALML_SERVE__PRECISION": precision}
     if not cache:
         env["RENTALML_SERVE__CACHE_SIZE"] = "0"
     cmd = [sys.executable, "-c", "from rentalml.cli import app; app()", "serve", "--bundle", str(bundle),
@@ -136,11 +151,15 @@ def main() -> None:
     ap.add_argument("--load-seconds", type=float, default=30.0, help="time budget per mode under load")
     ap.add_argument("--workers", type=int, default=1, help="`rentalml serve --workers`")
     ap.add_argument("--hit-users", type=int, default=200, help="warmed users of the cache-hit rows (0: skip them)")
+    ap.add_argument("--precisions", default="fp32,int8",
+                    help="serve.precision of the cache-miss rows, comma-separated (fp32: scorer.onnx, int8: "
+                         "scorer.int8.onnx)")
     ap.add_argument("--bundle", type=Path, help="reuse an existing bundle instead of training one")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "serving.json")
     a = ap.parse_args()
 
     from rentalml.export.bundle import Bundle
+    from rentalml.recommend import Engine
 
     tmp = Path(tempfile.mkdtemp(prefix="rentalml-bench-"))
     if a.bundle:
@@ -152,11 +171,13 @@ def main() -> None:
     known = users_df[users_df["history"].map(len) > 0]["user_id"].astype(str).to_numpy()
     rng = np.random.default_rng(7)
     users = rng.choice(known, size=max(a.requests + 100, a.load_requests + 100)).tolist()
+    precisions = [p.strip() for p in a.precisions.split(",") if p.strip()]
     bundle = Bundle(bundle_path)
     data["catalogue"] = int(bundle.n_items)
     results = {"config": {"k": a.k, "requests": a.requests, "concurrency": a.concurrency,
                           "load_requests": a.load_requests, "load_seconds": a.load_seconds, "workers": a.workers,
                           "server_cache": "off, then on for the cache-hit rows", "hit_users": a.hit_users,
+                          "precisions": precisions,
                           "outcomes_sink": "file", "log_impressions": "always", "kserve_loglevel": "WARNING",
                           "client": "same host, loopback"},
                "data": data, "env": versions(), "modes": {}}
@@ -165,20 +186,30 @@ def main() -> None:
         results["modes"][name] = {"c1": seq, f"c{a.concurrency}": load}
         print(f"{name:10s} c1 {seq}  c{a.concurrency} {load}", flush=True)
 
-    print("in-process floor ...", flush=True)
-    record("floor", sequential(in_process(bundle, a.k), users, a.requests),
-           concurrent(lambda: in_process(bundle, a.k), users, a.concurrency, a.load_requests, a.load_seconds))
+    if "int8" in precisions:
+        results["int8_vs_fp32"] = int8_agreement(bundle_path, list(dict.fromkeys(users))[:2000], a.k)
+        print(f"int8 vs fp32: {results['int8_vs_fp32']}", flush=True)
+    for precision in precisions:
+        print(f"in-process floor [{precision}] ...", flush=True)
+        engine = Engine(Bundle(bundle_path, int8=precision == "int8"))
+        record(f"floor [{precision}]", sequential(in_process(engine, a.k), users, a.requests),
+               concurrent(lambda e=engine: in_process(e, a.k), users, a.concurrency, a.load_requests,
+                          a.load_seconds))
 
     protocols = [("v2 REST", http_v2), ("v2 gRPC", grpc_v2), ("/predict", friendly)]
     hot = list(dict.fromkeys(users))[:a.hit_users]
-    for cache in ([False, True] if a.hit_users else [False]):
-        proc, http_port, grpc_port = start_server(bundle_path, tmp / f"server-cache-{cache}.log", a.workers, cache)
+    runs = [(False, p) for p in precisions] + ([(True, precisions[0])] if a.hit_users else [])
+    for cache, precision in runs:
+        proc, http_port, grpc_port = start_server(bundle_path, tmp / f"server-{cache}-{precision}.log", a.workers,
+                                                  cache, precision)
         try:
             for name, factory in protocols:
                 port = grpc_port if factory is grpc_v2 else http_port
                 pool = users
                 if cache:
                     name = f"{name} (cache hit)"
+                else:
+                    name = f"{name} [{precision}]"
                     warm = factory("127.0.0.1", port, a.k)
                     for u in hot:  # every hot user's row is cached before measuring
                         warm(u)
@@ -189,7 +220,7 @@ def main() -> None:
                                   a.load_requests, a.load_seconds))
         finally:
             rc = stop_server(proc)
-        results[f"server_exit_code{'_cache' if cache else ''}"] = rc
+        results[f"server_exit_code{'_cache' if cache else ''}_{precision}"] = rc
 
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(results, indent=2))

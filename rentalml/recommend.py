@@ -99,6 +99,9 @@ class Filters:
         return ok
 
 
+_NO_RULES = Filters()  # the default rules (availability only); never mutated
+
+
 class FeatureSource(Protocol):
     def properties(self, ids: list[str]) -> pd.DataFrame: ...  # index property_id, FILTER_COLUMNS
 
@@ -274,7 +277,7 @@ def recommend(bundle, user_ids: list[str], k: int = 10, *, filters: list[Filters
     stages = stages or LocalStages(bundle)
     features = features or LocalFeatures(bundle, live)
     if filters is None or isinstance(filters, Filters):
-        filters = [filters or Filters()] * n
+        filters = [filters or _NO_RULES] * n
     hist_list = merged_histories(bundle, user_ids, recent, live)
     warm = [i for i, h in enumerate(hist_list) if len(h)]
     out_ids = np.full((n, k), "", dtype=object)

@@ -168,6 +168,8 @@ def merged_histories(bundle, user_ids: list[str], recent: Callable[[str], list[s
     """Training history + recent streamed interactions, in bundle index space (oldest → newest, distinct).
     A never-seen property in a recent history stands in by its content proxy (the warm property whose
     item-item neighbours it borrows)."""
+    if recent is None:  # training history only (no conversions: the request path calls this per request)
+        return [bundle.history_of(uid)[-bundle.history_len:] for uid in user_ids]
     out = []
     proxy_of: dict[str, int] = {}
     if live is not None and len(live):
