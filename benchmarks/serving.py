@@ -208,16 +208,22 @@ def main() -> None:
                 pool = users
                 if cache:
                     name = f"{name} (cache hit)"
-                else:
-                    name = f"{name} [{precision}]"
                     warm = factory("127.0.0.1", port, a.k)
                     for u in hot:  # every hot user's row is cached before measuring
                         warm(u)
                     pool = (hot * (len(users) // len(hot) + 1))[:len(users)]
+                else:
+                    name = f"{name} [{precision}]"
                 print(f"{name} ...", flush=True)
                 record(name, sequential(factory("127.0.0.1", port, a.k), pool, a.requests),
                        concurrent(lambda f=factory, p=port: f("127.0.0.1", p, a.k), pool, a.concurrency,
                                   a.load_requests, a.load_seconds))
+            if cache:  # the cache-hit rows really were hits
+                import httpx
+
+                rate = [ln for ln in httpx.get(f"http://127.0.0.1:{http_port}/metrics", timeout=10).text.splitlines()
+                        if ln.startswith("ml_cache_hit_rate{")]
+                results["cache_hit_rate_at_end"] = [ln.rsplit(" ", 1)[1] for ln in rate]
         finally:
             rc = stop_server(proc)
         results[f"server_exit_code{'_cache' if cache else ''}_{precision}"] = rc

@@ -180,8 +180,9 @@ class _Batch:
         """Rows `idx` of this request from rows offset.. of `rec` (the engine's answer for its arm), cached."""
         k = self.k
         kk = min(k, arm.bundle.n_items)
-        sc = np.where(np.isfinite(rec.scores[offset: offset + len(idx)]), rec.scores[offset: offset + len(idx)],
-                      PAD_SCORE).astype(np.float32)
+        sc = rec.scores[offset: offset + len(idx)]
+        if not np.isfinite(sc).all():  # (empty slots of short lists)
+            sc = np.where(np.isfinite(sc), sc, PAD_SCORE).astype(np.float32)
         put = []
         for j, i in enumerate(idx):
             ids, scores = rec.property_ids[offset + j], sc[j]

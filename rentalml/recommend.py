@@ -286,7 +286,11 @@ def recommend(bundle, user_ids: list[str], k: int = 10, *, filters: list[Filters
     removed = [0] * n
     filled = [0] * n  # model items in each row
     if warm:
-        hist = pad_histories([hist_list[i] for i in warm], bundle.n_items, bundle.history_len)
+        # the exact in-process scorer takes any history width (trim_padding): pad to the longest history only;
+        # the other graphs (two-stage, fold-in, a remote predictor) take the bundle's full width
+        width = max(len(hist_list[i]) for i in warm) if type(stages) is LocalStages and stages.exact and \
+            not (live is not None and len(live)) else bundle.history_len
+        hist = pad_histories([hist_list[i] for i in warm], bundle.n_items, width)
         uf = user_features_of(bundle, [user_ids[i] for i in warm])
         fast = all(filters[i].trivial for i in warm) and hasattr(features, "unavailable")
         gone = features.unavailable() if fast and filters[warm[0]].available_only else set()
@@ -319,11 +323,12 @@ def recommend(bundle, user_ids: list[str], k: int = 10, *, filters: list[Filters
             valid = usable[r]
             if seen:
                 valid = valid & np.fromiter((p not in seen for p in row_ids), bool, len(row_ids))
-            if fast:
-                ok = valid & np.array([p not in gone for p in row_ids]) if gone else valid
+            if fast and not gone:
+                ok = valid
             else:
-                ok = valid & filters[i].mask(feats.reindex(row_ids))
-            removed[i] = int(valid.sum() - ok.sum())
+                ok = valid & (np.array([p not in gone for p in row_ids]) if fast else
+                              filters[i].mask(feats.reindex(row_ids)))
+                removed[i] = int(valid.sum() - ok.sum())
             take = np.flatnonzero(ok)[:k]
             out_ids[i, : len(take)], out_sc[i, : len(take)] = row_ids[take], row_sc[take]
             filled[i] = len(take)
