@@ -287,7 +287,7 @@ class _LoopBatcher:
         pending, self.pending = self.pending, []
         try:
             errors = run_missing(self.model, [b for b, _ in pending])
-        except BaseException as exc:  # noqa: BLE001 - never leave a request waiting
+        except Exception as exc:  # noqa: BLE001 - never leave a request waiting
             errors = [exc] * len(pending)
         for (batch, fut), err in zip(pending, errors, strict=True):
             if fut.done():  # the request went away (client disconnect, cancellation)
@@ -618,8 +618,7 @@ class RecommenderModel(kserve.Model):
                 rec = await self._batcher.submit(batch)
                 if limit <= 0 or time.perf_counter() - t0 <= limit:
                     return rec
-                m.TIMEOUTS.labels(self.name).inc()
-                raise RequestTimeout(f"the request took longer than the {limit:g} s limit (serve.request_timeout_s)")
+                self._timed_out(limit)
             fut = loop.run_in_executor(None, batch.complete, self)
         else:
             fut = loop.run_in_executor(None, self.recommend, user_ids, k, routing, filters)
@@ -632,6 +631,9 @@ class RecommenderModel(kserve.Model):
                 return rec
         except TimeoutError:
             pass
+        self._timed_out(limit)
+
+    def _timed_out(self, limit: float):
         m.TIMEOUTS.labels(self.name).inc()
         raise RequestTimeout(f"the request took longer than the {limit:g} s limit (serve.request_timeout_s)")
 
