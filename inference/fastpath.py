@@ -30,6 +30,8 @@ import struct
 import numpy as np
 import orjson
 
+from .model import INPUT_K, INPUT_USER, OUTPUT_IDS, OUTPUT_SCORES, OUTPUTS, new_request_id
+
 log = logging.getLogger("rentalml.inference")
 
 _HEADER_LEN = b"inference-header-content-length"
@@ -85,6 +87,19 @@ class FastV2Infer:
                 return {"type": "http.request", "body": body, "more_body": False}
             return await receive()
 
+        common = self._common(scope, body)
+        if common is not None:  # the everyday request: no KServe objects on the way in or out
+            user_ids, k, request_id, names = common
+            try:
+                rec, params = await self.model.answer(user_ids, k, None, request_id)
+            except Exception as exc:
+                await self._error(exc, scope, replay, send)
+                return
+            arrays = {OUTPUT_IDS: ("BYTES", rec.property_ids), OUTPUT_SCORES: ("FP32", rec.scores)}
+            data, json_length = _encode_binary(request_id, self.model.name, rec.versions[0], params,
+                                               [(n, *arrays[n]) for n in names])
+            await self._send(send, data, json_length, params["model_version"], params["variant"])
+            return
         try:
             request, headers, parsed = self._decode(scope, body)
         except Exception as exc:  # noqa: BLE001 - a problem KServe's stack would answer with a 500 (see _decode)
@@ -101,23 +116,107 @@ class FastV2Infer:
         except Exception as exc:
             await self._error(exc, scope, replay, send)
             return
-        out = [(b"x-model-version", str(response_headers.get("x-model-version", "")).encode()),
-               (b"x-variant", str(response_headers.get("x-variant", "")).encode())]
         if json_length is None:  # the JSON document KServe's endpoint returns (its pydantic response model)
             from kserve.protocol.rest.v2_datamodels import InferenceResponse
 
-            data = orjson.dumps(InferenceResponse.model_validate(payload).model_dump(mode="json"))
+            payload = orjson.dumps(InferenceResponse.model_validate(payload).model_dump(mode="json"))
+        await self._send(send, payload, json_length, response_headers.get("x-model-version", ""),
+                         response_headers.get("x-variant", ""))
+
+    @staticmethod
+    async def _send(send, data: bytes, json_length: int | None, model_version, variant) -> None:
+        out = [(b"x-model-version", str(model_version).encode()), (b"x-variant", str(variant).encode())]
+        if json_length is None:
             out.append((b"content-type", b"application/json"))
         else:
-            data = payload
             out.append((_HEADER_LEN, str(json_length).encode()))  # (KServe 0.21 sends no content-type here)
         out.append((b"content-length", str(len(data)).encode()))
         await send({"type": "http.response.start", "status": 200, "headers": out})
         await send({"type": "http.response.body", "body": data})
 
+    def _common(self, scope, body: bytes):
+        """(user ids, k, request id, output names) of the everyday request, decided without building KServe
+        objects: binary `user_id` BYTES [N] and optionally `k` INT32/INT64 [1], nothing else, no business-rule
+        parameters, every output binary. Anything else — and anything this check would have to judge (a k out of
+        range, bytes that are not UTF-8, sizes that do not add up) — is None: the general path, where
+        `RecommenderModel.parse` names the problem."""
+        model = self.model
+        json_length = None
+        for k, v in scope["headers"]:
+            if k == _HEADER_LEN:
+                json_length = v
+            elif k.startswith(b"ce-") or (k == b"content-type" and b"cloudevents" in v):
+                return None
+        if json_length is None or not model.ready:
+            return None
+        try:
+            json_length = int(json_length)
+            doc = orjson.loads(body[:json_length]) if 0 < json_length <= len(body) else None
+        except ValueError:
+            return None
+        if not isinstance(doc, dict) or not doc.keys() <= {"id", "inputs", "outputs", "parameters"}:
+            return None
+        params = doc.get("parameters")
+        request_id = doc.get("id")
+        if not (params is None or (isinstance(params, dict) and params.keys() <= {"binary_data_output"})) or \
+                not (request_id is None or (isinstance(request_id, str) and request_id)):
+            return None
+        outs = doc.get("outputs")
+        if outs is None:
+            if not (params and params.get("binary_data_output") is True):
+                return None
+            names = list(OUTPUTS)
+        else:
+            if not isinstance(outs, list) or not outs:
+                return None
+            names = []
+            for o in outs:
+                if not (isinstance(o, dict) and o.keys() <= {"name", "parameters"} and o.get("name") in OUTPUTS
+                        and o.get("parameters") == {"binary_data": True} and o["name"] not in names):
+                    return None
+                names.append(o["name"])
+        inputs = doc.get("inputs")
+        if not isinstance(inputs, list) or not 1 <= len(inputs) <= 2:
+            return None
+        tensors, start = {}, json_length
+        for inp in inputs:
+            if not (isinstance(inp, dict) and inp.keys() == {"name", "shape", "datatype", "parameters"}
+                    and isinstance(inp["parameters"], dict) and inp["parameters"].keys() == {"binary_data_size"}):
+                return None
+            size = inp["parameters"]["binary_data_size"]
+            if type(size) is not int or size < 0 or inp["name"] in tensors:
+                return None
+            tensors[inp["name"]] = (inp["datatype"], inp["shape"], body[start: start + size])
+            start += size
+        if start != len(body) or not tensors.keys() <= {INPUT_USER, INPUT_K} or INPUT_USER not in tensors:
+            return None
+        dtype, shape, raw = tensors[INPUT_USER]
+        if dtype != "BYTES" or not (isinstance(shape, list) and len(shape) == 1 and type(shape[0]) is int
+                                    and shape[0] >= 1):
+            return None
+        user_ids, off = [], 0
+        try:
+            while off < len(raw):
+                (n,) = _LEN.unpack_from(raw, off)
+                user_ids.append(raw[off + 4: off + 4 + n].decode("utf-8"))
+                off += 4 + n
+        except (struct.error, UnicodeDecodeError):
+            return None
+        if off != len(raw) or len(user_ids) != shape[0]:
+            return None
+        k = model.default_k
+        if INPUT_K in tensors:
+            dtype, shape, raw = tensors[INPUT_K]
+            if shape != [1] or (dtype, len(raw)) not in (("INT32", 4), ("INT64", 8)):
+                return None
+            k = int.from_bytes(raw, "little", signed=True)
+            if model.k_problem(k):
+                return None
+        return user_ids, k, request_id or new_request_id(), names
+
     def _decode(self, scope, body: bytes):
-        """(InferRequest, headers, parsed) when the request is well-formed and the model takes it (parsed: what
-        `RecommenderModel.parse` returned), else Nones."""
+        """(InferRequest, headers, parsed) when the request decodes (parsed: what `RecommenderModel.parse` returned,
+        None when it refused the request: predict then raises the same InvalidInput), else Nones."""
         model = self.model
         if not model.ready:
             return None, None, None
@@ -148,10 +247,19 @@ class FastV2Infer:
                                f"the {json_length}-byte JSON header")
         try:
             request = _request(doc, body, json_length, model.name)
-            parsed = model.parse(request) if request is not None else None
         except Exception:  # noqa: BLE001 - the normal stack names the problem
             return None, None, None
-        return (request, headers, parsed) if parsed is not None else (None, None, None)
+        if request is None:
+            return None, None, None
+        from kserve.errors import InvalidInput
+
+        try:
+            parsed = model.parse(request)
+        except InvalidInput:  # predict parses again: counts the request as rejected and raises the 400 naming it
+            return request, headers, None
+        except Exception:  # noqa: BLE001 - the normal stack names the problem
+            return None, None, None
+        return request, headers, parsed
 
     async def _error(self, exc: Exception, scope, receive, send) -> None:
         """The app's own exception handler for `exc` (KServe's InvalidInput → 400, rentalml's timeout → 504, ...)."""
@@ -201,9 +309,9 @@ _LEN = struct.Struct("<I")
 
 
 def _binary_response(request, response) -> tuple[bytes, int] | None:
-    """`InferResponse.to_rest` for the common case, every output binary (tritonclient's default): the same JSON
-    header and tensor bytes without KServe's per-output dtype/shape checks and numpy iteration (~25 µs a
-    request). None for anything else (JSON outputs, other datatypes): to_rest answers those."""
+    """`InferResponse.to_rest` for the common case, every output binary (tritonclient's default), through
+    `_encode_binary` instead of KServe's per-output dtype/shape checks and numpy iteration. None for anything else
+    (JSON outputs, other datatypes): to_rest answers those."""
     wanted = request.request_outputs
     if wanted:
         if not all(o.binary_data for o in wanted):
@@ -213,31 +321,38 @@ def _binary_response(request, response) -> tuple[bytes, int] | None:
         names = [o.name for o in response.outputs]
     else:
         return None
-    outputs, raws = [], []
+    outputs = []
     for name in names:
         out = response.get_output_by_name(name)
-        if out is None or not isinstance(out.data, np.ndarray) or out.parameters:
+        if out is None or not isinstance(out.data, np.ndarray) or out.parameters or \
+                out.datatype not in ("BYTES", "FP32") or (out.datatype == "FP32" and out.data.dtype != np.float32):
             return None
-        arr = out.data
-        if out.datatype == "BYTES":
+        outputs.append((name, out.datatype, out.data))
+    return _encode_binary(response.id, response.model_name, response.model_version, response.parameters, outputs)
+
+
+def _encode_binary(request_id, model_name: str, model_version, parameters, outputs) -> tuple[bytes, int]:
+    """A v2 REST binary response as `InferResponse.to_rest` writes it: the JSON header (id, model_name,
+    model_version, outputs with binary_data_size, parameters), then each tensor's bytes. `outputs`: (name,
+    "BYTES" | "FP32", array)."""
+    heads, raws = [], []
+    for name, datatype, arr in outputs:
+        if datatype == "BYTES":
             parts = []
             for v in arr.flat:
                 b = v if isinstance(v, bytes) else str(v).encode("utf-8")
                 parts += (_LEN.pack(len(b)), b)
             raw = b"".join(parts)
-        elif out.datatype == "FP32" and arr.dtype == np.float32:
-            raw = np.ascontiguousarray(arr).tobytes()
         else:
-            return None
-        outputs.append({"name": name, "shape": out.shape, "datatype": out.datatype,
-                        "parameters": {"binary_data_size": len(raw)}})
+            raw = np.ascontiguousarray(arr).tobytes()
+        heads.append({"name": name, "shape": list(arr.shape), "datatype": datatype,
+                      "parameters": {"binary_data_size": len(raw)}})
         raws.append(raw)
-    head = {"id": response.id, "model_name": response.model_name, "model_version": response.model_version,
-            "outputs": outputs}
-    if response.parameters:
+    head = {"id": request_id, "model_name": model_name, "model_version": model_version, "outputs": heads}
+    if parameters:
         from kserve.protocol.infer_type import to_http_parameters
 
-        head["parameters"] = to_http_parameters(response.parameters)
+        head["parameters"] = to_http_parameters(parameters)
     header = orjson.dumps(head)
     return b"".join([header, *raws]), len(header)
 

@@ -298,6 +298,11 @@ class _LoopBatcher:
                 fut.set_result(batch.result())
 
 
+def new_request_id() -> str:
+    """32 hex characters (uuid4().hex's randomness, a third of its cost)."""
+    return os.urandom(16).hex()
+
+
 def make_engine(bundle: Bundle, predictor_url: str | None = None) -> Engine:
     """The serving engine of a bundle, as the settings say: the graphs in process or on a remote v2 predictor
     (`serve.predictor_url`: the transformer role, Triton in the cluster), candidate features from the bundle or
@@ -478,6 +483,14 @@ class RecommenderModel(kserve.Model):
             after = routing.describe()
             log.info("reloaded in %.2fs: %s", time.perf_counter() - t0, after)
             return {"before": before, "after": after, "seconds": round(time.perf_counter() - t0, 3)}
+
+    async def settled(self) -> None:
+        """Return once the cache misses queued on the event loop when called have been answered and their
+        requests have written their responses (after a swap: the requests that began on the old version)."""
+        queued = [fut for _, fut in self._batcher.pending]
+        if queued:
+            await asyncio.wait(queued)
+        await asyncio.sleep(0)  # the woken request tasks run (and send) before the caller goes on
 
     def registry_versions(self) -> tuple[str | None, str | None]:
         from rentalml.registry.mlflow_registry import alias_version
@@ -722,18 +735,43 @@ class RecommenderModel(kserve.Model):
         (the REST fast path)."""
         t0 = time.perf_counter()
         grpc = bool(getattr(payload, "from_grpc", False))
-        protocol = m.GRPC if grpc else m.REST
-        status = m.FAILED
-        variant = self.variant
+        if not isinstance(payload, InferRequest):
+            m.requests(self.name, self.variant, m.FAILED).inc()
+            raise InvalidInput(f"{self.name} speaks the v2 inference protocol only "
+                               f"(POST /v2/models/{self.name}/infer or gRPC ModelInfer)")
         try:
-            if not isinstance(payload, InferRequest):
-                raise InvalidInput(f"{self.name} speaks the v2 inference protocol only "
-                                   f"(POST /v2/models/{self.name}/infer or gRPC ModelInfer)")
-            try:
-                user_ids, k, filters = parsed if parsed is not None else self.parse(payload)
-            except InvalidInput:
-                status = m.REJECTED
-                raise
+            user_ids, k, filters = parsed if parsed is not None else self.parse(payload)
+        except InvalidInput:
+            m.requests(self.name, self.variant, m.REJECTED).inc()
+            raise
+        request_id = payload.id or new_request_id()
+        rec, params = await self.answer(user_ids, k, filters, request_id, grpc, t0)
+        binary = payload.use_binary_outputs
+        requested = [o.name for o in payload.request_outputs] if payload.request_outputs else list(OUTPUTS)
+        arrays = {OUTPUT_IDS: ("BYTES", rec.property_ids), OUTPUT_SCORES: ("FP32", rec.scores)}
+        outputs = []
+        for name in requested:
+            dtype, arr = arrays[name]
+            if grpc:
+                out = InferOutput(name=name, shape=list(arr.shape), datatype=dtype)
+                out.set_data_from_numpy(arr, binary_data=binary)
+            else:  # REST: InferResponse.to_rest serialises the array once, binary or JSON per requested output
+                out = InferOutput(name=name, shape=list(arr.shape), datatype=dtype, data=arr)
+            outputs.append(out)
+        if response_headers is not None:
+            response_headers["x-model-version"] = params["model_version"]
+            response_headers["x-variant"] = params["variant"]
+        return InferResponse(response_id=request_id, model_name=self.name, model_version=rec.versions[0],
+                             infer_outputs=outputs, parameters=params, use_binary_outputs=binary,
+                             requested_outputs=payload.request_outputs, from_grpc=payload.from_grpc)
+
+    async def answer(self, user_ids: list[str], k: int, filters: Filters | None, request_id: str,
+                     grpc: bool = False, t0: float | None = None) -> tuple[RoutedRecommendations, dict]:
+        """A validated request's recommendations and response parameters, with its metrics and impressions (what
+        every v2 answer shares: `predict`, and the REST fast path's common case)."""
+        t0 = time.perf_counter() if t0 is None else t0
+        status, variant = m.FAILED, self.variant
+        try:
             try:
                 rec = await self.arecommend(user_ids, k, filters)
             except RequestTimeout as exc:
@@ -741,37 +779,10 @@ class RecommenderModel(kserve.Model):
                     raise DeadlineExceeded(str(exc)) from None
                 raise
             variant = rec.uniform(rec.variants) if len(set(rec.variants)) == 1 else "mixed"
-            binary = payload.use_binary_outputs
-            requested = [o.name for o in payload.request_outputs] if payload.request_outputs else list(OUTPUTS)
-            arrays = {OUTPUT_IDS: ("BYTES", rec.property_ids), OUTPUT_SCORES: ("FP32", rec.scores)}
-            outputs = []
-            for name in requested:
-                dtype, arr = arrays[name]
-                if grpc:
-                    out = InferOutput(name=name, shape=list(arr.shape), datatype=dtype)
-                    out.set_data_from_numpy(arr, binary_data=binary)
-                else:  # REST: InferResponse.to_rest serialises the array once, binary or JSON per requested output
-                    out = InferOutput(name=name, shape=list(arr.shape), datatype=dtype, data=arr)
-                outputs.append(out)
             params = self.response_parameters(rec)
-            if response_headers is not None:
-                response_headers["x-model-version"] = params["model_version"]
-                response_headers["x-variant"] = params["variant"]
-            request_id = payload.id or os.urandom(16).hex()  # (uuid4().hex's randomness, a third of its cost)
-            response = InferResponse(
-                response_id=request_id,
-                model_name=self.name,
-                model_version=rec.versions[0],
-                infer_outputs=outputs,
-                parameters=params,
-                use_binary_outputs=binary,
-                requested_outputs=payload.request_outputs,
-                from_grpc=payload.from_grpc,
-            )
             self.log_impressions(request_id, user_ids, rec)
             status = m.SUCCESS
-            return response
+            return rec, params
         finally:
             m.requests(self.name, variant, status).inc()
-            if status != m.REJECTED:
-                m.duration(self.name, variant, protocol).observe(time.perf_counter() - t0)
+            m.duration(self.name, variant, m.GRPC if grpc else m.REST).observe(time.perf_counter() - t0)

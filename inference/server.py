@@ -278,6 +278,7 @@ def install_routes(model, app=None) -> None:
                 None, lambda: model.reload(body.champion, body.challenger, body.challenger_percent))
         except (FileNotFoundError, LookupError, ValueError) as exc:
             return _error("reload", str(exc), 409)
+        await model.settled()  # requests that began on the old version are answered before this one
         return JSONResponse(result)
 
     async def invalidate(request: Request):
