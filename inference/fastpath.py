@@ -13,7 +13,10 @@ pre/postprocess and KServe's own `request_*_seconds` histograms, which the fast 
 (`_binary_response` writes the all-binary case itself, the rest goes through to_rest), with the same headers
 (`inference-header-content-length`, `x-model-version`, `x-variant`). Errors raised while answering go through
 the app's own exception handlers (KServe's and rentalml's: 400 naming the input, 504 on timeout, ...).
-`tests/test_fastpath.py` holds both stacks to the same answers.
+The everyday request (binary `user_id`, optional `k`, every output binary, no business rules) skips the KServe
+objects altogether: `_common` decodes it, `RecommenderModel.answer` (predict after parsing) answers it and
+`_encode_binary` writes it (~0.12 ms less per request in a tight loop); anything `_common` would have to judge
+goes the general way. `tests/test_fastpath.py` holds both stacks to the same answers.
 
 What it does not take: anything it cannot prove well-formed up front — another path or method, a model that is
 not ready, a body that does not decode, a request `RecommenderModel.parse_request` / `parse_filters` refuses.
