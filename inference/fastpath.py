@@ -145,10 +145,10 @@ class FastV2Infer:
         `RecommenderModel.parse` names the problem."""
         model = self.model
         json_length = None
-        for k, v in scope["headers"]:
-            if k == _HEADER_LEN:
-                json_length = v
-            elif k.startswith(b"ce-") or (k == b"content-type" and b"cloudevents" in v):
+        for name, value in scope["headers"]:
+            if name == _HEADER_LEN:
+                json_length = value
+            elif name.startswith(b"ce-") or (name == b"content-type" and b"cloudevents" in value):
                 return None
         if json_length is None or not model.ready:
             return None
