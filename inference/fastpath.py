@@ -90,7 +90,11 @@ class FastV2Infer:
                 return {"type": "http.request", "body": body, "more_body": False}
             return await receive()
 
-        common = self._common(scope, body)
+        head = self._head(scope, body)
+        if head is None:  # not for this layer: the normal stack answers, errors included
+            await self.app(scope, replay, send)
+            return
+        common = self._common(head, body)
         if common is not None:  # the everyday request: no KServe objects on the way in or out
             user_ids, k, request_id, names = common
             try:
@@ -104,7 +108,7 @@ class FastV2Infer:
             await self._send(send, data, json_length, params["model_version"], params["variant"])
             return
         try:
-            request, headers, parsed = self._decode(scope, body)
+            request, headers, parsed = self._decode(head, body)
         except Exception as exc:  # noqa: BLE001 - a problem KServe's stack would answer with a 500 (see _decode)
             await self._error(exc, scope, replay, send)
             return
@@ -137,25 +141,15 @@ class FastV2Infer:
         await send({"type": "http.response.start", "status": 200, "headers": out})
         await send({"type": "http.response.body", "body": data})
 
-    def _common(self, scope, body: bytes):
+    def _common(self, head, body: bytes):
         """(user ids, k, request id, output names) of the everyday request, decided without building KServe
         objects: binary `user_id` BYTES [N] and optionally `k` INT32/INT64 [1], nothing else, no business-rule
         parameters, every output binary. Anything else — and anything this check would have to judge (a k out of
         range, bytes that are not UTF-8, sizes that do not add up) — is None: the general path, where
         `RecommenderModel.parse` names the problem."""
         model = self.model
-        json_length = None
-        for name, value in scope["headers"]:
-            if name == _HEADER_LEN:
-                json_length = value
-            elif name.startswith(b"ce-") or (name == b"content-type" and b"cloudevents" in value):
-                return None
-        if json_length is None or not model.ready:
-            return None
-        try:
-            json_length = int(json_length)
-            doc = orjson.loads(body[:json_length]) if 0 < json_length <= len(body) else None
-        except ValueError:
+        _, json_length, binary, doc = head
+        if not binary:
             return None
         if not isinstance(doc, dict) or not doc.keys() <= {"id", "inputs", "outputs", "parameters"}:
             return None
@@ -217,26 +211,30 @@ class FastV2Infer:
                 return None
         return user_ids, k, request_id or new_request_id(), names
 
-    def _decode(self, scope, body: bytes):
+    def _head(self, scope, body: bytes):
+        """(headers, JSON header length, whether binary tensors follow it, the JSON header) of a request this layer
+        may answer; None for a model that is not ready, CloudEvents (KServe's to unwrap) and a JSON header that
+        does not parse (the normal stack names the problem)."""
+        if not self.model.ready:
+            return None
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        if "cloudevents" in headers.get("content-type", "") or any(k.startswith("ce-") for k in headers):
+            return None
+        binary = _HEADER_LEN.decode() in headers
+        try:
+            json_length = int(headers[_HEADER_LEN.decode()]) if binary else len(body)
+            if not 0 < json_length <= len(body):
+                return None
+            return headers, json_length, binary, orjson.loads(body[:json_length])
+        except ValueError:  # (orjson.JSONDecodeError is a ValueError)
+            return None
+
+    def _decode(self, head, body: bytes):
         """(InferRequest, headers, parsed) when the request decodes (parsed: what `RecommenderModel.parse` returned,
         None when it refused the request: predict then raises the same InvalidInput), else Nones."""
         model = self.model
-        if not model.ready:
-            return None, None, None
-        headers = {}
-        for k, v in scope["headers"]:
-            headers[k.decode("latin-1").lower()] = v.decode("latin-1")
-        if "cloudevents" in headers.get("content-type", "") or any(k.startswith("ce-") for k in headers):
-            return None, None, None  # CloudEvents are KServe's to unwrap
-        try:
-            json_length = headers.get(_HEADER_LEN.decode())
-            json_length = int(json_length) if json_length is not None else len(body)
-            if not 0 < json_length <= len(body):
-                return None, None, None
-            doc = orjson.loads(body[:json_length])
-            if not _well_formed(doc):
-                return None, None, None
-        except Exception:  # noqa: BLE001 - the normal stack names the problem
+        headers, json_length, _, doc = head
+        if not _well_formed(doc):
             return None, None, None
         # the binary tensors must fill the rest of the body exactly. KServe 0.21 does not check: a short tensor
         # fails deep in its BYTES decoder with a 500 (still so with serve.fast_path=false); here it is a 400
