@@ -484,13 +484,17 @@ class RecommenderModel(kserve.Model):
             log.info("reloaded in %.2fs: %s", time.perf_counter() - t0, after)
             return {"before": before, "after": after, "seconds": round(time.perf_counter() - t0, 3)}
 
-    async def settled(self) -> None:
-        """Return once the cache misses queued on the event loop when called have been answered and their
-        requests have written their responses (after a swap: the requests that began on the old version)."""
+    async def settled(self, grace_s: float = 0.05) -> None:
+        """Return once the cache misses queued on the event loop when called have been answered, their requests
+        have written their responses (after a swap: the requests that began on the old version) and `grace_s`
+        has passed for those answers to reach their clients — a reload is confirmed after the last old-version
+        answer, not beside it (tests/test_reload.py checks that order from the client's clock; a reload takes
+        ~1 s, 50 ms is noise to it)."""
         queued = [fut for _, fut in self._batcher.pending]
         if queued:
             await asyncio.wait(queued)
         await asyncio.sleep(0)  # the woken request tasks run (and send) before the caller goes on
+        await asyncio.sleep(grace_s)
 
     def registry_versions(self) -> tuple[str | None, str | None]:
         from rentalml.registry.mlflow_registry import alias_version
