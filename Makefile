@@ -1,22 +1,31 @@
 # Two commands on a fresh machine: `make demo` and `make test` (each installs what is missing first).
-PY ?= python3
-STAMP := .rentalml/.installed
+# Everything installs into the project virtualenv $(VENV) (default .venv), never into the interpreter found on
+# PATH: a stock Debian/Ubuntu Python is "externally managed" and refuses a bare `pip install`.
+# Activate it for the CLI: `. .venv/bin/activate` (then `rentalml --help`), or call `.venv/bin/rentalml`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.rentalml-installed
 
 .PHONY: install demo test bench lint clean
 
 install: $(STAMP)
 
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
 # torch first, pinned to the CPU wheel available on these machines: a looser range pulls a multi-GB CUDA build.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q --disable-pip-version-check "torch==2.13.0"
 	$(PY) -m pip install -q --disable-pip-version-check -e ".[dev]"
-	@mkdir -p $(dir $(STAMP)) && touch $(STAMP)
+	@touch $(STAMP)
 
 demo: install
 	$(PY) -m rentalml.demo
 
+# --durations: where the test time goes (docs/architecture.md "Test time")
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 bench: install
 	$(PY) benchmarks/training_throughput.py

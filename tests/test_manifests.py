@@ -961,7 +961,7 @@ def test_ci_workflow():
     steps = [s for job in wf["jobs"].values() for s in job["steps"]]
     runs = "\n".join(s.get("run", "") for s in steps)
     assert ".ci/run" in runs
-    assert "rentalml pipeline compile" in runs and "git diff --exit-code" in runs
+    assert ".venv/bin/rentalml pipeline compile" in runs and "git diff --exit-code" in runs
     assert "tests/test_manifests.py" in runs and "kubectl kustomize" in runs
     for s in steps:
         if "uses" in s:
