@@ -1,6 +1,6 @@
 """Katib Experiments and the TrainJob/MPIJob manifests: they validate against the Kubeflow SDK's API models
 (kubeflow_katib_api / kubeflow_trainer_api, shipped with the `kubeflow` package), share the one search space
-with local Optuna tuning, and the committed files under manifests/base/training/ match the code."""
+with local Optuna tuning, and the committed files under manifests/jobs/ match the code."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from rentalml.training.distributed import build_parser
 from rentalml.training.search_space import SEARCH_SPACE, suggest
 
 ROOT = Path(__file__).resolve().parents[1]
-MANIFESTS = ROOT / "manifests" / "base" / "training"
+MANIFESTS = ROOT / "manifests" / "jobs"
 
 
 @pytest.fixture(params=katib.LAUNCHERS)
@@ -118,14 +118,14 @@ def test_standalone_jobs_validate():
 
 def test_committed_manifests_match_the_code():
     expected = katib.manifests()
-    on_disk = {p.name for p in MANIFESTS.glob("*.yaml")}
-    assert on_disk == set(expected), "regenerate: python -m rentalml.training.katib --out manifests/base/training"
+    on_disk = {str(p.relative_to(MANIFESTS)) for p in MANIFESTS.rglob("*.yaml")}
+    assert on_disk == set(expected), "regenerate: python -m rentalml.training.katib --out manifests/jobs"
     for name, doc in expected.items():
         text = (MANIFESTS / name).read_text()
-        assert yaml.safe_load(text) == doc, f"{name} differs from the code: python -m rentalml.training.katib " \
-                                            f"--out manifests/base/training"
-    kust = yaml.safe_load((MANIFESTS / "kustomization.yaml").read_text())
-    assert all((MANIFESTS / r).exists() for r in kust["resources"])
+        assert text == katib.render(doc), f"{name} differs from the code: python -m rentalml.training.katib " \
+                                          f"--out manifests/jobs"
+    for kust in MANIFESTS.rglob("kustomization.yaml"):
+        assert all((kust.parent / r).exists() for r in yaml.safe_load(kust.read_text())["resources"])
 
 
 def test_cli_tune_katib_writes_a_valid_experiment(tmp_path):

@@ -5,7 +5,7 @@ objective `ndcg_at_10` (validation nDCG@10, maximize), StdOut metrics collector:
 prints `ndcg_at_10=<value>` lines on rank 0. Each trial runs the entrypoint as a Kubeflow Trainer TrainJob
 (default) or as an MPIJob (variant).
 
-    python -m rentalml.training.katib --out manifests/base/training   # regenerate the committed manifests
+    python -m rentalml.training.katib --out manifests/jobs            # regenerate the committed manifests
     rentalml tune --katib [--launcher mpijob] [--out FILE]              # print or write one Experiment
 """
 
@@ -51,15 +51,17 @@ def flag(name: str) -> str:
     return f"--{name.replace('_', '-')}"
 
 
-def trial_args(data: str = jobs.DEFAULT_DATA) -> list[str]:
+def trial_args(data: str = jobs.DEFAULT_DATA, checkpoint: bool = True) -> list[str]:
     """Entrypoint arguments of a trial: fixed ones plus one `--flag=${trialParameters.name}` per parameter.
     No test evaluation and one checkpoint directory per trial."""
-    fixed = [f"--data={data}", "--model=hybrid", "--epochs=30", "--eval-every=2", "--patience=6", "--no-test",
-             f"--checkpoint-dir={jobs.CHECKPOINT_MOUNT}/katib/${{trialSpec.Name}}"]
+    fixed = [f"--data={data}", "--model=hybrid", "--epochs=30", "--eval-every=2", "--patience=6", "--no-test"]
+    if checkpoint:
+        fixed.append(f"--checkpoint-dir={jobs.CHECKPOINT_MOUNT}/katib/${{trialSpec.Name}}")
     return fixed + [f"{flag(p.name)}=${{trialParameters.{p.name}}}" for p in SEARCH_SPACE]
 
 
-def trial_template(launcher: str = "trainjob", data: str = jobs.DEFAULT_DATA, gpus: int = 1) -> dict:
+def trial_template(launcher: str = "trainjob", data: str = jobs.DEFAULT_DATA, gpus: int = 1,
+                   image: str = jobs.IMAGE) -> dict:
     if launcher not in LAUNCHERS:
         raise ValueError(f"launcher must be one of {LAUNCHERS}")
     params = [{"name": p.name, "reference": p.name,
@@ -68,7 +70,7 @@ def trial_template(launcher: str = "trainjob", data: str = jobs.DEFAULT_DATA, gp
     if launcher == "trainjob":
         # one node, `gpus` processes: a trial is small; the pods of node 0 carry rank 0's output
         spec = jobs.trainjob("${trialSpec.Name}", args=trial_args(data), num_nodes=1, gpus_per_node=gpus,
-                             labels=labels)
+                             labels=labels, image=image)
         spec["metadata"] = {"labels": {**jobs.LABELS, **labels}}  # Katib sets the trial's name and namespace
         return {
             "primaryContainerName": "node",
@@ -80,7 +82,8 @@ def trial_template(launcher: str = "trainjob", data: str = jobs.DEFAULT_DATA, gp
             "trialParameters": params,
             "trialSpec": spec,
         }
-    spec = jobs.mpijob("${trialSpec.Name}", args=trial_args(data), workers=2, gpus_per_worker=gpus, labels=labels)
+    spec = jobs.mpijob("${trialSpec.Name}", args=trial_args(data), workers=2, gpus_per_worker=gpus, labels=labels,
+                       image=image)
     spec["metadata"] = {"labels": {**jobs.LABELS, **labels}}
     return {
         "primaryContainerName": "launcher",  # mpirun forwards every rank's stdout to the launcher
@@ -94,7 +97,8 @@ def trial_template(launcher: str = "trainjob", data: str = jobs.DEFAULT_DATA, gp
 
 
 def experiment(name: str | None = None, *, launcher: str = "trainjob", max_trials: int = 24, parallel: int = 3,
-               max_failed: int = 3, data: str = jobs.DEFAULT_DATA, namespace: str | None = None) -> dict:
+               max_failed: int = 3, data: str = jobs.DEFAULT_DATA, namespace: str | None = None,
+               image: str = jobs.IMAGE, seed: int = 42) -> dict:
     """The Katib Experiment (kubeflow.org/v1beta1) for the shared search space."""
     name = name or ("rentalml-two-tower-tpe" if launcher == "trainjob" else "rentalml-two-tower-tpe-mpi")
     meta: dict = {"name": name, "labels": dict(jobs.LABELS)}
@@ -117,7 +121,7 @@ def experiment(name: str | None = None, *, launcher: str = "trainjob", max_trial
             "maxFailedTrialCount": max_failed,
             "resumePolicy": "Never",
             "parameters": [katib_parameter(p) for p in SEARCH_SPACE],
-            "trialTemplate": trial_template(launcher, data),
+            "trialTemplate": trial_template(launcher, data, image=image),
         },
     }
 
@@ -208,6 +212,51 @@ def validate_experiment(doc: dict) -> list[str]:
     return errors
 
 
+def best_trial(exp: dict) -> tuple[dict, float | None]:
+    """(parameters, objective value) of `status.currentOptimalTrial`, values cast to the search space's types
+    (Katib reports every assignment and metric as a string)."""
+    opt = (exp.get("status") or {}).get("currentOptimalTrial") or {}
+    kinds = {p.name: p for p in SEARCH_SPACE}
+    params = {}
+    for a in opt.get("parameterAssignments") or []:
+        p, v = kinds.get(a["name"]), a["value"]
+        if p is None:
+            continue
+        if p.kind == "int" or (p.kind == "categorical" and all(isinstance(c, int) for c in p.choices)):
+            params[a["name"]] = int(float(v))
+        elif p.kind == "double" or (p.kind == "categorical" and all(isinstance(c, float) for c in p.choices)):
+            params[a["name"]] = float(v)
+        else:
+            params[a["name"]] = v
+    value = None
+    for m in (opt.get("observation") or {}).get("metrics") or []:
+        if m.get("name") == OBJECTIVE:
+            value = float(m.get("max") if m.get("max") not in (None, "") else m["latest"])
+    return params, value
+
+
+def run_experiment(name: str, data: str, *, trials: int, seed: int = 42, parallel: int = 3,
+                   image: str = jobs.IMAGE, namespace: str | None = None, api=None, poll_s: float = 30.0,
+                   timeout_s: float = 48 * 3600) -> dict:
+    """The tune step in the cluster: create a Katib Experiment whose trials (TrainJobs) train on `data` (the
+    pipeline's dataset artifact), wait until it Succeeded and return the best trial. Calls: create + get
+    kubeflow.org/v1beta1 experiments."""
+    body = experiment(name, max_trials=trials, parallel=min(parallel, trials), data=data, image=image, seed=seed)
+    # trials of a pipeline run keep nothing: no checkpoint volume per trial
+    body["spec"]["trialTemplate"]["trialSpec"]["spec"]["trainer"]["args"] = [
+        *trial_args(data, checkpoint=False)]
+    errors = validate_experiment(body)
+    if errors:
+        raise ValueError("; ".join(errors))
+    done = jobs.create_and_wait(api or jobs.custom_objects_api(), jobs.EXPERIMENT_API,
+                                namespace or jobs.current_namespace(), body, success="Succeeded", poll_s=poll_s,
+                                timeout_s=timeout_s)
+    params, value = best_trial(done)
+    status = done.get("status") or {}
+    return {"experiment": done["metadata"]["name"], "best_params": params, "best_value": value,
+            "trials": int(status.get("trials") or trials), "succeeded": int(status.get("trialsSucceeded") or 0)}
+
+
 def to_yaml(doc: dict, header: str = "") -> str:
     import yaml
 
@@ -215,35 +264,71 @@ def to_yaml(doc: dict, header: str = "") -> str:
     return (header + body) if header else body
 
 
-GENERATED = ("# Generated by `python -m rentalml.training.katib --out manifests/base/training`: "
+GENERATED = ("# Generated by `python -m rentalml.training.katib --out manifests/jobs`: "
              "edit the code, not this.\n")
+#: kustomize's images transformer only knows `containers[].image`: the TrainJob's trainer image and the trial
+#: templates' images need their paths named (kustomize "configurations")
+IMAGE_FIELDS = {"images": [
+    {"path": "spec/trainer/image", "kind": "TrainJob"},
+    {"path": "spec/trialTemplate/trialSpec/spec/trainer/image", "kind": "Experiment"},
+    {"path": "spec/trialTemplate/trialSpec/spec/mpiReplicaSpecs/Launcher/template/spec/containers[]/image",
+     "kind": "Experiment"},
+    {"path": "spec/trialTemplate/trialSpec/spec/mpiReplicaSpecs/Worker/template/spec/containers[]/image",
+     "kind": "Experiment"},
+    {"path": "spec/mpiReplicaSpecs/Launcher/template/spec/containers[]/image", "kind": "MPIJob"},
+    {"path": "spec/mpiReplicaSpecs/Worker/template/spec/containers[]/image", "kind": "MPIJob"},
+]}
+
+
+def _kustomization(resources: list[str], comment: str, **extra) -> dict:
+    return {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization", "__comment": comment,
+            **extra, "resources": resources}
 
 
 def manifests() -> dict[str, dict]:
-    """File name → document of everything under manifests/base/training/ (kustomization included)."""
-    files = {
-        "trainjob.yaml": jobs.trainjob(),
-        "mpijob.yaml": jobs.mpijob(),
-        "katib-experiment.yaml": experiment(launcher="trainjob"),
-        "katib-experiment-mpijob.yaml": experiment(launcher="mpijob"),
+    """Relative path → document of everything under manifests/jobs/ (kustomizations included).
+
+    One-shot jobs live outside the default apply set (manifests/base): a TrainJob's spec.trainer/runtimeRef
+    and a Katib Experiment's spec are immutable, so re-applying the stack after any change would be refused.
+    Start them with `kubectl create -k manifests/jobs/trainer` (or `.../jobs/mpi`, `.../jobs/prod`); delete
+    the finished ones first (`kubectl delete -k manifests/jobs/trainer`)."""
+    base = {"namespace": "rentalml", "configurations": ["kustomizeconfig.yaml"]}
+    return {
+        "trainer/trainjob.yaml": jobs.trainjob(),
+        "trainer/katib-experiment.yaml": experiment(launcher="trainjob"),
+        "trainer/kustomizeconfig.yaml": IMAGE_FIELDS,
+        "trainer/kustomization.yaml": _kustomization(
+            ["trainjob.yaml", "katib-experiment.yaml"],
+            "the TrainJob and its Katib Experiment: kubectl create -k manifests/jobs/trainer", **base,
+            images=[{"name": "ghcr.io/rentalml/rentalml", "newTag": "0.1.0"}]),
+        "mpi/mpijob.yaml": jobs.mpijob(),
+        "mpi/katib-experiment-mpijob.yaml": experiment(launcher="mpijob"),
+        "mpi/kustomizeconfig.yaml": IMAGE_FIELDS,
+        "mpi/kustomization.yaml": _kustomization(
+            ["mpijob.yaml", "katib-experiment-mpijob.yaml"],
+            "the MPIJob alternative where the MPI operator runs: kubectl create -k manifests/jobs/mpi", **base,
+            images=[{"name": "ghcr.io/rentalml/rentalml", "newTag": "0.1.0"}]),
+        "prod/kustomization.yaml": _kustomization(
+            ["../trainer"], "prod: the same jobs on the CUDA training image: kubectl create -k manifests/jobs/prod",
+            images=[{"name": "ghcr.io/rentalml/rentalml", "newName": jobs.GPU_IMAGE.rsplit(":", 1)[0],
+                     "newTag": jobs.GPU_IMAGE.rsplit(":", 1)[1]}]),
     }
-    files["kustomization.yaml"] = {
-        "apiVersion": "kustomize.config.k8s.io/v1beta1",
-        "kind": "Kustomization",
-        # the TrainJob and its Katib Experiment; the MPIJob files are the alternative launcher of the same
-        # entrypoint (kubectl apply -f mpijob.yaml / katib-experiment-mpijob.yaml where the MPI operator runs)
-        "resources": ["trainjob.yaml", "katib-experiment.yaml"],
-    }
-    return files
+
+
+def render(doc: dict) -> str:
+    comment = doc.get("__comment")
+    body = to_yaml({k: v for k, v in doc.items() if k != "__comment"})
+    return GENERATED + (f"# {comment}\n" if comment else "") + body
 
 
 def write_manifests(out: str | Path) -> list[Path]:
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     written = []
     for name, doc in manifests().items():
-        (out / name).write_text(to_yaml(doc, GENERATED))
-        written.append(out / name)
+        path = out / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(render(doc))
+        written.append(path)
     return written
 
 
