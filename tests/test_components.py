@@ -1,5 +1,6 @@
 """Pipeline steps without KFP: ingest sources (parquet, SQL), data validation and drift, the champion gate,
-and the deploy targets (InferenceService canary patch against a fake API, local server restart)."""
+and the publish/deploy targets (Triton repository to the object store, local server restart; the
+InferenceService patch is in test_deploy_patch.py)."""
 
 from __future__ import annotations
 
@@ -119,50 +120,114 @@ def test_kfp_struct_params_get_their_ints_back():
         {"epochs": 10, "lr": 0.002, "neighbours": 32, "use_ids": True}
 
 
-# ------------------------------------------------------------------------------------------ deploy
-class FakeApi:
-    def __init__(self, exists: bool):
-        self.exists, self.calls = exists, []
+# ------------------------------------------------------------------------------------------ publish
+# The InferenceService patch itself: tests/test_deploy_patch.py (fake API server with the API server's semantics).
+@pytest.fixture
+def s3(monkeypatch):
+    """moto's S3 server on loopback; the environment carries the endpoint and keys as the pipeline step and
+    KServe's storage initializer get them."""
+    from moto.server import ThreadedMotoServer
 
-    def get_namespaced_custom_object(self, group, version, ns, plural, name):
-        from kubernetes.client.exceptions import ApiException
+    from rentalml.services import free_port
 
-        self.calls.append(("get", ns, name))
-        if not self.exists:
-            raise ApiException(status=404)
-        return {}
-
-    def create_namespaced_custom_object(self, group, version, ns, plural, body):
-        self.calls.append(("create", ns, body))
-
-    def patch_namespaced_custom_object(self, group, version, ns, plural, name, body):
-        self.calls.append(("patch", ns, body))
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    for key, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+                 "MLFLOW_S3_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+                 "S3_USE_HTTPS": "0", "S3_VERIFY_SSL": "0"}.items():
+        monkeypatch.setenv(key, value)
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
 
 
-def test_inference_service_canary():
-    isvc = d.inference_service("rental-recommender", model_uri="s3://mlflow/7/abc/artifacts/bundle", version="7",
-                               image="img:1", canary_percent=10, namespace="ml")
-    tr, pred = isvc["spec"]["transformer"], isvc["spec"]["predictor"]
-    assert isvc["apiVersion"] == "serving.kserve.io/v1beta1"
-    assert pred["canaryTrafficPercent"] == tr["canaryTrafficPercent"] == 10
-    c = tr["containers"][0]
-    assert {"name": "STORAGE_URI", "value": "s3://mlflow/7/abc/artifacts/bundle"} in c["env"]
-    assert c["args"][:5] == ["serve", "--role", "transformer", "--bundle", "/mnt/models"] and "v7" in c["args"]
-    assert pred["model"]["runtime"] == "kserve-tritonserver" and pred["model"]["protocolVersion"] == "v2"
-    assert pred["model"]["storageUri"] == "s3://mlflow/7/abc/artifacts/bundle/triton"
-    # the kserve SDK's models accept it, strictly (unknown or dropped fields fail): the manifests' checker
-    from test_manifests import _kserve_errors
+@pytest.fixture(scope="module")
+def bundle(fit, market, tmp_path_factory):
+    """A small real bundle (brute-force retrieval: its ensemble's version folder is empty by nature)."""
+    from rentalml.export.bundle import write_bundle
 
-    assert _kserve_errors([isvc]) == [[]]
+    return write_bundle(fit("hybrid"), market, tmp_path_factory.mktemp("pub") / "bundle", quantize=False,
+                        drift_reference=False, n_candidates=50, ann_min_items=10**9)
 
-    api = FakeApi(exists=False)  # first deploy: created with all traffic
-    res = d.apply_inference_service(isvc, 10, api=api)
-    assert res["action"] == "created" and res["traffic_percent"] == 100
-    assert not any("canaryTrafficPercent" in c for c in api.calls[-1][2]["spec"].values())
-    api = FakeApi(exists=True)  # later deploys: the new version behind the canary percentage
-    res = d.apply_inference_service(isvc, 10, api=api)
-    assert res["action"] == "patched"
-    assert {c["canaryTrafficPercent"] for c in api.calls[-1][2]["spec"].values()} == {10}
+
+def _download(uri, out):
+    """KServe's storage initializer (kserve-storage, what the init container runs) fetching the storageUri."""
+    from kserve_storage import Storage
+
+    return Storage.download_files([uri], [str(out)])[0]
+
+
+def test_publish_writes_the_live_versions_where_the_predictor_reads(tmp_path, s3, bundle):
+    """Defect 9: the repository of the serving + new version lands at the storageUri, KServe's storage
+    initializer downloads it whole (every version folder kept: kserve-storage skips 0-byte objects and object
+    stores have no empty folders), the twin is beside it but not inside what the initializer fetches, and a
+    version no longer live is removed."""
+    from rentalml.components import publish as p
+
+    from rentalml.export import triton as t
+
+    uri = "s3://rentalml-models/triton/rental-recommender/champion"
+    p.publish(version="1", bundle_dir=bundle, storage_uri=uri)
+    res = p.publish(version="2", bundle_dir=bundle, storage_uri=uri, serving_version="1",
+                    fetch_bundle=lambda v: bundle)
+    assert res["versions"] == ["1", "2"] and res["cluster"]["objects"] > 0
+    local = p.build_repos({"1": bundle, "2": bundle}, tmp_path / "local")
+    got = tmp_path / "mnt-models"
+    _download(uri, got)
+    want = sorted(str(x.relative_to(local["cluster"])) for x in local["cluster"].rglob("*"))
+    assert sorted(str(x.relative_to(got)) for x in got.rglob("*")) == want
+    models = [m for m in got.iterdir() if m.is_dir()]
+    assert all(t.versions(got / m) == [1, 2] for m in ("rental-retrieval", "rental-ranker"))  # the ensemble: V
+    assert t.validate_triton_repo(got, run=False) == []
+    assert not any("python" in x.name for x in got.iterdir()), "the twin leaked into /mnt/models"
+    twin = tmp_path / "twin"
+    _download(p.twin_uri(uri), twin)
+    assert sorted(m.name for m in twin.iterdir() if m.is_dir()) == sorted(m.name for m in models)
+    p.publish(version="3", bundle_dir=bundle, storage_uri=uri, serving_version="2", fetch_bundle=lambda v: bundle)
+    again = tmp_path / "again"
+    _download(uri, again)
+    assert all(t.versions(again / m) == [2, 3] for m in ("rental-retrieval", "rental-ranker"))
+
+
+def test_publish_refuses_what_the_storage_initializer_cannot_take(tmp_path, s3, bundle):
+    from rentalml.components import publish as p
+
+    (tmp_path / "repo").mkdir()
+    (tmp_path / "repo" / "empty.bin").write_bytes(b"")
+    with pytest.raises(p.PublishError, match="zero-byte"):
+        p.upload_tree(tmp_path / "repo", "s3://rentalml-models/x/y")
+    with pytest.raises(p.PublishError, match="s3://"):
+        p.publish(version="1", bundle_dir=bundle, storage_uri="mlflow-artifacts:/1/abc/artifacts/bundle")
+
+
+def test_model_uri_scheme_is_not_one_kserve_storage_fetches(tmp_path):
+    """Defect 5b, upstream kserve-storage 0.21.0 kserve_storage/kserve_storage.py `Storage.download`: no handler
+    for `mlflow-artifacts:/`, so the registry's model URI cannot be a storageUri: publish writes s3:// instead."""
+    from kserve_storage import Storage
+
+    with pytest.raises(Exception, match="Cannot recognize storage type"):
+        Storage.download("mlflow-artifacts:/1/abc/artifacts/bundle", str(tmp_path / "out"))
+
+
+def test_mlflow_image_has_boto3_for_its_s3_artifact_proxy():
+    """Defect 5a: the MLflow Deployment runs the training image (docker/training.Dockerfile installs the
+    dependencies of pyproject.toml)
+    with --serve-artifacts to an s3:// destination; MLflow's S3ArtifactRepository imports boto3, which mlflow does
+    not depend on, so the project's dependencies must bring it."""
+    import tomllib
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    docs = list(yaml.safe_load_all((root / "manifests/base/mlflow/mlflow.yaml").read_text()))
+    c = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert "--serve-artifacts" in c["args"] and env["MLFLOW_ARTIFACTS_DESTINATION"].startswith("s3://")
+    assert c["image"].startswith("ghcr.io/rentalml/rentalml:")
+    assert "pyproject.toml" in (root / "docker/training.Dockerfile").read_text()
+    deps = tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert any(d.split(">")[0].split("=")[0].split("[")[0].strip() == "boto3" for d in deps)
 
 
 def test_local_server_restart(tmp_path):
