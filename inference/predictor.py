@@ -1,68 +1,103 @@
-"""The numeric side of the cluster split, over the Open Inference Protocol (v2).
+"""The transformer's client of the numeric half of the cluster split: Triton, over the Open Inference Protocol (v2).
 
 In the cluster the InferenceService's predictor is Triton (kserve-tritonserver) on the model repository that
-`rentalml export --triton DIR` writes; the transformer (`rentalml serve --role transformer`) resolves users,
-fetches features, applies business filters and calls two models of that repository: `rental-retrieval` and
-`rental-ranker`. This module has both ends:
+`rentalml export --triton DIR` writes, holding every published model version (Triton version = MLflow version,
+rentalml.export.triton.triton_version). The transformer (`rentalml serve --role transformer`) resolves users,
+fetches features, applies business filters and calls two models of that repository, `rental-retrieval` and
+`rental-ranker`, **of the version of the user's A/B arm**: `POST /v2/models/<model>/versions/<V>/infer`, so
+version N's id maps never meet version M's graphs (issue 11, defect 13). Tensors travel in the v2 binary tensor
+extension (tritonclient's request/response codec) over one pooled, thread-safe httpx client.
 
-* `RemoteStages` — the transformer's client: `rentalml.recommend.Stages` over v2 REST (JSON), so the core
-  `recommend()` runs unchanged with the numeric graphs on a remote predictor.
-* `RepositoryModel` / `serve_repository` — a v2 predictor for a Triton model repository on ONNX Runtime, for
-  laptops and tests where no Triton binary exists (`rentalml serve --role predictor --model-repository DIR`). It
-  reads each model's config.pbtxt and enforces its input names, datatypes and dims, as Triton does.
+Tests run this against a real Triton (the nvidia-pytriton wheel's tritonserver on the python-backend twin of the
+repository: rentalml.services.start_triton).
 """
 
 from __future__ import annotations
 
-import sys
-import uuid
-from pathlib import Path
-
 import httpx
 import numpy as np
 
-V2_DTYPES = {"TYPE_INT64": ("INT64", np.int64), "TYPE_FP32": ("FP32", np.float32), "TYPE_INT32": ("INT32", np.int32),
-             "TYPE_FP16": ("FP16", np.float16)}
-NP_TO_V2 = {np.dtype(np.int64): "INT64", np.dtype(np.float32): "FP32", np.dtype(np.int32): "INT32"}
+NP_TO_V2 = {np.dtype(np.int64): "INT64", np.dtype(np.float32): "FP32", np.dtype(np.int32): "INT32",
+            np.dtype(np.float16): "FP16"}
 
 
 class PredictorError(RuntimeError):
-    """The predictor answered with an error (its message is kept)."""
+    """The predictor answered with an error (its message is kept), or with another version than asked."""
 
 
 class RemoteStages:
-    """`rentalml.recommend.Stages` over KServe v2 REST: `rental-retrieval` then `rental-ranker` on a predictor
-    (Triton in the cluster). Thread-safe (one pooled httpx client)."""
+    """`rentalml.recommend.Stages` over KServe v2 REST: `rental-retrieval` then `rental-ranker` of model version
+    `version` on a predictor (Triton in the cluster). `version=None` lets the predictor choose (its version
+    policy), which only a single-version repository makes safe. Thread-safe (one pooled httpx client)."""
 
-    def __init__(self, predictor_url: str, n_items: int, *, retrieval: str = "rental-retrieval",
-                 ranker: str = "rental-ranker", timeout: float = 5.0, headers: dict | None = None):
+    def __init__(self, predictor_url: str, n_items: int, *, version: int | None = None,
+                 retrieval: str = "rental-retrieval", ranker: str = "rental-ranker", timeout: float = 5.0,
+                 headers: dict | None = None):
         url = predictor_url if "://" in predictor_url else f"http://{predictor_url}"
         self.base = url.rstrip("/")
         self.n_items = n_items
+        self.version = None if version is None else int(version)
         self.retrieval, self.ranker = retrieval, ranker
         self.client = httpx.Client(timeout=timeout, headers=headers or {})
-        self.max_candidates = self._candidates_width()
-
-    def _candidates_width(self) -> int:
-        meta = self.client.get(f"{self.base}/v2/models/{self.retrieval}")
-        if meta.status_code != 200:
-            raise PredictorError(f"{self.retrieval} not ready on {self.base}: {meta.status_code} {meta.text[:200]}")
-        outs = {o["name"]: o for o in meta.json().get("outputs", [])}
+        self.outputs: dict[str, list[str]] = {}
+        self.max_batch: dict[str, int] = {}  # rows per call (the config's max_batch_size; 0 = unlimited)
+        meta = self._metadata(retrieval)
+        self._metadata(ranker)
+        outs = {o["name"]: o for o in meta.get("outputs", [])}
         shape = outs.get("candidates", {}).get("shape", [-1, self.n_items])
-        return int(shape[-1]) if int(shape[-1]) > 0 else self.n_items
+        self.max_candidates = int(shape[-1]) if int(shape[-1]) > 0 else self.n_items
+
+    def model_url(self, model: str) -> str:
+        v = f"/versions/{self.version}" if self.version is not None else ""
+        return f"{self.base}/v2/models/{model}{v}"
+
+    def _metadata(self, model: str) -> dict:
+        r = self.client.get(self.model_url(model))
+        if r.status_code != 200:
+            raise PredictorError(f"{model} version {self.version} is not served by {self.base}: "
+                                 f"{r.status_code} {r.text[:200]}")
+        ready = self.client.get(f"{self.model_url(model)}/ready")
+        if ready.status_code != 200:
+            raise PredictorError(f"{model} version {self.version} is not ready on {self.base}: {ready.status_code}")
+        meta = r.json()
+        self.outputs[model] = [o["name"] for o in meta.get("outputs", [])]
+        cfg = self.client.get(f"{self.model_url(model)}/config")  # Triton's model configuration extension
+        self.max_batch[model] = int(cfg.json().get("max_batch_size") or 0) if cfg.status_code == 200 else 0
+        return meta
 
     def _infer(self, model: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        body = {"inputs": [{"name": k, "shape": list(v.shape), "datatype": NP_TO_V2[v.dtype],
-                            "data": v.ravel().tolist()} for k, v in inputs.items()]}
-        r = self.client.post(f"{self.base}/v2/models/{model}/infer", json=body,
-                             headers={"Content-Type": "application/json"})
+        """One call, or several of at most max_batch_size rows each (bulk requests), concatenated."""
+        rows = len(next(iter(inputs.values())))
+        limit = self.max_batch.get(model) or rows
+        if rows <= limit:
+            return self._infer_once(model, inputs)
+        parts = [self._infer_once(model, {k: v[i:i + limit] for k, v in inputs.items()})
+                 for i in range(0, rows, limit)]
+        return {n: np.concatenate([p[n] for p in parts]) for n in parts[0]}
+
+    def _infer_once(self, model: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from tritonclient.http import InferenceServerClient, InferInput, InferRequestedOutput
+
+        ins = []
+        for name, arr in inputs.items():
+            arr = np.ascontiguousarray(arr)
+            i = InferInput(name, list(arr.shape), NP_TO_V2[arr.dtype])
+            i.set_data_from_numpy(arr, binary_data=True)
+            ins.append(i)
+        outs = [InferRequestedOutput(n, binary_data=True) for n in self.outputs[model]]
+        body, json_size = InferenceServerClient.generate_request_body(ins, outputs=outs)
+        headers = {"Content-Type": "application/octet-stream"}
+        if json_size is not None:
+            headers["Inference-Header-Content-Length"] = str(json_size)
+        r = self.client.post(f"{self.model_url(model)}/infer", content=body, headers=headers)
         if r.status_code != 200:
-            raise PredictorError(f"{model}: HTTP {r.status_code}: {r.text[:300]}")
-        out = {}
-        for o in r.json()["outputs"]:
-            dt = {"INT64": np.int64, "FP32": np.float32, "INT32": np.int32}[o["datatype"]]
-            out[o["name"]] = np.asarray(o["data"], dtype=dt).reshape(o["shape"])
-        return out
+            raise PredictorError(f"{model} v{self.version}: HTTP {r.status_code}: {r.text[:300]}")
+        length = r.headers.get("Inference-Header-Content-Length")
+        res = InferenceServerClient.parse_response_body(r.content, header_length=int(length) if length else None)
+        got = str(res.get_response().get("model_version", ""))
+        if self.version is not None and got != str(self.version):  # never hand one arm another version's answer
+            raise PredictorError(f"{model}: asked for version {self.version}, the predictor answered with {got!r}")
+        return {n: res.as_numpy(n) for n in self.outputs[model]}
 
     def _with_uf(self, feed: dict, user_features: np.ndarray | None) -> dict:
         if user_features is not None:
@@ -70,10 +105,10 @@ class RemoteStages:
         return feed
 
     def retrieve(self, history: np.ndarray, n: int, user_features: np.ndarray | None = None) -> np.ndarray:
+        if "candidates" not in self.outputs[self.retrieval]:
+            raise PredictorError(f"{self.retrieval} returns {self.outputs[self.retrieval]}; ANN bundles search "
+                                 "their index in the transformer: serve them with the in-process stages")
         out = self._infer(self.retrieval, self._with_uf({"history": history.astype(np.int64)}, user_features))
-        if "candidates" not in out:
-            raise PredictorError(f"{self.retrieval} returned {sorted(out)}; ANN bundles search their index in the "
-                                 "transformer: serve them with the in-process stages")
         return out["candidates"][:, :n]
 
     def rank(self, history: np.ndarray, candidates: np.ndarray,
@@ -85,94 +120,3 @@ class RemoteStages:
         out = self._infer(self.ranker, self._with_uf({"history": history.astype(np.int64),
                                                       "candidates": candidates.astype(np.int64)}, user_features))
         return out["indices"], out["scores"]
-
-
-# ----------------------------------------------------------------------------------------------- predictor
-def _kserve():
-    _argv, sys.argv = sys.argv, sys.argv[:1]  # importing kserve parses sys.argv (see model.py)
-    try:
-        import kserve
-        from kserve.errors import InvalidInput
-        from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
-    finally:
-        sys.argv = _argv
-    return kserve, InvalidInput, InferOutput, InferRequest, InferResponse
-
-
-def repository_models(repo: str | Path) -> list:
-    """One `RepositoryModel` per ONNX model folder of a Triton repository (ensembles are Triton-only)."""
-    from rentalml.export.triton import load_config
-
-    kserve, InvalidInput, InferOutput, InferRequest, InferResponse = _kserve()
-
-    class RepositoryModel(kserve.Model):
-        def __init__(self, folder: Path):
-            cfg = load_config(folder / "config.pbtxt")
-            super().__init__(cfg.name or folder.name)
-            self.folder = folder
-            self.cfg = cfg
-            self.inputs = {t.name: (V2_DTYPES[_dt(t)], list(t.dims)) for t in cfg.input}
-            self.outputs = [t.name for t in cfg.output]
-            self.session = None
-            self.load()
-
-        def load(self) -> bool:
-            import onnxruntime as ort
-
-            so = ort.SessionOptions()
-            so.intra_op_num_threads = 1
-            self.session = ort.InferenceSession(str(self.folder / "1" / "model.onnx"), so,
-                                                providers=["CPUExecutionProvider"])
-            self.ready = True
-            return True
-
-        async def predict(self, payload, headers=None, response_headers=None):
-            if not isinstance(payload, InferRequest):
-                raise InvalidInput("expected a v2 inference request")
-            given = {i.name: i for i in payload.inputs}
-            unknown = set(given) - set(self.inputs)
-            if unknown:
-                raise InvalidInput(f"unexpected input(s) {sorted(unknown)}; {self.name} takes {sorted(self.inputs)}")
-            feed = {}
-            for name, ((v2, dtype), dims) in self.inputs.items():
-                if name not in given:
-                    raise InvalidInput(f"missing input '{name}'")
-                t = given[name]
-                if t.datatype != v2:
-                    raise InvalidInput(f"input '{name}': datatype {t.datatype}, expected {v2}")
-                arr = np.asarray(t.as_numpy(), dtype=dtype)
-                if arr.ndim != len(dims) + 1 or any(d > 0 and d != s for d, s in zip(dims, arr.shape[1:],
-                                                                                    strict=True)):
-                    raise InvalidInput(f"input '{name}': shape {list(arr.shape)}, expected [-1, "
-                                       f"{', '.join(map(str, dims))}]")
-                if self.cfg.max_batch_size and arr.shape[0] > self.cfg.max_batch_size:
-                    raise InvalidInput(f"input '{name}': batch {arr.shape[0]} > max_batch_size "
-                                       f"{self.cfg.max_batch_size}")
-                feed[name] = arr
-            res = self.session.run(self.outputs, feed)
-            outs = []
-            for name, arr in zip(self.outputs, res, strict=True):
-                o = InferOutput(name=name, shape=list(arr.shape), datatype=NP_TO_V2[arr.dtype])
-                o.set_data_from_numpy(arr, binary_data=False)
-                outs.append(o)
-            return InferResponse(model_name=self.name, infer_outputs=outs, response_id=payload.id or str(uuid.uuid4()))
-
-    models = []
-    for folder in sorted(Path(repo).iterdir()):
-        if (folder / "config.pbtxt").exists() and (folder / "1" / "model.onnx").exists():
-            models.append(RepositoryModel(folder))
-    if not models:
-        raise FileNotFoundError(f"no ONNX models in {repo} (write one with `rentalml export --triton DIR`)")
-    return models
-
-
-def _dt(cfg_tensor) -> str:
-    from rentalml.export.triton import _dtype_name  # reads tritonclient's model_config proto, kserve-safe
-
-    return _dtype_name(cfg_tensor)
-
-
-def serve_repository(repo: str | Path, http_port: int, grpc_port: int) -> None:
-    """Blocking: a KServe ModelServer with every ONNX model of the repository (v2 REST + gRPC)."""
-    kserve = _kserve()[0]
-    kserve.ModelServer(http_port=http_port, grpc_port=grpc_port, workers=1).start(repository_models(repo))
