@@ -2,7 +2,12 @@
 
     rentalml pipeline compile                # IR YAML → pipelines/training_pipeline.yaml (the golden file)
     rentalml pipeline run --local            # the whole DAG with kfp.local (subprocesses, this interpreter)
-    rentalml pipeline submit --host $KFP_HOST [--schedule weekly]
+    rentalml pipeline submit --host $KFP_HOST [--namespace rentalml] [--schedule weekly]
+
+Multi-user Kubeflow Pipelines (Kubeflow's default) keeps pipelines, experiments and runs per profile namespace:
+the API server rejects an experiment without one and lists only shared pipelines when none is given, so
+`submit` names the namespace (--namespace, $KFP_NAMESPACE, else the pod's own namespace) in every call that
+takes it. Single-user KFP: leave it unset.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from pathlib import Path
 import typer
 
 GOLDEN = Path(__file__).resolve().parent / "training_pipeline.yaml"
+SA_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 #: the recurring run: Mondays 03:00 UTC (KFP cron has a seconds field), one run at a time, no backfill
 WEEKLY = {"name": "rentalml-training-weekly", "cron": "0 0 3 * * 1", "max_concurrency": 1, "no_catchup": True}
 
@@ -97,9 +103,40 @@ def _executor_outputs(run_dir: Path, task: str) -> dict:
 
 
 def _client(host: str | None):
+    """kfp.Client for `host`, authenticated with the projected service-account token (audience
+    pipelines.kubeflow.org) when the pod has one: with an explicit host and no credentials kfp 2.17.3's Client
+    sends no token at all (Client._load_config returns before its default credentials), and multi-user KFP
+    then answers every call as unauthenticated."""
     import kfp
+    from kfp.client import KF_PIPELINES_SA_TOKEN_ENV, KF_PIPELINES_SA_TOKEN_PATH
+    from kfp.client.set_volume_credentials import ServiceAccountTokenVolumeCredentials
 
-    return kfp.Client(host=host)
+    token = os.environ.get(KF_PIPELINES_SA_TOKEN_ENV) or KF_PIPELINES_SA_TOKEN_PATH
+    credentials = ServiceAccountTokenVolumeCredentials(token) if Path(token).is_file() else None
+    return kfp.Client(host=host, credentials=credentials)
+
+
+def kfp_namespace(explicit: str | None = None) -> str | None:
+    """The profile namespace for multi-user KFP: --namespace, else $KFP_NAMESPACE (the CronJobs set it from
+    the downward API), else the pod's service-account namespace file; None (single-user KFP) outside a pod."""
+    if explicit:
+        return explicit
+    if os.environ.get("KFP_NAMESPACE"):
+        return os.environ["KFP_NAMESPACE"]
+    try:
+        return SA_NAMESPACE.read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _pipeline_id(client, name: str, namespace: str | None) -> str | None:
+    """The pipeline named `name` in `namespace` (Client.get_pipeline_id takes no namespace: in multi-user KFP it
+    would see only shared pipelines, miss ours and upload a duplicate every week)."""
+    flt = json.dumps({"predicates": [{"operation": "EQUALS", "key": "display_name", "stringValue": name}]})
+    found = client.list_pipelines(filter=flt, namespace=namespace).pipelines or []
+    if len(found) > 1:
+        raise RuntimeError(f"{len(found)} pipelines named {name!r} in namespace {namespace!r}")
+    return found[0].pipeline_id if found else None
 
 
 def register(app: typer.Typer) -> None:
@@ -137,7 +174,7 @@ def register(app: typer.Typer) -> None:
         if serve:
             args["start_local_server"] = True
         if not local:
-            typer.echo(json.dumps(_submit(host, args, None, None, "rentalml"), indent=2))
+            typer.echo(json.dumps(_submit(host, args, None, None, "rentalml", kfp_namespace()), indent=2))
             return
         from rentalml.config import get_settings
 
@@ -165,10 +202,36 @@ def register(app: typer.Typer) -> None:
             json_out.parent.mkdir(parents=True, exist_ok=True)
             json_out.write_text(json.dumps(summary, indent=2, default=str))
 
+    @group.command("local-cluster")
+    def local_cluster_cmd(
+        workdir: Path = typer.Option(Path(".rentalml/local-cluster"), help="where the servers keep their files "
+                                     "and logs (emptied first)"),
+        users: int = typer.Option(12, min=1, help="users to send requests for"),
+        canary_percent: int = typer.Option(50, min=0, max=100, help="the second run's canary share"),
+        json_out: Path | None = typer.Option(None, "--json", help="write the full report here"),
+    ) -> None:
+        """The serving half of the cluster on this machine, from the rendered dev overlay: moto S3 + MLflow
+        (--serve-artifacts), two kfp.local pipeline runs (publish + deploy through a stand-in API server with
+        the API server's patch semantics), KServe's storage initializer, Triton, the transformer (JWT), v2
+        requests over HTTP and gRPC, a sticky canary, outcomes in Kafka (Tansu)."""
+        import shutil
+
+        from rentalml.pipelines.local_cluster import run, summary
+
+        shutil.rmtree(workdir, ignore_errors=True)
+        rep = run(workdir, users=users, canary_percent=canary_percent, log=typer.echo)
+        if json_out:
+            json_out.parent.mkdir(parents=True, exist_ok=True)
+            json_out.write_text(json.dumps(rep, indent=2, default=str))
+        typer.echo(json.dumps(summary(rep), indent=2, default=str))
+
     @group.command("submit")
     def submit_cmd(
         host: str | None = typer.Option(None, envvar="KFP_HOST", help="KFP endpoint (default: $KFP_HOST)"),
         experiment: str = typer.Option("rentalml", help="KFP experiment"),
+        namespace: str | None = typer.Option(None, envvar="KFP_NAMESPACE", help="profile namespace of multi-user "
+                                             "KFP (default: $KFP_NAMESPACE, else the pod's namespace; unset: "
+                                             "single-user KFP)"),
         run_name: str | None = typer.Option(None, help="run name (default: rentalml-training-<time>)"),
         schedule: str | None = typer.Option(None, help="'weekly' (Mondays 03:00 UTC) or a 6-field KFP cron: "
                                             "create a recurring run instead of one run"),
@@ -181,12 +244,15 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Upload the compiled pipeline and start a run (or a recurring weekly run) on Kubeflow Pipelines."""
         args = _arguments(source, model, params, tune_trials, margin, arg)
-        typer.echo(json.dumps(_submit(host, args, run_name, schedule, experiment), indent=2))
+        typer.echo(json.dumps(_submit(host, args, run_name, schedule, experiment, kfp_namespace(namespace)),
+                              indent=2))
 
 
-def _submit(host: str | None, args: dict, run_name: str | None, schedule: str | None, experiment: str) -> dict:
+def _submit(host: str | None, args: dict, run_name: str | None, schedule: str | None, experiment: str,
+            namespace: str | None = None) -> dict:
     """Upload the compiled pipeline as a new version of `rentalml-training` and start a run, or a recurring
-    run (`schedule`: "weekly" or a KFP cron with seconds), from that version."""
+    run (`schedule`: "weekly" or a KFP cron with seconds), from that version. `namespace`: the profile of
+    multi-user KFP (pipeline, experiment and so the runs live there); None for single-user KFP."""
     import tempfile
 
     from rentalml.pipelines.training import PIPELINE_NAME
@@ -196,18 +262,19 @@ def _submit(host: str | None, args: dict, run_name: str | None, schedule: str | 
     package = str(compile_pipeline(Path(tempfile.mkdtemp(prefix="rentalml-kfp-")) / "training_pipeline.yaml"))
     client = _client(host)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    pipeline_id = client.get_pipeline_id(PIPELINE_NAME)
+    pipeline_id = _pipeline_id(client, PIPELINE_NAME, namespace)
     if pipeline_id is None:
         pipeline_id = client.upload_pipeline(package, pipeline_name=PIPELINE_NAME,
-                                             description="rentalml training pipeline").pipeline_id
+                                             description="rentalml training pipeline",
+                                             namespace=namespace).pipeline_id
         versions = client.list_pipeline_versions(pipeline_id).pipeline_versions
         version_id = versions[0].pipeline_version_id
     else:
         version_id = client.upload_pipeline_version(package, pipeline_version_name=f"{PIPELINE_NAME}-{stamp}",
                                                     pipeline_id=pipeline_id).pipeline_version_id
-    exp_id = client.create_experiment(name=experiment).experiment_id
-    out = {"host": host, "pipeline_id": pipeline_id, "version_id": version_id, "experiment": experiment,
-           "arguments": args}
+    exp_id = client.create_experiment(name=experiment, namespace=namespace).experiment_id
+    out = {"host": host, "namespace": namespace, "pipeline_id": pipeline_id, "version_id": version_id,
+           "experiment": experiment, "arguments": args}
     if schedule:
         cron = WEEKLY["cron"] if schedule == "weekly" else schedule
         name = WEEKLY["name"] if schedule == "weekly" else f"rentalml-training-{stamp}"
