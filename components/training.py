@@ -50,27 +50,35 @@ def build_features(dataset: Input[Dataset], features: Output[Dataset]) -> list:
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def tune(dataset: Input[Dataset], model: str, protocol: str, seed: int, trials: int, base_params: dict,
-         tuning: Output[Metrics]) -> dict:
-    """Optuna (multivariate TPE) over the shared search space; `trials=0` keeps the defaults."""
+         training_image: str, run_name: str, tuning: Output[Metrics]) -> dict:
+    """Optuna (multivariate TPE) over the shared search space; `trials=0` keeps the defaults. In the cluster:
+    a Katib Experiment (TrainJob trials on `training_image`) over this dataset artifact's object-store URI."""
     from rentalml.components import steps
 
-    res = steps.tune(dataset.path, model, protocol, seed, trials, base_params)
+    res = steps.tune(dataset.path, model, protocol, seed, trials, base_params, dataset_uri=dataset.uri,
+                     run_name=run_name, image=training_image)
     tuning.log_metric("trials", float(res["trials"]))
     if res["best_value"] is not None:
-        tuning.log_metric("default_val_ndcg_at_10", float(res["default_value"]))
+        if res["default_value"] is not None:
+            tuning.log_metric("default_val_ndcg_at_10", float(res["default_value"]))
         tuning.log_metric("best_val_ndcg_at_10", float(res["best_value"]))
     return {**base_params, **res["best_params"]}
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def train(dataset: Input[Dataset], model_type: str, protocol: str, seed: int, params: dict,
-          eval_model: Output[Model], model: Output[Model]) -> dict:
-    """Fit on the train split (what evaluate scores), then refit on all data (what ships)."""
+def train(dataset: Input[Dataset], model_type: str, protocol: str, seed: int, params: dict, num_nodes: int,
+          training_image: str, run_name: str, eval_model: Output[Model], model: Output[Model]) -> dict:
+    """Fit on the train split (what evaluate scores), then refit on all data (what ships). num_nodes > 1:
+    data-parallel (a TrainJob in the cluster, torchrun locally), the models copied back to these outputs."""
     from rentalml.components import steps
 
-    res = steps.train(dataset.path, model_type, protocol, seed, params, eval_model.path, model.path)
+    scratch = eval_model.uri.rsplit("/", 1)[0] + "/trainjob"  # beside this task's outputs in the pipeline root
+    res = steps.train(dataset.path, model_type, protocol, seed, params, eval_model.path, model.path,
+                      num_nodes=num_nodes, dataset_uri=dataset.uri, output_uri=scratch, run_name=run_name,
+                      image=training_image)
     for art in (eval_model, model):
-        art.metadata.update({"model_type": model_type, "fit_seconds": res["fit_seconds"]})
+        art.metadata.update({"model_type": model_type, "fit_seconds": res["fit_seconds"],
+                             "num_nodes": res.get("num_nodes", 1)})
     return res["params"]
 
 
@@ -138,15 +146,27 @@ def register(bundle: Input[Model], report: Input[HTML], features: Input[Dataset]
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def deploy(version: str, model_uri: str, mode: str, canary_percent: int, isvc_name: str, namespace: str,
-           start_local_server: bool, manifest: Output[dsl.Artifact]) -> dict:
-    """KServe: create/patch the InferenceService with the new version as a canary; local: restart the local
-    server on it."""
+def publish(bundle: Input[Model], version: str, mode: str, isvc_name: str, namespace: str,
+            storage_uri: str) -> dict:
+    """The Triton repository of the live versions (serving + new) to the predictor's storageUri (s3://), and
+    its python-backend twin beside it."""
     from rentalml.components import steps
 
-    res = steps.deploy(version=version, model_uri=model_uri, mode=mode, canary_percent=canary_percent,
-                       isvc_name=isvc_name, namespace=namespace, image=steps.IMAGE, manifest_path=manifest.path,
-                       start_local_server=start_local_server)
+    res = steps.publish(version=version, bundle_dir=bundle.path, mode=mode, isvc_name=isvc_name,
+                        namespace=namespace, storage_uri=storage_uri)
+    print(res)
+    return res
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def deploy(version: str, mode: str, canary_percent: int, isvc_name: str, namespace: str,
+           start_local_server: bool, manifest: Output[dsl.Artifact]) -> dict:
+    """KServe: JSON-Patch the InferenceService (predictor revision with the live versions, then the
+    transformer's champion/challenger arms); local: restart the local server on the new version."""
+    from rentalml.components import steps
+
+    res = steps.deploy(version=version, mode=mode, canary_percent=canary_percent, isvc_name=isvc_name,
+                       namespace=namespace, manifest_path=manifest.path, start_local_server=start_local_server)
     manifest.metadata.update({k: v for k, v in res.items() if isinstance(v, (str, int, float, bool))})
     print(res)
     return res

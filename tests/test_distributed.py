@@ -183,3 +183,188 @@ def test_every_search_space_parameter_is_an_option():
     args = build_parser().parse_args([f"--{p.name.replace('_', '-')}={value(p)}" for p in SEARCH_SPACE])
     for p in SEARCH_SPACE:
         assert getattr(args, p.name) == pytest.approx(value(p))
+
+
+# ------------------------------------------------------------------------------------------ the pipeline steps
+# Katib and Trainer inside the pipeline: in the cluster the tune step creates a Katib Experiment and the train
+# step (num_nodes > 1) a TrainJob, both over the step's dataset artifact in the object store. Here the object
+# store is moto's S3 server and the cluster a fake Kubernetes API (tests/fake_k8s.py) that the real
+# `kubernetes` client talks to: it validates what is created against the vendored upstream CRDs and moves the
+# status as the operators do; its TrainJob controller runs the trainer's command with the TrainJob's env.
+BUCKET = "rentalml-pipelines"
+RUN = "rentalml-training-20261202-0630"
+FAST = {"epochs": 2, "eval_every": 1, "dim": 32, "batch_size": 64, "negatives": 64}
+
+
+@pytest.fixture(scope="module")
+def object_store():
+    from moto.server import ThreadedMotoServer
+    from pyarrow import fs
+
+    port = _port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    creds = {"AWS_ACCESS_KEY_ID": "rentalml", "AWS_SECRET_ACCESS_KEY": "s3cret",
+             "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    fs.S3FileSystem(access_key="rentalml", secret_key="s3cret", endpoint_override=f"127.0.0.1:{port}",
+                    scheme="http", region="us-east-1", allow_bucket_creation=True).create_dir(BUCKET)
+    saved = {k: os.environ.get(k) for k in creds}
+    os.environ.update(creds)  # the step's env: kubernetes.use_secret_as_env(rentalml-object-store)
+    yield creds
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def features(work, object_store):
+    """The build-features artifact: on local disk (the step's dataset.path) and in the store (dataset.uri)."""
+    from rentalml.components import steps
+    from rentalml.training import jobs
+
+    steps.ingest("synthetic:300,150,6000,1", work / "ingest")
+    steps.build_features(work / "ingest", work / "features")
+    uri = f"s3://{BUCKET}/v2/artifacts/rentalml-training/{RUN}/build-features/features"
+    jobs.upload(work / "features", uri)
+    return work / "features", uri
+
+
+def _secret_env(env: list[dict], secrets: dict) -> dict:
+    """A container's env as the kubelet resolves it (secretKeyRef from `secrets`, optional ones skipped)."""
+    out = {}
+    for e in env:
+        if "value" in e:
+            out[e["name"]] = e["value"]
+        else:
+            ref = e["valueFrom"]["secretKeyRef"]
+            value = secrets.get(ref["name"], {}).get(ref["key"])
+            if value is None and not ref.get("optional"):
+                raise AssertionError(f"secret {ref} missing")
+            if value is not None:
+                out[e["name"]] = value
+    return out
+
+
+def test_tune_step_in_the_cluster_runs_a_katib_experiment(features):
+    """tune(cluster) → POST an Experiment (valid against Katib v0.19.0's CRD) whose TrainJob trials read the
+    dataset artifact's URI with the object-store Secret; Created → Running → Succeeded; the step returns the
+    best trial of status.currentOptimalTrial, typed as the search space."""
+    from fake_k8s import FakeKubernetes, set_condition
+
+    from rentalml.components import steps
+    from rentalml.training import jobs
+
+    local, uri = features
+    reads = {"n": 0}
+
+    def katib_controller(exp):
+        reads["n"] += 1
+        if reads["n"] == 1:
+            set_condition(exp, "Created", "ExperimentCreated")
+        elif reads["n"] == 2:
+            set_condition(exp, "Running", "ExperimentRunning")
+            exp["status"]["trials"] = 3
+        else:
+            space = {p["name"]: p for p in exp["spec"]["parameters"]}
+            pick = {n: (p["feasibleSpace"]["list"][1] if "list" in p["feasibleSpace"] else p["feasibleSpace"]["max"])
+                    for n, p in space.items()}
+            exp["status"].update(trials=6, trialsSucceeded=6, currentOptimalTrial={
+                "bestTrialName": f"{exp['metadata']['name']}-abcdefgh",
+                "parameterAssignments": [{"name": n, "value": v} for n, v in pick.items()],
+                "observation": {"metrics": [{"name": "ndcg_at_10", "latest": "0.29", "max": "0.31", "min": "0.1"}]}})
+            set_condition(exp, "Succeeded", "ExperimentMaxTrialsReached")
+
+    with FakeKubernetes({"experiments": katib_controller}) as k8s:
+        res = steps.tune(local, "hybrid", "random-75-25", 42, 6, {"epochs": 2}, dataset_uri=uri, run_name=RUN,
+                         cluster=True, api=k8s.api(), poll_s=0.01)
+        calls = list(k8s.calls)
+        (exp,) = k8s.objects.values()
+    assert res["best_value"] == 0.31 and res["trials"] == 6
+    assert res["best_params"] == {"lr": 0.01, "dim": 128, "layers": 2, "negatives": 1024, "weight_decay": 0.0001,
+                                  "batch_size": 256, "input_dropout": 0.7}
+    assert exp["metadata"]["name"] == jobs.job_name(RUN, "tune") and exp["metadata"]["namespace"] == "rentalml"
+    trial = exp["spec"]["trialTemplate"]["trialSpec"]
+    assert f"--data={uri}" in trial["spec"]["trainer"]["args"]
+    assert not any(a.startswith("--checkpoint-dir") for a in trial["spec"]["trainer"]["args"])
+    env = _secret_env(trial["spec"]["trainer"]["env"], {"rentalml-object-store": {
+        "access-key-id": "k", "secret-access-key": "s", "endpoint-url": "http://minio:9000"}})
+    assert env["AWS_ACCESS_KEY_ID"] == "k" and env["RENTALML_MONITOR__PUSHGATEWAY_URL"] == jobs.PUSHGATEWAY_URL
+    assert exp["spec"]["maxTrialCount"] == 6 and exp["spec"]["parallelTrialCount"] == 3
+    assert calls[0] == ("create", "kubeflow.org", "experiments", "rentalml", exp["metadata"]["name"])
+    assert {c[:3] for c in calls} == {("create", "kubeflow.org", "experiments"), ("get", "kubeflow.org", "experiments")}
+
+
+def test_tune_step_fails_with_the_experiment(features):
+    from fake_k8s import FakeKubernetes, set_condition
+
+    from rentalml.components import steps
+    from rentalml.training import jobs
+
+    local, uri = features
+    with FakeKubernetes({"experiments": lambda e: set_condition(e, "Failed", "ExperimentFailed", "3 trials failed")}) \
+            as k8s, pytest.raises(jobs.JobFailed, match="3 trials failed"):
+        steps.tune(local, "hybrid", "random-75-25", 42, 6, {}, dataset_uri=uri, run_name=RUN, cluster=True,
+                   api=k8s.api(), poll_s=0.01)
+
+
+def test_train_step_in_the_cluster_submits_a_trainjob(work, features, object_store):
+    """train(num_nodes=2, cluster) → POST a TrainJob (valid against Trainer v2.3.0's CRD, domain-prefixed
+    manager); the fake controller runs its trainer (the distributed entrypoint, one process) with the
+    TrainJob's env, where the object-store credentials come from the Secret, then reports Complete; the step
+    copies the split fit and the all-data refit the job wrote to the store into its outputs, which the
+    evaluate step scores."""
+    from fake_k8s import FakeKubernetes, set_condition
+
+    from rentalml.components import steps
+    from rentalml.training import jobs
+    from rentalml.training.trainer import Fitted
+
+    local, uri = features
+    secrets = {"rentalml-object-store": {"access-key-id": object_store["AWS_ACCESS_KEY_ID"],
+                                         "secret-access-key": object_store["AWS_SECRET_ACCESS_KEY"],
+                                         "endpoint-url": object_store["AWS_ENDPOINT_URL"]}}
+    ran = []
+
+    def trainer_controller(tj):
+        if tj.get("status", {}).get("conditions"):
+            return
+        t = tj["spec"]["trainer"]
+        assert t["command"][:2] == ["torchrun", "-m"]  # the torch runtime's launcher; one process here
+        env = {k: v for k, v in _env().items() if not k.startswith("AWS_")}  # only what the TrainJob passes
+        env.update(_secret_env(t["env"], secrets), RENTALML_MONITOR__PUSHGATEWAY_URL="")
+        res = subprocess.run([sys.executable, "-m", t["command"][2], *t["args"], "--threads=1"],
+                             capture_output=True, text=True, env=env, timeout=300)
+        ran.append(res)
+        set_condition(tj, "Complete" if res.returncode == 0 else "Failed", "JobsCompleted", res.stderr[-500:])
+
+    out_uri = f"s3://{BUCKET}/v2/artifacts/rentalml-training/{RUN}/train/trainjob"
+    with FakeKubernetes({"trainjobs": trainer_controller}) as k8s:
+        res = steps.train(local, "hybrid", "random-75-25", 42, FAST, work / "eval.pkl", work / "model.pkl",
+                          num_nodes=2, dataset_uri=uri, output_uri=out_uri, run_name=RUN, cluster=True,
+                          api=k8s.api(), poll_s=0.01)
+        (tj,) = k8s.objects.values()
+        calls = {c[:3] for c in k8s.calls}
+    assert ran and ran[0].returncode == 0, ran[0].stderr[-2000:]
+    assert tj["spec"]["trainer"]["numNodes"] == 2 and tj["spec"]["runtimePatches"][0]["manager"] == jobs.MANAGER
+    assert f"--data={uri}" in tj["spec"]["trainer"]["args"] and f"--output={out_uri}" in tj["spec"]["trainer"]["args"]
+    assert calls == {("create", "trainer.kubeflow.org", "trainjobs"), ("get", "trainer.kubeflow.org", "trainjobs")}
+    ev, final = steps.load_fitted(work / "eval.pkl"), steps.load_fitted(work / "model.pkl")
+    assert isinstance(ev, Fitted) and isinstance(final, Fitted)
+    assert final.train.nnz > ev.train.nnz  # the refit saw every interaction, the eval model the train split
+    assert res["num_nodes"] == 2 and res["params"]["dim"] == 32
+    scores = steps.evaluate(local, work / "eval.pkl", "random-75-25", 42, 10, work / "eval-report")
+    assert 0.0 < scores["ndcg@10"] <= 1.0
+
+
+def test_train_step_locally_runs_torchrun(work, features):
+    """The same step off the cluster with num_nodes=2: torchrun with two processes on this machine."""
+    from rentalml.components import steps
+
+    local, _ = features
+    res = steps.train(local, "hybrid", "random-75-25", 42, FAST, work / "l-eval.pkl", work / "l-model.pkl",
+                      num_nodes=2, cluster=False)
+    assert res["num_nodes"] == 2
+    assert steps.load_fitted(work / "l-model.pkl").train.nnz > steps.load_fitted(work / "l-eval.pkl").train.nnz

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from fake_k8s import crd_errors
 from rentalml.training import jobs, katib
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -380,56 +381,6 @@ def test_cluster_objects_validate_against_the_vendored_crds(rendered):
             if tj is not doc:
                 errors += [f"trial TrainJob: {e}" for e in crd_errors({**tj, "metadata": {"name": "t"}})]
     assert not errors, "\n".join(errors)
-
-
-CRD_FILES = {"TrainJob": "trainer/trainjob.yaml", "Experiment": "katib/experiment.yaml",
-             "MPIJob": "mpi-operator/mpijob.yaml"}
-
-
-def crd_errors(doc: dict) -> list[str]:
-    """Schema errors of an object against its vendored CRD, unknown fields included (the API server prunes
-    them silently: a typo would be lost, not refused)."""
-    import jsonschema
-
-    path = CRDS / CRD_FILES[doc["kind"]]
-    if not path.exists():
-        pytest.skip(f"{path} not vendored")
-    schema = yaml.safe_load(path.read_text())["openAPIV3Schema"]
-    errors = [f"{e.message} at {list(e.path)}"
-              for e in jsonschema.Draft7Validator(_no_formats(schema)).iter_errors(doc)]
-
-    def unknown(obj, sch, where):
-        if sch.get("x-kubernetes-preserve-unknown-fields") or not isinstance(obj, dict):
-            if isinstance(obj, list) and "items" in sch:
-                for i, x in enumerate(obj):
-                    unknown(x, sch["items"], f"{where}[{i}]")
-            return
-        props = sch.get("properties")
-        if props is None:
-            return
-        for k, v in obj.items():
-            if k not in props:
-                errors.append(f"unknown field {where}.{k}")
-            elif where == "" and k == "metadata":
-                continue
-            else:
-                unknown(v, props[k], f"{where}.{k}")
-
-    unknown(doc, schema, "")
-    return errors
-
-
-def _no_formats(schema):
-    """int-or-string and quantity formats are Kubernetes', not JSON Schema's: keep types, drop formats."""
-    if isinstance(schema, dict):
-        out = {k: _no_formats(v) for k, v in schema.items() if k not in ("format", "x-kubernetes-validations")}
-        if schema.get("x-kubernetes-int-or-string"):
-            out.pop("type", None)
-            out["anyOf"] = [{"type": "integer"}, {"type": "string"}]
-        return out
-    if isinstance(schema, list):
-        return [_no_formats(s) for s in schema]
-    return schema
 
 
 def test_crd_check_catches_a_typo():

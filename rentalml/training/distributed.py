@@ -112,6 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     ap.add_argument("--threads", type=int, default=0, help="torch threads per process (0: cores / local ranks)")
     ap.add_argument("--no-test", action="store_true", help="skip the test-split evaluation at the end")
+    ap.add_argument("--all-data", action="store_true", help="fit on every interaction (no split, no validation)")
+    ap.add_argument("--refit-all", action="store_true",
+                    help="after the split fit, refit on every interaction for the best epoch count (what ships)")
+    ap.add_argument("--output", default=None,
+                    help="rank 0 writes eval_model.pkl (the split fit), model.pkl (the refit, with --refit-all) "
+                         "and result.json here: a directory or an s3:// / minio:// prefix")
     ap.add_argument("--throttle", type=float, default=0.0, help=argparse.SUPPRESS)  # fault-injection tests
     return ap
 
@@ -143,8 +149,15 @@ def prepare(args: argparse.Namespace) -> Prepared:
     from rentalml.evaluation.protocols import random_split, split
     from rentalml.training.trainer import _features, catalogue
 
-    ds = load_dataset(args.data)
-    train, test = split(ds.interactions, args.protocol, args.seed)
+    from rentalml.training.jobs import local_dataset
+
+    ds = load_dataset(local_dataset(args.data))  # the pipeline's dataset artifact is an object-store URI
+    if getattr(args, "all_data", False):
+        from rentalml.evaluation.protocols import aggregate_pairs
+
+        train, test = aggregate_pairs(ds.interactions), ds.interactions.iloc[:0]
+    else:
+        train, test = split(ds.interactions, args.protocol, args.seed)
     item_ids = catalogue(ds, train)
     user_ids = np.array(sorted(train["user_id"].unique()), dtype=object)
     item_enc, item_x, user_enc, user_x = _features(ds, item_ids, user_ids)
@@ -376,13 +389,31 @@ def run(argv: list[str] | None = None) -> dict | None:
                   "val_ndcg@10": st["best"], "samples": st["samples"], "train_seconds": round(st["train_seconds"], 3),
                   "samples_per_s": round(st["samples"] / max(st["train_seconds"], 1e-9), 1),
                   "train_pairs": int(data.train_fit.nnz), "history": st["history"]}
+        fitted = finish(args, data, trainer, result) if env.rank == 0 else None
+        refit = None
+        if args.refit_all and not args.all_data:
+            # the shipped model: every interaction, the split fit's parameters and best epoch count
+            args2 = copy.copy(args)
+            args2.all_data, args2.valid_frac, args2.no_test, args2.bundle_dir = True, 0.0, True, None
+            args2.epochs = max(1, trainer.state["best_epoch"])
+            args2.checkpoint_dir = args.checkpoint_dir / "all-data" if args.checkpoint_dir else None
+            data2 = prepare(args2)
+            trainer2 = Trainer(args2, env, data2)
+            trainer2.load()
+            trainer2.fit()
+            log(env, f"refit on all data: epochs={args2.epochs}")
+            refit = finish(args2, data2, trainer2, {}) if env.rank == 0 else None
         if env.rank == 0:
-            finish(args, data, trainer, result)
             result["total_seconds"] = round(time.perf_counter() - t0, 2)
             print(f"samples_per_s={result['samples_per_s']}", flush=True)
             if args.result_json:
                 args.result_json.parent.mkdir(parents=True, exist_ok=True)
                 args.result_json.write_text(json.dumps(result, indent=2, default=str))
+            if args.output:
+                write_output(args.output, fitted, refit, result)
+            from rentalml.monitoring.training_metrics import push
+
+            push("distributed-train", seconds=result["total_seconds"])  # RENTALML_MONITOR__PUSHGATEWAY_URL
         if env.distributed:
             torch.distributed.barrier()
         return result if env.rank == 0 else None
@@ -391,7 +422,27 @@ def run(argv: list[str] | None = None) -> dict | None:
             torch.distributed.destroy_process_group()
 
 
-def finish(args, data: Prepared, trainer: Trainer, result: dict) -> None:
+def write_output(output: str, fitted, refit, result: dict) -> None:
+    """eval_model.pkl / model.pkl (pickled rentalml Fitted, what the pipeline's evaluate and export load) and
+    result.json, into a directory or an object-store prefix."""
+    import pickle
+    import tempfile
+
+    from rentalml.training import jobs
+
+    remote = jobs.is_remote(output)
+    out = Path(tempfile.mkdtemp(prefix="rentalml-out-")) if remote else Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, obj in (("eval_model.pkl", fitted), ("model.pkl", refit)):
+        if obj is not None:
+            with open(out / name, "wb") as fh:
+                pickle.dump(obj, fh)
+    (out / "result.json").write_text(json.dumps(result, indent=2, default=str))
+    if remote:
+        jobs.upload(out, output)
+
+
+def finish(args, data: Prepared, trainer: Trainer, result: dict):
     """Rank 0: test-split metrics with the core evaluator, optional bundle."""
     from rentalml.training.trainer import Fitted
 
@@ -409,6 +460,7 @@ def finish(args, data: Prepared, trainer: Trainer, result: dict) -> None:
         from rentalml.export.bundle import write_bundle
 
         result["bundle"] = str(write_bundle(fitted, data.dataset, args.bundle_dir, metrics=result.get("test")))
+    return fitted
 
 
 def main(argv: list[str] | None = None) -> int:
