@@ -19,7 +19,7 @@ import copy
 import os
 
 import pytest
-from rentalml.components import cluster_local as cl
+from rentalml.components import rendered as cl
 from rentalml.components import deploy as d
 from rentalml.components import steps
 from rentalml.components.kubefake import FakeKubeApi
