@@ -59,7 +59,9 @@ class CRD:
     schema: dict  # the vendored openAPIV3Schema (structural, OpenAPI v3.0)
     source: dict[str, str]  # repo, tag, commit, path
     file: Path
+    api_schema: dict | None = None  # the typed Go API schema where the CRD is free-form (Katib's Experiment)
     _validator: object = field(default=None, repr=False)
+    _api_validator: object = field(default=None, repr=False)
 
     @property
     def api_version(self) -> str:
@@ -70,20 +72,26 @@ class CRD:
             self._validator = Validator(to_json_schema(self.schema, root=True), format_checker=FORMATS)
         return self._validator
 
+    def api_validator(self):
+        if self._api_validator is None and self.api_schema is not None:
+            self._api_validator = Validator(to_json_schema(self.api_schema, root=True), format_checker=FORMATS)
+        return self._api_validator
+
 
 def load(path: Path) -> CRD:
     text = path.read_text()
     header = {}
     body = []
     for line in text.splitlines():
-        m = re.fullmatch(r"# (repo|tag|commit|path): (.+)", line)
+        m = re.fullmatch(r"# (repo|tag|commit|path|api-schema): (.+)", line)
         if m:
             header[m.group(1)] = m.group(2)
         elif not line.startswith("#"):
             body.append(line)
     data = json.loads("\n".join(body))
     return CRD(data["group"], data["kind"], data["version"], data["scope"], data["served"],
-               expand(data["openAPIV3Schema"]), header, path)
+               expand(data["openAPIV3Schema"]), header, path,
+               expand(data["apiSchema"]) if "apiSchema" in data else None)
 
 
 def expand(schema: dict) -> dict:
@@ -343,4 +351,10 @@ def errors(doc: dict, embedded: bool = False) -> list[str]:
     for e in crd.validator().iter_errors(defaulted):
         where = "/".join(map(str, e.absolute_path)) or "(root)"
         out.append(f"{where}: {e.message}")
+    if crd.api_validator() is not None:
+        # the API server keeps anything here; the controller decodes into its Go types, silently dropping
+        # what they lack, so an unknown field is a setting that never takes effect
+        for e in crd.api_validator().iter_errors(defaulted):
+            where = "/".join(map(str, e.absolute_path)) or "(root)"
+            out.append(f"{where}: {e.message} ({crd.source.get('api-schema', 'API schema')})")
     return out

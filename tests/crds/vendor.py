@@ -52,6 +52,50 @@ SOURCES = [
 
 DOC_KEYS = {"description", "example", "externalDocs"}
 
+# CRDs whose schema is free-form (`x-kubernetes-preserve-unknown-fields` on the whole object): the typed schema
+# of the Go API, from the project's generated OpenAPI document, is vendored next to it as `apiSchema`
+# (kind -> (path in the same repository at the same tag, definition name)).
+API_SCHEMAS = {"Experiment": ("api/openapi-spec/swagger.json", "v1beta1.Experiment")}
+# Kubernetes types inside those documents, as a CRD's structural schema writes them
+_K8S_TYPES = {
+    "io.k8s.apimachinery.pkg.api.resource.Quantity": {"x-kubernetes-int-or-string": True},
+    "io.k8s.apimachinery.pkg.util.intstr.IntOrString": {"x-kubernetes-int-or-string": True},
+    "io.k8s.apimachinery.pkg.apis.meta.v1.Time": {"type": "string", "format": "date-time"},
+    "io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta": {"type": "object"},
+    "io.k8s.apimachinery.pkg.apis.meta.v1.unstructured.Unstructured": {
+        "type": "object", "x-kubernetes-embedded-resource": True, "x-kubernetes-preserve-unknown-fields": True},
+}
+
+
+def api_schema(document: dict, name: str) -> dict:
+    """One definition of an OpenAPI v3 document as a structural schema: references inlined, documentation
+    and Go zero-value `default`s dropped (the controller defaults those itself)."""
+    defs = document["components"]["schemas"]
+
+    def resolve(node):
+        if isinstance(node, list):
+            return [resolve(v) for v in node]
+        if not isinstance(node, dict):
+            return node
+        ref = node.get("$ref") or (node["allOf"][0].get("$ref") if len(node.get("allOf", [])) == 1 else None)
+        if ref:
+            target = ref.rsplit("/", 1)[1]
+            rest = {k: v for k, v in node.items() if k not in ("$ref", "allOf", "default") and k not in DOC_KEYS}
+            return {**resolve(_K8S_TYPES.get(target, defs[target])), **resolve(rest)}
+        out = {}
+        for key, value in node.items():
+            if key in DOC_KEYS or key == "default":
+                continue
+            if key == "properties":
+                out[key] = {n: resolve(v) for n, v in value.items()}
+            else:
+                out[key] = resolve(value)
+        return out
+
+    schema = resolve(defs[name])
+    schema["properties"].pop("status", None)  # written by the controller, never by us
+    return schema
+
 
 def strip(schema):
     """The schema without documentation; property *names* (which may be `description`) are kept."""
@@ -128,6 +172,12 @@ def vendor(mirrors: Path) -> None:
                 "openAPIV3Schema": dedupe(strip(ver["schema"]["openAPIV3Schema"]))}
         header = (f"# {kind} {crd['spec']['group']}/{version}: vendored by tests/crds/vendor.py, do not edit.\n"
                   f"# repo: github.com/{repo}\n# tag: {tag}\n# commit: {commit}\n# path: {path}\n")
+        if kind in API_SCHEMAS:
+            api_path, definition = API_SCHEMAS[kind]
+            document = json.loads(subprocess.run([*git, "show", f"{tag}:{api_path}"], capture_output=True,
+                                                 text=True, check=True).stdout)
+            body["apiSchema"] = dedupe(api_schema(document, definition))
+            header += f"# api-schema: {api_path} {definition} (the CRD itself is free-form)\n"
         out = HERE / project / f"{kind.lower()}.yaml"
         out.parent.mkdir(exist_ok=True)
         out.write_text(header + json.dumps(body, separators=(",", ":"), sort_keys=False) + "\n")
