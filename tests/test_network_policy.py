@@ -27,6 +27,10 @@ autoscaler metrics, 9091 user metrics), KServe's pod labels (kserve v0.16.0 pkg/
 Katib's suggestion labels and port (kubeflow/katib v0.19.0 pkg/controller.v1beta1/util/labels.go
 SuggestionLabels, consts/const.go DefaultSuggestionPort 6789) and controller labels
 (manifests/v1beta1/components/controller/controller.yaml).
+
+Not evaluated here: L7 Istio AuthorizationPolicies (the Profile controller's `ns-owner-access-istio` in the
+profile namespace, profile_controller.go getAuthorizationPolicy) and the policies Kubeflow puts on the
+istio-system and knative-serving namespaces (paths *into* those namespaces).
 """
 
 from __future__ import annotations
@@ -41,9 +45,11 @@ from test_platform_serving import _matches, by_kind, knative_pod_specs, knative_
 ROOT = Path(__file__).resolve().parents[1]
 NS = "rentalml"
 
-#: Kubeflow manifests 26.03, applications/profiles/pss/namespace-labels.yaml (the example install's Profile
-#: controller): the labels it sets on a profile namespace it owns
-PROFILE_NAMESPACE_LABELS = {"katib.kubeflow.org/metrics-collector-injection": "enabled",
+#: The labels the Profile controller sets on a profile namespace it owns: Kubeflow manifests 26.03
+#: applications/profiles/pss/namespace-labels.yaml (the example install's) and `istio-injection: enabled`
+#: (kubeflow/dashboard v2.0.0 components/profile-controller/controllers/profile_controller.go)
+PROFILE_NAMESPACE_LABELS = {"istio-injection": "enabled",
+                            "katib.kubeflow.org/metrics-collector-injection": "enabled",
                             "serving.kubeflow.org/inferenceservice": "enabled",
                             "pipelines.kubeflow.org/enabled": "true",
                             "app.kubernetes.io/part-of": "kubeflow-profile",
