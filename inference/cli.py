@@ -34,16 +34,14 @@ def register(app: typer.Typer) -> None:
         workers: int = typer.Option(1, "--workers", min=1, help="REST worker processes (gRPC stays in the main one)"),
         grpc_threads: int = typer.Option(4, "--grpc-threads", min=1, help="gRPC server thread pool size"),
         role: str = typer.Option("server", "--role", help="server: everything in this process | transformer: "
-                                 "ids, features, filters and fold-in here, the graphs on --predictor-host (Triton "
-                                 "in the cluster) | predictor: serve a Triton model repository on ONNX Runtime"),
+                                 "ids, features, filters and fold-in here, the graphs on --predictor-host (Triton: "
+                                 "each A/B arm calls its own model version there)"),
         predictor_host: str | None = typer.Option(None, "--predictor-host", "--predictor_host",
                                                   help="transformer: the v2 predictor (host:port or URL; KServe "
                                                   "passes it; default RENTALML_SERVE__PREDICTOR_URL)"),
         model_name: str | None = typer.Option(None, "--model-name", "--model_name",
                                               help="model name to serve under (KServe passes the "
                                               "InferenceService name; default rental-recommender)"),
-        model_repository: Path | None = typer.Option(None, "--model-repository", help="predictor: a Triton "
-                                                     "model repository (rentalml export --triton DIR)"),
     ) -> None:
         """Serve recommendations: KServe v2 REST + gRPC, POST /predict, POST /feedback, GET /health, /metrics,
         POST /admin/reload, POST /admin/invalidate.
@@ -56,15 +54,8 @@ def register(app: typer.Typer) -> None:
 
         s = get_settings().serve
         try:
-            if role == "predictor":
-                if model_repository is None:
-                    raise ValueError("--role predictor needs --model-repository DIR")
-                from .predictor import serve_repository
-
-                serve_repository(model_repository, http_port or s.http_port, grpc_port or s.grpc_port)
-                return
-            if role not in ("server", "transformer"):
-                raise ValueError(f"--role must be server, transformer or predictor, got {role!r}")
+            if role not in ("server", "transformer"):  # the predictor is Triton (start_triton in tests)
+                raise ValueError(f"--role must be server or transformer, got {role!r}")
             predictor = predictor_host or s.predictor_url
             if role == "transformer" and not predictor:
                 raise ValueError("--role transformer needs --predictor-host (or RENTALML_SERVE__PREDICTOR_URL)")

@@ -310,10 +310,13 @@ def make_engine(bundle: Bundle, predictor_url: str | None = None) -> Engine:
     s = get_settings()
     stages = None
     predictor_url = predictor_url or s.serve.predictor_url
-    if predictor_url:
+    if predictor_url:  # the arm's own model version on Triton (pinned: versions never mix, issue 11 defect 13)
+        from rentalml.export.triton import triton_version
+
         from .predictor import RemoteStages
 
-        stages = RemoteStages(predictor_url, bundle.n_items, timeout=s.serve.request_timeout_s)
+        stages = RemoteStages(predictor_url, bundle.n_items, version=triton_version(bundle.meta),
+                              timeout=s.serve.request_timeout_s)
     local = LocalFeatures(bundle)
     features = local
     if s.serve.feature_source == "feast":
@@ -334,13 +337,23 @@ def make_engine(bundle: Bundle, predictor_url: str | None = None) -> Engine:
     return Engine(bundle, stages=stages, features=features, n_candidates=s.export.n_candidates)
 
 
+def pinned_version(alias: str) -> str | None:
+    """The registry version pinned for an arm (serve.champion_version / challenger_version, set by the KServe
+    deploy step on the transformer), None when the arm follows its alias."""
+    serve = get_settings().serve
+    v = {"champion": serve.champion_version, "challenger": serve.challenger_version}.get(alias) or ""
+    return v.strip() or None
+
+
 def resolve_alias(alias: str) -> tuple[Path, str]:
-    """(bundle directory, registry version) of an MLflow alias of settings.model_name."""
+    """(bundle directory, registry version) of an MLflow alias of settings.model_name, or of the version pinned
+    for that arm."""
     try:
         from rentalml.registry.mlflow_registry import fetch_bundle
     except ImportError as exc:
         raise FileNotFoundError(f"the MLflow registry is unavailable ({exc})") from None
-    path = Path(fetch_bundle(alias=alias))
+    pinned = pinned_version(alias)
+    path = Path(fetch_bundle(version=pinned) if pinned else fetch_bundle(alias=alias))
     return path, str(read_meta(path)["model_version"])
 
 
@@ -436,6 +449,14 @@ class RecommenderModel(kserve.Model):
                     chall = self._arm(CHALLENGER, challenger)
                 except LookupError as exc:  # no challenger alias: no canary (logged, not fatal)
                     log.warning("no challenger to serve (%s): all traffic to the champion", exc)
+        if chall is not None and self.predictor_url:
+            from rentalml.export.triton import triton_version
+
+            if triton_version(chall.bundle.meta) == triton_version(champ.bundle.meta) and \
+                    chall.bundle.path != champ.bundle.path:
+                raise ValueError(f"champion {champ.source} and challenger {chall.source} resolve to the same Triton "
+                                 f"model version {triton_version(champ.bundle.meta)}: give them their MLflow "
+                                 "versions (bundle.json model_version)")
         seconds = champ.bundle.load_seconds + (chall.bundle.load_seconds if chall else 0) + \
             (time.perf_counter() - t0)
         self.load_seconds = seconds
@@ -499,7 +520,10 @@ class RecommenderModel(kserve.Model):
     def registry_versions(self) -> tuple[str | None, str | None]:
         from rentalml.registry.mlflow_registry import alias_version
 
-        return alias_version(CHAMPION), (alias_version(CHALLENGER) if self.challenger_percent > 0 else None)
+        champ = pinned_version(CHAMPION) or alias_version(CHAMPION)
+        if self.challenger_percent <= 0:
+            return champ, None
+        return champ, pinned_version(CHALLENGER) or alias_version(CHALLENGER)
 
     def start_watcher(self) -> None:
         """Registry mode with serve.reload_poll_s > 0: reload when an alias points to another version."""

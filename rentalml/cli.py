@@ -146,8 +146,12 @@ def export(
     out: Path = typer.Option(Path(".rentalml/export"), help="bundle directory"),
     seed: int = 42,
     params: str = "{}",
-    triton: Path | None = typer.Option(None, "--triton", help="also write a validated Triton model repository here"),
-    gpu: bool = typer.Option(False, "--gpu", help="--triton: KIND_GPU instances + TensorRT accelerator (fp16)"),
+    triton: Path | None = typer.Option(None, "--triton", help="also add the bundle to this "
+                                         "Triton model repository (validated; python twin in TRITON-python)"),
+    gpu: bool | None = typer.Option(None, "--gpu/--cpu", help="--triton: KIND_GPU instances + TensorRT "
+                                    "accelerator (fp16) (default settings.export.triton_gpu)"),
+    version: int | None = typer.Option(None, "--version", min=1, help="--triton: the Triton model version "
+                                       "(default: the bundle's MLflow version, else 1)"),
 ) -> None:
     """Fit on all data and write a model bundle (scorer.onnx with top-k in the graph, int8 variant)."""
     from rentalml.export.bundle import write_bundle
@@ -155,11 +159,11 @@ def export(
 
     ds = _dataset(data)
     fitted = fit_model(model, ds, params=json.loads(params), seed=seed)
-    typer.echo(str(write_bundle(fitted, ds, out)))
+    typer.echo(str(write_bundle(fitted, ds, out, model_version=str(version or 0))))
     if triton is not None:
         from rentalml.export.cli import triton_repo
 
-        typer.echo(json.dumps(triton_repo(out, triton, gpu=gpu)))
+        typer.echo(json.dumps(triton_repo(out, triton, gpu=gpu, version=version)))
 
 
 @app.command()

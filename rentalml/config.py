@@ -70,6 +70,10 @@ class ServeSettings(BaseModel):
     cache_size: int = 100_000
     # A/B canary inside one `rentalml serve` (registry aliases champion/challenger); 0 = no canary
     challenger_percent: float = 0.0
+    # pinned arms (the KServe deploy step sets them on the transformer): registry versions served as champion /
+    # challenger instead of the aliases' current versions; "" = follow the alias
+    champion_version: str = ""
+    challenger_version: str = ""
     ab_salt: str = "rentalml-ab-1"
     outcomes_sink: str = "file"  # "file" ($RENTALML_HOME/ab/outcomes.jsonl or outcomes_path) | "kafka" | "off"
     outcomes_path: Path | None = None
@@ -122,6 +126,7 @@ class ExportSettings(BaseModel):
     n_candidates: int = 200  # retrieval.onnx: candidates handed to ranker.onnx
     ann_min_items: int = 100_000  # catalogues this large retrieve through an IVF index instead of brute force
     triton_k: int = 100  # rental-scorer in the Triton repository: k baked into the graph
+    triton_gpu: bool = False  # Triton configs: KIND_GPU + ONNX Runtime's TensorRT accelerator (prod overlay)
 
 
 class TrainSettings(BaseModel):

@@ -1,4 +1,4 @@
-"""Local, embedded service processes for dev, demo and tests: Tansu (Kafka API), Redis, PostgreSQL.
+"""Local, embedded service processes for dev, demo and tests: Tansu (Kafka API), Redis, PostgreSQL, Triton.
 
 Each starts a real server on loopback on a free port, in a private directory, and stops it on exit. They are
 what `make demo` and the tests use; production points the settings at Strimzi Kafka, a Redis and a managed
@@ -168,3 +168,199 @@ def start_pushgateway(port: int | None = None) -> Service:
                             stderr=subprocess.STDOUT, start_new_session=True)
     wait_port(port, proc=proc)
     return Service("pushgateway", f"http://127.0.0.1:{port}", port, proc)
+
+
+# --- Triton Inference Server (the binary of the nvidia-pytriton wheel) ----------------------------------------
+#: the PyPI wheel whose `tritonserver` (Triton 2.51, python backend only) runs the python-backend twin repository
+TRITON_WHEEL = "nvidia-pytriton==0.7.0"
+#: packages of the python models' own site folder (the wheel's stub is built against numpy 1.x)
+TRITON_SITE_PACKAGES = ('numpy<2',)
+#: env var the generated twin model.py reads to put the site folder first on sys.path
+TRITON_SITE_ENV = "RENTALML_TRITON_SITE"
+
+
+@dataclass(frozen=True)
+class TritonInstall:
+    """An unpacked nvidia-pytriton wheel, ready to run: see prepare_triton."""
+
+    root: Path
+    binary: Path  # .../pytriton/tritonserver/bin/tritonserver
+    backends: Path  # our copy of the backends folder, with the python stub for the system Python in place
+    libs: Path  # nvidia_pytriton.libs (LD_LIBRARY_PATH)
+    site: Path  # numpy<2 + onnxruntime for the python models (TRITON_SITE_ENV)
+
+
+def triton_dir() -> Path:
+    """Where prepare_triton keeps its files: $RENTALML_TRITON_DIR, else `.rentalml/triton/` of the checkout the
+    package runs from, else ~/.cache/rentalml/triton."""
+    if os.environ.get("RENTALML_TRITON_DIR"):
+        return Path(os.environ["RENTALML_TRITON_DIR"])
+    repo = Path(__file__).resolve().parents[1]
+    if (repo / "pyproject.toml").exists():
+        return repo / ".rentalml" / "triton"
+    return Path.home() / ".cache" / "rentalml" / "triton"
+
+
+def _onnxruntime_spec() -> str:
+    """The project's onnxruntime version for the twin's site folder: the twin runs the same ONNX Runtime."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"onnxruntime=={version('onnxruntime')}"
+    except PackageNotFoundError:  # pragma: no cover
+        return "onnxruntime"
+
+
+def prepare_triton(root: str | Path | None = None) -> TritonInstall:
+    """Fetch and lay out a runnable Triton once (cached under `root`, default triton_dir(); a lock file makes
+    concurrent callers wait for one preparation):
+
+    1. `pip download --no-deps nvidia-pytriton==0.7.0` and unpack the wheel (never installed: it pins numpy<2);
+    2. copy its `backends/` and put the python backend stub built for the system Python
+       (`python_backend_stubs/3.11/triton_python_backend_stub`, which links Debian's libpython3.11) in place;
+    3. `pip install --target <root>/site "numpy<2" onnxruntime==<the project's>` for the python models.
+
+    Raises ServiceUnavailable (pip failed, or the system libpython3.11 is missing: Debian package libpython3.11).
+    """
+    import fcntl
+    import sys
+    import zipfile
+
+    root = Path(root) if root is not None else triton_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    stamp = f"{TRITON_WHEEL} {' '.join(TRITON_SITE_PACKAGES)} {_onnxruntime_spec()}\n"
+    inst = TritonInstall(root, root / "wheel" / "pytriton" / "tritonserver" / "bin" / "tritonserver",
+                         root / "backends", root / "wheel" / "nvidia_pytriton.libs", root / "site")
+    with open(root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        ready = root / ".ready"
+        if ready.exists() and ready.read_text() == stamp and inst.binary.exists():
+            return inst
+        pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+
+        def run(cmd: list[str], what: str) -> None:
+            res = subprocess.run(cmd, capture_output=True, text=True)
+            if res.returncode != 0:
+                raise ServiceUnavailable(f"Triton: {what} failed: {(res.stderr or res.stdout)[-2000:]}")
+
+        for sub in ("dl", "wheel", "backends", "site"):
+            shutil.rmtree(root / sub, ignore_errors=True)
+        run([*pip, "download", "--no-deps", TRITON_WHEEL, "-d", str(root / "dl")], f"pip download {TRITON_WHEEL}")
+        (whl,) = (root / "dl").glob("nvidia_pytriton-*.whl")
+        with zipfile.ZipFile(whl) as z:
+            z.extractall(root / "wheel")
+        shutil.rmtree(root / "dl", ignore_errors=True)
+        tsv = root / "wheel" / "pytriton" / "tritonserver"
+        shutil.copytree(tsv / "backends", inst.backends)
+        py = f"{sys.version_info.major}.{sys.version_info.minor}"
+        stubs = tsv / "python_backend_stubs"
+        # the stub embeds the *system* Python (Debian's libpython3.11), whatever runs this code
+        ver = "3.11" if (stubs / "3.11").exists() else py
+        stub = inst.backends / "python" / "triton_python_backend_stub"
+        shutil.copyfile(stubs / ver / "triton_python_backend_stub", stub)
+        for exe in (inst.binary, stub):
+            exe.chmod(0o755)
+        lib = f"libpython{ver}.so.1.0"
+        if not any((Path(d) / lib).exists() for d in ("/usr/lib/x86_64-linux-gnu", "/lib/x86_64-linux-gnu",
+                                                      "/usr/lib64", "/usr/lib")):
+            raise ServiceUnavailable(f"Triton: the python backend stub needs the system {lib} "
+                                     f"(Debian package libpython{ver})")
+        run([*pip, "install", "--no-warn-conflicts", "--target", str(inst.site), *TRITON_SITE_PACKAGES,
+             _onnxruntime_spec()], "pip install of the python models' site folder")
+        ready.write_text(stamp)
+    return inst
+
+
+def triton_args(args: list[str] | None, *, binary: str, model_repository: str, http_port: int, grpc_port: int,
+                metrics_port: int, backends: str) -> list[str]:
+    """A ServingRuntime container's args (first `tritonserver`) made runnable here: the binary's path, the
+    model store and ports substituted (`--flag=value` and `--flag value` forms), a backend directory added."""
+    subst = {"--model-store": model_repository, "--model-repository": model_repository,
+             "--http-port": str(http_port), "--grpc-port": str(grpc_port), "--metrics-port": str(metrics_port),
+             "--backend-directory": backends}
+    args = list(args or ["tritonserver", f"--model-repository={model_repository}"])
+    out = [binary]
+    rest = args[1:] if Path(args[0]).name == "tritonserver" else args
+    seen: set[str] = set()
+    i = 0
+    while i < len(rest):
+        a = rest[i]
+        flag = a.split("=", 1)[0]
+        if flag in subst:
+            seen.add(flag)
+            out.append(f"{flag}={subst[flag]}")
+            if "=" not in a:
+                i += 1  # `--flag value`: drop the value
+        else:
+            out.append(a)
+        i += 1
+    for flag in ("--model-repository", "--http-port", "--grpc-port", "--metrics-port", "--backend-directory"):
+        if flag not in seen and not (flag == "--model-repository" and "--model-store" in seen):
+            out.append(f"{flag}={subst[flag]}")
+    return out
+
+
+def start_triton(model_repository: str | Path, *, args: list[str] | None = None, http_port: int | None = None,
+                 grpc_port: int | None = None, metrics_port: int | None = None, log: str | Path | None = None,
+                 timeout: float = 180.0, install: TritonInstall | None = None) -> Service:
+    """A real Triton Inference Server (nvidia-pytriton's binary, python backend only) on `model_repository`,
+    on 127.0.0.1. `model_repository` must hold python-backend models (the twin repository that
+    `rentalml.export.triton.write_python_twin` writes); the onnxruntime configs of the cluster do not load here.
+
+    `args`: a ServingRuntime container's args (["tritonserver", "--model-store=/mnt/models", ...]); the model
+    store, ports and backend directory are substituted. Waits for /v2/health/ready. Returns a Service with
+    url "http://127.0.0.1:<http>", port = the HTTP port, and attributes grpc_port / metrics_port / grpc_url.
+    Raises ServiceUnavailable with the log's tail when Triton cannot be prepared or exits / is not ready in time.
+    """
+    import httpx
+
+    inst = install or prepare_triton()
+    http_port, grpc_port, metrics_port = http_port or free_port(), grpc_port or free_port(), \
+        metrics_port or free_port()
+    workdir = Path(tempfile.mkdtemp(prefix="rentalml-triton-"))
+    log_path = Path(log) if log else workdir / "triton.log"
+    cmd = triton_args(args, binary=str(inst.binary), model_repository=str(Path(model_repository).resolve()),
+                      http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
+                      backends=str(inst.backends))
+    env = {**os.environ, TRITON_SITE_ENV: str(inst.site), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+           "LD_LIBRARY_PATH": os.pathsep.join(p for p in (str(inst.libs), os.environ.get("LD_LIBRARY_PATH"))
+                                              if p)}
+    out = open(log_path, "ab")  # noqa: SIM115 - closed by the Service's cleanup
+    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    svc = TritonService("triton", f"http://127.0.0.1:{http_port}", http_port, proc, workdir)
+    svc.grpc_port, svc.metrics_port, svc.log_path = grpc_port, metrics_port, log_path
+    svc._cleanup += [out.close, lambda: shutil.rmtree(workdir, ignore_errors=True)]
+
+    def tail() -> str:  # Triton's error lines (E<date> ..., e.g. a model that failed to load), then the end
+        text = log_path.read_text(errors="replace") if log_path.exists() else ""
+        errors = [line for line in text.splitlines() if line.startswith("E") and line[1:5].isdigit()]
+        return "\n".join(errors)[-6000:] + "\n...\n" + text[-1500:]
+
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            text = tail()
+            svc.stop()
+            raise ServiceUnavailable(f"tritonserver exited with code {proc.returncode}:\n{text}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{svc.url}/v2/health/ready", timeout=1.0).status_code == 200:
+                return svc
+        if time.monotonic() > deadline:
+            text = tail()
+            svc.stop()
+            raise ServiceUnavailable(f"tritonserver not ready after {timeout:g}s:\n{text}")
+        time.sleep(0.1)
+
+
+@dataclass
+class TritonService(Service):
+    grpc_port: int = 0
+    metrics_port: int = 0
+    log_path: Path | None = None
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""

@@ -102,3 +102,56 @@ def pushgateway_url():
     svc = _service("pushgateway")
     yield svc.url
     svc.stop()
+
+
+# --- real Triton (rentalml.services.start_triton): the nvidia-pytriton wheel's tritonserver --------------------
+@pytest.fixture(scope="session")
+def triton_bundles(market, fit, hybrid_bundle_dir, tmp_path_factory):
+    """{1: dir, 2: dir}: two distinguishable hybrid bundles with the same tensor widths, their bundle.json
+    model_version set to their Triton version (as fetch_bundle writes the MLflow version)."""
+    import json
+    import shutil
+
+    from rentalml.export.bundle import write_bundle
+
+    root = tmp_path_factory.mktemp("triton-bundles")
+    v1 = root / "v1"
+    shutil.copytree(hybrid_bundle_dir, v1)
+    meta = json.loads((v1 / "bundle.json").read_text())
+    (v1 / "bundle.json").write_text(json.dumps({**meta, "model_version": "1"}, indent=2))
+    v2 = write_bundle(fit("hybrid", beta=5.0), market, root / "v2", model_version="2", quantize=False)
+    return {1: v1, 2: v2}
+
+
+@pytest.fixture(scope="session")
+def triton_repo(triton_bundles, tmp_path_factory):
+    """The cluster repository holding versions 1 and 2 (rentalml export --triton), and its python twin beside it
+    (rentalml.export.triton.twin_dir)."""
+    from rentalml.export.triton import write_python_twin, write_triton_repo
+
+    repo = tmp_path_factory.mktemp("triton-repo") / "models"
+    for version, bundle in sorted(triton_bundles.items()):
+        write_triton_repo(bundle, repo, version=version, gpu=False)
+    write_python_twin(repo)
+    return repo
+
+
+def servingruntime_args() -> list[str]:
+    """The kserve-tritonserver ServingRuntime container's args, as the rendered base manifests give them."""
+    from pathlib import Path
+
+    import yaml
+
+    doc = yaml.safe_load((Path(__file__).parents[1] / "manifests/base/serving/servingruntime.yaml").read_text())
+    return list(doc["spec"]["containers"][0]["args"])
+
+
+@pytest.fixture(scope="session")
+def triton_server(triton_repo):
+    """A real Triton on the python twin of `triton_repo`, started with the ServingRuntime's args (model store and
+    ports substituted), for the whole session. `.url` (HTTP), `.grpc_url`."""
+    from rentalml.export.triton import twin_dir
+
+    svc = _service("triton", model_repository=twin_dir(triton_repo), args=servingruntime_args())
+    yield svc
+    svc.stop()
