@@ -294,6 +294,12 @@ def test_every_kafka_call_of_the_code_is_allowed_by_its_kafkauser(rendered, targ
     problems += [f"denied: {d}" for d in broker.denied if d[1] != "Create"]
     assert not [d for d in broker.denied if d[1] == "Create"], "the code tried to create a topic in the cluster"
     assert not problems, "\n".join(problems)
+    # least privilege: every operation an ACL grants is one the code performed
+    for name, rules in broker.users.items():
+        for r in rules:
+            for op in r.operations:
+                assert any(p == name and o == op and r.matches(t, n) for p, o, t, n in broker.calls), \
+                    f"KafkaUser {name} grants {op} on {r.resource_type} {r.name} ({r.pattern}), which no code uses"
 
 
 def test_every_topic_the_code_touches_is_a_kafkatopic(rendered):  # noqa: F811
