@@ -255,7 +255,7 @@ def _run_processor(settings):
 def _run_outcomes(settings):
     from inference.outcomes import OutcomeLog
 
-    log = OutcomeLog(settings, sink="kafka")
+    log = OutcomeLog(settings)  # the sink the rendered env configures
     log._write([{"user_id": "u1", "event": "impression"}])
     return log
 
@@ -287,6 +287,7 @@ def test_every_kafka_call_of_the_code_is_allowed_by_its_kafkauser(rendered, targ
     # the serving outcome log (the transformer holds the rentalml-serving credentials for it)
     settings = _settings(_container(docs, *COMPONENTS["serving outcome log"]), monkeypatch)
     assert settings.kafka.sasl_username in broker.users, "no KafkaUser for the serving outcome log"
+    assert settings.serve.outcomes_sink == "kafka", "in the cluster the outcomes go to ab_outcomes, not a pod file"
     log = _run_outcomes(settings)
     if log.dropped:
         problems.append(f"serving outcome log ({settings.kafka.sasl_username}): events dropped")
