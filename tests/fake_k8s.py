@@ -87,6 +87,9 @@ class FakeKubernetes:
         errors = crd_errors(body)
         if errors:
             return self._status(422, "Invalid", "; ".join(errors))
+        denied = admission_errors(body)
+        if denied:
+            return self._status(403, "Forbidden", f"admission webhook denied the request: {'; '.join(denied)}")
         obj = copy.deepcopy(body)
         meta = obj.setdefault("metadata", {})
         if not meta.get("name") and meta.get("generateName"):
@@ -110,6 +113,28 @@ class FakeKubernetes:
             if plural in self.controllers:
                 self.controllers[plural](obj)
             return 200, copy.deepcopy(obj)
+
+
+def admission_errors(doc: dict) -> list[str]:
+    """Kubeflow Trainer v2.3.0's validating webhook for a TrainJob (pkg/webhooks/trainjob_webhook.go →
+    pkg/runtime/framework/plugins/jobset/jobset.go): every runtime patch's manager must pass apimachinery's
+    IsDomainPrefixedPath, and no runtime patch may set env on the `node` container."""
+    if doc.get("kind") != "TrainJob":
+        return []
+    errors = []
+    label = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
+    for patch in doc.get("spec", {}).get("runtimePatches", []):
+        host, sep, path = patch.get("manager", "").partition("/")
+        if not (sep and host and path and re.fullmatch(rf"{label}(\.{label})*", host)
+                and re.fullmatch(r"[A-Za-z0-9/\-._~%!$&'()*+,;=:]+", path)):
+            errors.append(f"spec.runtimePatches.manager: Invalid value: {patch.get('manager')!r}: must be a "
+                          f"domain-prefixed path (such as \"acme.io/foo\")")
+        spec = (patch.get("trainingRuntimeSpec") or {}).get("template", {}).get("spec", {})
+        for rjob in spec.get("replicatedJobs", []):
+            pod = rjob.get("template", {}).get("spec", {}).get("template", {}).get("spec", {})
+            if any(c["name"] == "node" and c.get("env") for c in pod.get("containers", [])):
+                errors.append("spec.runtimePatches: must not have envs for the node container")
+    return errors
 
 
 def set_condition(obj: dict, kind: str, reason: str = "", message: str = "") -> None:

@@ -368,3 +368,28 @@ def test_train_step_locally_runs_torchrun(work, features):
                       num_nodes=2, cluster=False)
     assert res["num_nodes"] == 2
     assert steps.load_fitted(work / "l-model.pkl").train.nnz > steps.load_fitted(work / "l-eval.pkl").train.nnz
+
+
+def test_fake_api_refuses_what_the_cluster_refuses():
+    """The fake is strict where the API server and Trainer's webhook are: an unknown field (the CRD) and a
+    manager without a domain (the webhook) are refused, so a passing create above means an admitted one."""
+    from fake_k8s import FakeKubernetes
+    from kubernetes.client.exceptions import ApiException
+
+    from rentalml.training import jobs
+
+    typo = jobs.trainjob("t1")
+    typo["spec"]["trainer"]["numNode"] = 2
+    old = jobs.trainjob("t2")
+    old["spec"]["runtimePatches"][0]["manager"] = "rentalml"
+    with FakeKubernetes() as k8s:
+        api = k8s.api()
+        for body, code, text in ((typo, 422, "numNode"), (old, 403, "domain-prefixed")):
+            with pytest.raises(ApiException) as err:
+                jobs.create_and_wait(api, jobs.TRAINJOB_API, "rentalml", body, success="Complete", poll_s=0.01)
+            assert err.value.status == code and text in err.value.body
+        group, version, plural = jobs.TRAINJOB_API
+        api.create_namespaced_custom_object(group, version, "rentalml", plural, jobs.trainjob("t3"))
+        with pytest.raises(ApiException) as err:  # a second create of a one-shot job
+            api.create_namespaced_custom_object(group, version, "rentalml", plural, jobs.trainjob("t3"))
+        assert err.value.status == 409
