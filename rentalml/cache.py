@@ -21,7 +21,7 @@ import json
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 
@@ -96,8 +96,9 @@ class LocalCache(RecommendationCache):
 
     backend = "memory"
 
-    def __init__(self, size: int, ttl_s: float):
+    def __init__(self, size: int, ttl_s: float, clock: Callable[[], float] = time.monotonic):
         super().__init__(ttl_s)
+        self._clock = clock  # injectable: tests move time instead of sleeping
         self.size = int(size)
         self._data: OrderedDict = OrderedDict()  # key -> (expires_at, row, user_id)
         self._by_user: dict[str, set] = {}
@@ -114,7 +115,7 @@ class LocalCache(RecommendationCache):
     def get_many(self, model_version, user_ids, k):
         if not self.enabled:
             return [None] * len(user_ids)
-        now = time.monotonic()
+        now = self._clock()
         out = []
         with self._lock:
             for u in user_ids:
@@ -133,7 +134,7 @@ class LocalCache(RecommendationCache):
     def put_many(self, model_version, rows, k):
         if not self.enabled:
             return
-        expires = time.monotonic() + self.ttl_s
+        expires = self._clock() + self.ttl_s
         with self._lock:
             for u, row in rows:
                 key = (model_version, u, k)

@@ -3,7 +3,6 @@ the stream processor's hook, and a real server using each (hit-rate metric, /adm
 
 from __future__ import annotations
 
-import time
 
 import httpx
 import numpy as np
@@ -38,20 +37,34 @@ def _exercise(cache: rc.RecommendationCache):
     assert cache.invalidate_property("p_7") == 0  # its rows went with the user
 
 
+class FakeClock:
+    """Time that moves only when the test says so (no wall-clock sleeps)."""
+
+    def __init__(self, t: float = 1000.0):
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
 def test_local_cache_invalidation_ttl_and_lru():
     c = rc.LocalCache(size=100, ttl_s=60)
     _exercise(c)
-    assert not c._by_user and not c._by_prop and len(c) == 0  # reverse indexes follow the data
+    assert len(c) == 0  # every row went through an invalidation
     lru = rc.LocalCache(size=2, ttl_s=60)
     for u in ("u1", "u2", "u3"):
         lru.put("1", u, 2, row("p_1", f"p_{u}"))
     assert lru.get("1", "u1", 2) is None and lru.get("1", "u3", 2) is not None
-    assert "p_u1" not in lru._by_prop and lru.invalidate_property("p_1") == 2
-    short = rc.LocalCache(size=10, ttl_s=0.05)
+    # the evicted row left the property index with it: nothing to invalidate for its own property
+    assert lru.invalidate_property("p_u1") == 0 and lru.invalidate_property("p_1") == 2 and len(lru) == 0
+    clock = FakeClock()
+    short = rc.LocalCache(size=10, ttl_s=5, clock=clock)
     short.put("1", "u1", 2, row("p_1", "p_2"))
+    clock.t += 4.9
     assert short.get("1", "u1", 2) is not None
-    time.sleep(0.08)
+    clock.t += 0.2  # past the TTL
     assert short.get("1", "u1", 2) is None and len(short) == 0
+    assert short.invalidate_user("u1") == 0  # the expired row left the user index too
     assert not rc.LocalCache(size=0, ttl_s=60).enabled
 
 
@@ -71,10 +84,11 @@ def test_redis_cache_keys_ttl_and_invalidation(redis_url):
     assert isinstance(rc.open_cache(s), rc.RedisCache)
     assert rc.invalidate(property_ids=["p_2"], settings=s) == 1 and not r.exists(key)
     assert rc.invalidate(user_ids=["u_k"], settings=Settings(redis_url=None)) == 0  # no shared cache: nothing
+    # expiry itself is Redis's (PX on the row, PEXPIRE on its index sets); what the cache owns is setting them
     short = rc.RedisCache(redis_url, ttl_s=0.05)
     short.put("1", "u_t", 2, row("p_1", "p_2"))
-    time.sleep(0.1)
-    assert short.get("1", "u_t", 2) is None
+    short_key = rc.cache_key("1", "u_t", 2)
+    assert 0 < r.pttl(short_key) <= 50 and 0 < r.pttl("rec:u:u_t") <= 50 and 0 < r.pttl("rec:p:p_1") <= 50
     c.put("1", "u_x", 2, row("p_1", "p_2"))
     c.clear()
     assert not list(r.scan_iter(match="rec:*"))
