@@ -32,7 +32,6 @@ def registry(tmp_path_factory):
         run = reg.log_training_run(model_type="hybrid", params={}, metrics={"ndcg@10": 0.1}, bundle_dir=bundle,
                                    settings=s)
         assert reg.register(run, settings=s)["version"] == "1"
-        make_bundle(home / "b2", "2")  # registered by the first test, under load
         yield s, reg, home
     finally:
         os.chdir(cwd)
@@ -50,6 +49,49 @@ def server(registry, tmp_path_factory):
         yield srv
     finally:
         assert srv.stop() == 0, srv.log.read_text()[-3000:]
+
+
+def _metric(srv, name: str, **labels) -> float:
+    """One sample's value from the server's /metrics (0 when the sample does not exist yet)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for fam in text_string_to_metric_families(httpx.get(f"{srv.url}/metrics").text):
+        for sample in fam.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return 0.0
+
+
+def _register_new(registry, metric: float) -> dict:
+    """Register a fresh bundle as the next version (whatever the other tests registered before)."""
+    from mlflow import MlflowClient
+
+    s, reg, home = registry
+    versions = MlflowClient(s.tracking_uri).search_model_versions(f"name='{s.model_name}'")
+    n = max(int(v.version) for v in versions) + 1
+    bundle = make_bundle(home / f"b{n}", str(n))
+    run = reg.log_training_run(model_type="hybrid", params={}, metrics={"ndcg@10": metric}, bundle_dir=bundle,
+                               settings=s)
+    res = reg.register(run, settings=s)
+    assert res["version"] == str(n)
+    return res
+
+
+def _routing(server, registry, champion: str, challenger: str | None = None, percent: float = 0) -> None:
+    """Each test's own starting point: these aliases in the registry and the server serving them."""
+    from mlflow import MlflowClient
+
+    s, reg, _ = registry
+    reg.set_alias("champion", champion, settings=s)
+    if challenger is None:
+        if reg.alias_version("challenger", settings=s) is not None:
+            MlflowClient(s.tracking_uri).delete_registered_model_alias(s.model_name, "challenger")
+    else:
+        reg.set_alias("challenger", challenger, settings=s)
+    r = httpx.post(f"{server.url}/admin/reload", json={"challenger_percent": percent}, timeout=60)
+    assert r.status_code == 200, r.text
+    health = httpx.get(f"{server.url}/health").json()
+    assert health["model_version"] == champion, health
 
 
 class Load:
@@ -104,27 +146,31 @@ def _version(srv) -> str:
 
 
 def test_watcher_reloads_new_champion_under_load(server, registry):
-    s, reg, home = registry
-    assert _version(server) == "1"
+    _routing(server, registry, champion="1")
+    reloads = _metric(server, "ml_model_reloads_total", model="rental-recommender")
     with Load(server) as load:
         time.sleep(1.0)
-        # a new, better version is registered: the gate makes it the champion
-        run = reg.log_training_run(model_type="hybrid", params={}, metrics={"ndcg@10": 0.2}, bundle_dir=home / "b2",
-                                   settings=s)
-        res = reg.register(run, settings=s)
-        assert (res["version"], res["alias"]) == ("2", "champion")
+        # a new, better version is registered: the gate makes it the champion, and the watcher (not a request)
+        # swaps the server to it
+        res = _register_new(registry, metric=0.9)
+        new = res["version"]
+        assert res["alias"] == "champion"
         deadline = time.monotonic() + 30
-        while _version(server) != "2" and time.monotonic() < deadline:
+        while _version(server) != new and time.monotonic() < deadline:
             time.sleep(0.1)
         switched = time.monotonic()
-        assert _version(server) == "2"
+        assert _version(server) == new
         time.sleep(1.0)
-    total = load.check("1", "2", switched)
+    total = load.check("1", new, switched)
+    assert _metric(server, "ml_model_reloads_total", model="rental-recommender") >= reloads + 1
     print(f"watcher reload under load: {total} requests, 0 failed")
 
 
 def test_admin_reload_under_load(server, registry):
     s, reg, _ = registry
+    other = _register_new(registry, metric=0.0)["version"]  # a version of our own to roll back from
+    _routing(server, registry, champion=other)
+    reloads = _metric(server, "ml_model_reloads_total", model="rental-recommender")
     with Load(server) as load:
         time.sleep(1.0)
         reg.set_alias("champion", "1", settings=s)  # roll back to v1 and reload at once
@@ -133,9 +179,9 @@ def test_admin_reload_under_load(server, registry):
         assert r.status_code == 200, r.text
         assert r.json()["after"]["champion"]["model_version"] == "1"
         time.sleep(1.0)
-    print(f"/admin/reload under load: {load.check('2', '1', switched)} requests, 0 failed")
-    text = httpx.get(f"{server.url}/metrics").text
-    assert "ml_model_reloads_total" in text
+    print(f"/admin/reload under load: {load.check(other, '1', switched)} requests, 0 failed")
+    # the reload is counted (the watcher may count the same alias move once more)
+    assert _metric(server, "ml_model_reloads_total", model="rental-recommender") >= reloads + 1
     bad = httpx.post(f"{server.url}/admin/reload", json={"champion": "/no/such/bundle"})
     assert bad.status_code == 400 and "champion" in bad.json()["error"]
     bad = httpx.post(f"{server.url}/admin/reload", json={"challenger_percent": 150})
@@ -148,28 +194,28 @@ def test_canary_from_registry_then_promote(server, registry):
     from rentalml.evaluation import ab
 
     s, reg, _ = registry
-    reg.set_alias("challenger", "2", settings=s)
-    assert (reg.alias_version("champion", settings=s), reg.alias_version("challenger", settings=s)) == ("1", "2")
-    r = httpx.post(f"{server.url}/admin/reload", json={"challenger_percent": 50}, timeout=60)
-    assert r.status_code == 200, r.text
-    assert r.json()["after"]["challenger"]["model_version"] == "2"
+    challenger = _register_new(registry, metric=0.0)["version"]
+    _routing(server, registry, champion="1", challenger=challenger, percent=50)
+    assert (reg.alias_version("champion", settings=s), reg.alias_version("challenger", settings=s)) == \
+        ("1", challenger)
+    assert httpx.get(f"{server.url}/health").json()["routing"]["challenger"]["model_version"] == challenger
     salt = Settings().serve.ab_salt
     c = grpcclient.InferenceServerClient(f"127.0.0.1:{server.grpc_port}")
     for u in server.users[:20]:
         params = v2_params(v2_infer(c, grpcclient, [u], k=3), True)
         arm = ab.assign_variant(u, salt, 50)
-        assert (params["variant"], params["model_version"]) == (arm, "1" if arm == "champion" else "2")
-    assert ab.promote(settings=s)["champion"] == "2"
+        assert (params["variant"], params["model_version"]) == (arm, "1" if arm == "champion" else challenger)
+    assert ab.promote(settings=s)["champion"] == challenger
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         health = httpx.get(f"{server.url}/health").json()
-        if health["model_version"] == "2" and health["routing"]["challenger"] is None:
+        if health["model_version"] == challenger and health["routing"]["challenger"] is None:
             break
         time.sleep(0.1)
     assert health["routing"]["challenger"] is None, health
     for u in server.users[:10]:
         params = v2_params(v2_infer(c, grpcclient, [u], k=3), True)
-        assert (params["variant"], params["model_version"]) == ("champion", "2")
+        assert (params["variant"], params["model_version"]) == ("champion", challenger)
     c.close()
 
 
@@ -191,6 +237,7 @@ def test_request_timeout(registry, tmp_path):
         with pytest.raises(InferenceServerException) as err:
             v2_infer(g, grpcclient, users, k=100)
         assert err.value.status() == "StatusCode.DEADLINE_EXCEEDED" and "request_timeout_s" in err.value.message()
-        assert "ml_inference_timeouts_total" in httpx.get(f"{srv.url}/metrics").text
+        # the three timed-out requests (REST /predict, v2 REST, v2 gRPC) are counted, not just declared
+        assert _metric(srv, "ml_inference_timeouts_total", model="rental-recommender") == 3
     finally:
         assert srv.stop() == 0, srv.log.read_text()[-3000:]
