@@ -84,9 +84,13 @@ def register(app: typer.Typer) -> None:
         """Create the contract topics (settings.kafka.partitions partitions) where missing."""
         from rentalml.config import get_settings
 
-        from .kafka_io import ensure_topics
+        from .kafka_io import TopicsUnavailable, ensure_topics
 
-        typer.echo(json.dumps({"created": ensure_topics(get_settings())}))
+        try:
+            typer.echo(json.dumps({"created": ensure_topics(get_settings())}))
+        except TopicsUnavailable as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(1) from None
 
     @stream.command("demo")
     def demo(dataset: str = typer.Option("synthetic:500,200,5000", help="dataset spec or directory"),

@@ -28,7 +28,15 @@ import pandas as pd
 from rentalml.config import Settings, get_settings
 
 from . import aggregates, metrics
-from .kafka_io import DEAD_LETTER, INPUT_TOPICS, PROCESSED_DATA, client_config, ensure_topics, producer
+from .kafka_io import (
+    DEAD_LETTER,
+    PROCESSED_DATA,
+    TopicsUnavailable,
+    client_config,
+    ensure_topics,
+    processor_access,
+    producer,
+)
 from .state import StateStore, decode_attributes, encode_event, open_state
 from .validate import InvalidEvent, dead_letter, parse
 
@@ -93,6 +101,7 @@ class Processor:
         self.stopping = False
         self.log_fn = log_fn or (lambda doc: log.info("%s", json.dumps(doc)))
         self.totals = {"processed": 0, "duplicate": 0, "dead_letter": 0, "batches": 0}
+        self.topic_retry_s = 10.0  # wait between topic checks while the topics are unavailable
         self.consumer = None
         self.producer = None
         # the recommendation cache every server shares (Redis): rows of users with new events and rows listing
@@ -111,9 +120,26 @@ class Processor:
         from kafka import KafkaConsumer
 
         s = self.settings.stream
-        ensure_topics(self.settings)
+        access = processor_access(self.settings)
+        # only the processor's own topics: a topic it does not use (ab_outcomes) needs no ACL. Where they are
+        # missing or hidden (Strimzi: KafkaTopic not Ready yet, or no Describe ACL), wait and say why, once a
+        # minute, instead of exiting into a crash loop
+        waited = None
+        while not self.stopping:
+            try:
+                ensure_topics(self.settings, access.topics)
+                break
+            except TopicsUnavailable as exc:
+                if waited is None or time.monotonic() - waited > 60:
+                    log.error("%s Retrying every %.0f s.", exc, self.topic_retry_s)
+                    waited = time.monotonic()
+                deadline = time.monotonic() + self.topic_retry_s
+                while not self.stopping and time.monotonic() < deadline:
+                    time.sleep(0.2)
+        if self.stopping:
+            return
         self.consumer = KafkaConsumer(
-            *INPUT_TOPICS, **client_config(self.settings), group_id=s.group_id, enable_auto_commit=False,
+            *access.consumes, **client_config(self.settings), group_id=access.group, enable_auto_commit=False,
             auto_offset_reset="earliest", session_timeout_ms=6000, heartbeat_interval_ms=1500,
             max_poll_records=s.batch_size, max_poll_interval_ms=300_000, fetch_max_wait_ms=s.fetch_max_wait_ms,
             client_id="rentalml-stream")
@@ -135,6 +161,9 @@ class Processor:
             signal.signal(signal.SIGTERM, self.request_stop)
             signal.signal(signal.SIGINT, self.request_stop)
         self._connect()
+        if self.consumer is None:  # stopped while waiting for the topics
+            self.close()
+            return dict(self.totals)
         gc.collect()
         gc.freeze()  # the long-lived imports (Feast, pandas) stay out of every later full collection
         last_data = time.monotonic()
