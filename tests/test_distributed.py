@@ -335,7 +335,13 @@ def test_train_step_in_the_cluster_submits_a_trainjob(work, features, object_sto
         assert t["command"][:2] == ["torchrun", "-m"]  # the torch runtime's launcher; one process here
         env = {k: v for k, v in _env().items() if not k.startswith("AWS_")}  # only what the TrainJob passes
         env.update(_secret_env(t["env"], secrets), RENTALML_MONITOR__PUSHGATEWAY_URL="")
-        res = subprocess.run([sys.executable, "-m", t["command"][2], *t["args"], "--threads=1"],
+        pvc = work / "pvc"  # the rentalml-checkpoints volume the runtime patch mounts at /checkpoints
+        mounts = [m for r in tj["spec"]["runtimePatches"] for j in r["trainingRuntimeSpec"]["template"]["spec"][
+            "replicatedJobs"] for c in j["template"]["spec"]["template"]["spec"]["containers"]
+            for m in c.get("volumeMounts", [])]
+        assert {"name": "checkpoints", "mountPath": jobs.CHECKPOINT_MOUNT} in mounts
+        args = [a.replace(f"={jobs.CHECKPOINT_MOUNT}/", f"={pvc}/") for a in t["args"]]
+        res = subprocess.run([sys.executable, "-m", t["command"][2], *args, "--threads=1"],
                              capture_output=True, text=True, env=env, timeout=300)
         ran.append(res)
         set_condition(tj, "Complete" if res.returncode == 0 else "Failed", "JobsCompleted", res.stderr[-500:])
@@ -351,6 +357,7 @@ def test_train_step_in_the_cluster_submits_a_trainjob(work, features, object_sto
     assert tj["spec"]["trainer"]["numNodes"] == 2 and tj["spec"]["runtimePatches"][0]["manager"] == jobs.MANAGER
     assert f"--data={uri}" in tj["spec"]["trainer"]["args"] and f"--output={out_uri}" in tj["spec"]["trainer"]["args"]
     assert calls == {("create", "trainer.kubeflow.org", "trainjobs"), ("get", "trainer.kubeflow.org", "trainjobs")}
+    assert (work / "pvc" / jobs.job_name(RUN, "train") / "checkpoint.pt").exists()
     ev, final = steps.load_fitted(work / "eval.pkl"), steps.load_fitted(work / "model.pkl")
     assert isinstance(ev, Fitted) and isinstance(final, Fitted)
     assert final.train.nnz > ev.train.nnz  # the refit saw every interaction, the eval model the train split
