@@ -15,7 +15,7 @@ import json
 import re
 import threading
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -95,7 +95,7 @@ class FakeKubernetes:
         if not meta.get("name") and meta.get("generateName"):
             meta["name"] = meta["generateName"] + uuid.uuid4().hex[:5]
         meta.update(namespace=ns, uid=str(uuid.uuid4()), resourceVersion="1",
-                    creationTimestamp=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
+                    creationTimestamp=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
         key = (group, ns, plural, meta["name"])
         with self.lock:
             if key in self.objects:
@@ -143,7 +143,7 @@ def set_condition(obj: dict, kind: str, reason: str = "", message: str = "") -> 
         if c["type"] != kind and c["status"] == "True" and kind in ("Succeeded", "Complete", "Failed"):
             c["status"] = "False"
     conds.append({"type": kind, "status": "True", "reason": reason, "message": message,
-                  "lastTransitionTime": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")})
+                  "lastTransitionTime": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")})
 
 
 CRD_FILES = {"TrainJob": "trainer/trainjob.yaml", "Experiment": "katib/experiment.yaml",

@@ -223,6 +223,7 @@ def object_store():
 def features(work, object_store):
     """The build-features artifact: on local disk (the step's dataset.path) and in the store (dataset.uri)."""
     from rentalml.components import steps
+
     from rentalml.training import jobs
 
     steps.ingest("synthetic:300,150,6000,1", work / "ingest")
@@ -253,8 +254,8 @@ def test_tune_step_in_the_cluster_runs_a_katib_experiment(features):
     dataset artifact's URI with the object-store Secret; Created → Running → Succeeded; the step returns the
     best trial of status.currentOptimalTrial, typed as the search space."""
     from fake_k8s import FakeKubernetes, set_condition
-
     from rentalml.components import steps
+
     from rentalml.training import jobs
 
     local, uri = features
@@ -299,8 +300,8 @@ def test_tune_step_in_the_cluster_runs_a_katib_experiment(features):
 
 def test_tune_step_fails_with_the_experiment(features):
     from fake_k8s import FakeKubernetes, set_condition
-
     from rentalml.components import steps
+
     from rentalml.training import jobs
 
     local, uri = features
@@ -317,8 +318,8 @@ def test_train_step_in_the_cluster_submits_a_trainjob(work, features, object_sto
     copies the split fit and the all-data refit the job wrote to the store into its outputs, which the
     evaluate step scores."""
     from fake_k8s import FakeKubernetes, set_condition
-
     from rentalml.components import steps
+
     from rentalml.training import jobs
     from rentalml.training.trainer import Fitted
 

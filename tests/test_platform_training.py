@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from fake_k8s import crd_errors
+
 from rentalml.training import jobs, katib
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -355,7 +355,6 @@ def test_every_training_workload_pushes_to_the_pushgateway(rendered):
 def test_every_pipeline_step_pushes_to_the_pushgateway(tmp_path):
     """The compiled pipeline (what KFP runs): every executor's container has the Pushgateway URL."""
     from kfp import compiler
-
     from rentalml.pipelines.training import training_pipeline
 
     out = tmp_path / "p.yaml"

@@ -147,9 +147,8 @@ def prepare(args: argparse.Namespace) -> Prepared:
     from rentalml.data.dataset import InteractionMatrix
     from rentalml.data.loaders import load_dataset
     from rentalml.evaluation.protocols import random_split, split
-    from rentalml.training.trainer import _features, catalogue
-
     from rentalml.training.jobs import local_dataset
+    from rentalml.training.trainer import _features, catalogue
 
     ds = load_dataset(local_dataset(args.data))  # the pipeline's dataset artifact is an object-store URI
     if getattr(args, "all_data", False):

@@ -7,9 +7,10 @@
   rentalml.training.distributed ...`; ranks read OMPI_COMM_WORLD_RANK/SIZE and the rendezvous address
   (worker 0) that mpirun exports with `-x MASTER_ADDR`.
 
-The same functions build the one-shot jobs in manifests/jobs/ (outside the default apply set) and the trial templates of the
-Katib Experiments (rentalml.training.katib); `python -m rentalml.training.katib --out manifests/jobs`
-regenerates them (a test checks the committed files against the code).
+The same functions build the one-shot jobs in manifests/jobs/ (outside the default apply set) and the trial
+templates of the Katib Experiments (rentalml.training.katib); `python -m rentalml.training.katib --out
+manifests/jobs` regenerates them (a test checks the committed files against the code). In the cluster the
+pipeline's steps create the same objects through the Kubernetes API (run_trainjob, katib.run_experiment).
 """
 
 from __future__ import annotations
