@@ -12,11 +12,13 @@ gets model recommendations, the new listing is recommended, the explanation show
 from __future__ import annotations
 
 import json
+import logging
 import os
-import socket
+import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -25,10 +27,60 @@ from rentalml.config import get_settings
 DEMO_PARAMS = {"epochs": 60}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class Chatter:
+    """Where everything that is not the demo's own output goes: kfp.local's executor logs, the server's and the
+    stream processor's logs, library warnings and logging. The console keeps the demo's steps, a progress bar for
+    long work and the results; the log's path is printed at the start, and its tail on a failure."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.file = open(path, "a", buffering=1)  # noqa: SIM115 - lives as long as the demo
+        self._stderr_fd = os.dup(2)
+        os.dup2(self.file.fileno(), 2)  # C-level and Python stderr of this process (library warnings, tqdm)
+        sys.stderr = self.file
+        logging.basicConfig(stream=self.file, level=logging.INFO, force=True,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.captureWarnings(True)
+
+    def tail(self, n: int = 40) -> str:
+        self.file.flush()
+        return "\n".join(self.path.read_text(errors="replace").splitlines()[-n:])
+
+    def restore(self) -> None:
+        self.file.flush()
+        os.dup2(self._stderr_fd, 2)
+        sys.stderr = sys.__stderr__
+
+
+def _run_logged(cmd: list[str], chatter: Chatter, *, env: dict | None = None, label: str = "",
+                timeout: float = 3600) -> None:
+    """Run a CLI step with its output in the log, under a progress line that names the pipeline tasks kfp.local
+    has finished so far ("Task 'x' finished with status SUCCESS" in its log)."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    chatter.file.write(f"\n$ {' '.join(cmd)}\n")
+    chatter.file.flush()
+    start = chatter.path.stat().st_size
+    proc = subprocess.Popen(cmd, env=env, stdout=chatter.file, stderr=chatter.file)
+    done_re = re.compile(r"Task '([\w-]+)' finished with status SUCCESS")
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), transient=True) as bar:
+        task = bar.add_task(label, total=None)
+        finished: list[str] = []
+        deadline = time.time() + timeout
+        while proc.poll() is None:
+            if time.time() > deadline:
+                proc.kill()
+                raise TimeoutError(f"{label} took longer than {timeout:.0f} s (log: {chatter.path})")
+            with open(chatter.path, errors="replace") as f:
+                f.seek(start)
+                finished = done_re.findall(re.sub(r"\x1b\[[0-9;]*m", "", f.read()))
+            bar.update(task, description=f"{label}: {len(finished)} steps done"
+                       + (f", last {finished[-1]}" if finished else ""))
+            time.sleep(0.5)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{label} failed with exit code {proc.returncode}; log {chatter.path}:\n"
+                           f"{chatter.tail()}")
 
 
 def wait_ready(http_port: int, proc: subprocess.Popen, timeout: float = 120.0) -> None:
@@ -119,13 +171,25 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--epochs", type=int, default=DEMO_PARAMS["epochs"])
     args = ap.parse_args(argv)
     params = {**DEMO_PARAMS, "epochs": args.epochs}
+    t0 = time.perf_counter()
+    s = get_settings()
+    chatter = Chatter(s.home_dir / "demo.log")
+    print(f"== rentalml demo (state in {s.home_dir}, MLflow at {s.tracking_uri})")
+    print(f"   library and server logs: {chatter.path}")
+    try:
+        _demo(args, params, s, chatter, t0)
+    except BaseException:
+        chatter.restore()
+        print(f"demo failed; the last lines of {chatter.path}:\n{chatter.tail()}", file=sys.stderr)
+        raise
+    chatter.restore()
+
+
+def _demo(args, params: dict, s, chatter: Chatter, t0: float) -> None:
     from rentalml.data.generator import generate_marketplace
     from rentalml.evaluation.benchmark import run_benchmark
     from rentalml.evaluation.report import format_table, write_report
 
-    t0 = time.perf_counter()
-    s = get_settings()
-    print(f"== rentalml demo (state in {s.home_dir}, MLflow at {s.tracking_uri})")
     ds = generate_marketplace(n_users=args.users, n_properties=args.properties, n_events=args.events, seed=42)
     ds.save(s.home_dir / "data" / "demo")
     print(f"== 1. synthetic marketplace: {ds.summary()}")
@@ -150,7 +214,7 @@ def main(argv: list[str] | None = None) -> None:
     summary_path = s.home_dir / "runs" / "demo-pipeline.json"
     cmd = [sys.executable, "-m", "rentalml.cli", "pipeline", "run", "--local", "--source", "db",
            "--model", "hybrid", "--params", json.dumps(params), "--deploy-mode", "none", "--json", str(summary_path)]
-    subprocess.run(cmd, check=True)
+    _run_logged(cmd, chatter, label="pipeline")
     summary = json.loads(summary_path.read_text())
     hybrid = {key: float(v) for key, v in summary["scores"].items() if isinstance(v, (int, float))}
     result["models"]["hybrid"] = hybrid
@@ -158,17 +222,17 @@ def main(argv: list[str] | None = None) -> None:
     print(f"   report: {write_report(result, s.home_dir / 'reports' / 'demo', curves)}")
     reg = summary["registered"]
     print(f"   rental-recommender v{reg.get('version')} -> alias {reg.get('alias')} (gate: {summary['gate']})")
-    from rentalml.services import start_tansu, stop_process
+    from rentalml.services import free_port, start_tansu, stop_process
 
-    broker = start_tansu()
-    http_port, grpc_port = _free_port(), _free_port()
+    broker = start_tansu(log=chatter.path.with_name("tansu.log"))
+    http_port, grpc_port = free_port(), free_port()
     print(f"== 4. Tansu (Kafka API) on {broker.url}; rentalml serve (champion, Feast features, fold-in) on "
           f"http :{http_port}, grpc :{grpc_port}")
     env = {**os.environ, "KSERVE_LOGLEVEL": "WARNING", "RENTALML_KAFKA__BOOTSTRAP_SERVERS": broker.url,
            "RENTALML_SERVE__FEATURE_SOURCE": "feast", "RENTALML_SERVE__FOLD_IN": "true",
            "RENTALML_SERVE__LIVE_REFRESH_S": "0.5"}
     proc = subprocess.Popen([sys.executable, "-m", "rentalml.cli", "serve", "--http-port", str(http_port),
-                             "--grpc-port", str(grpc_port)], env=env)
+                             "--grpc-port", str(grpc_port)], env=env, stdout=chatter.file, stderr=chatter.file)
     try:
         wait_ready(http_port, proc)
         users = ["u_000001", "u_000042", "u_new_visitor"]

@@ -30,3 +30,7 @@ def test_demo_runs_the_whole_loop(tmp_path):
     assert (tmp_path / "home" / "rentalml.db").exists() and (tmp_path / "home" / "feast" / "registry.db").exists()
     assert (tmp_path / "home" / "mlflow.db").exists()
     assert not (tmp_path / "mlruns").exists()  # artifacts stay under the state dir
+    # a quiet first run: the demo's own lines only; kfp.local, server and library chatter go to the log it names
+    assert len(out.splitlines()) < 80, out
+    log = tmp_path / "home" / "demo.log"
+    assert f"logs: {log}" in out and "Task 'ingest'" in log.read_text() and "Executing task" not in out
