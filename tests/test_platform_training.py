@@ -386,3 +386,26 @@ def test_crd_check_catches_a_typo():
     doc = copy.deepcopy(jobs.trainjob())
     doc["spec"]["trainer"]["numNode"] = doc["spec"]["trainer"].pop("numNodes")
     assert any("numNode" in e for e in crd_errors(doc))
+
+
+def test_pipeline_tune_and_train_can_reach_their_dataset_artifact(tmp_path):
+    """In the cluster the tune step's Katib trials and the train step's TrainJob read the step's dataset
+    artifact from the object store: both steps get the object-store Secret as env (KFP kubernetes platform
+    spec), and the run's parameters choose the nodes and the training image (the prod weekly run: GPU)."""
+    from kfp import compiler
+    from rentalml.pipelines.training import training_pipeline
+
+    out = tmp_path / "p.yaml"
+    compiler.Compiler().compile(training_pipeline, str(out))
+    docs = list(yaml.safe_load_all(out.read_text()))
+    platform = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    for step in ("exec-tune", "exec-train"):
+        secrets = {s["secretName"]: {m["secretKey"]: m["envVar"] for m in s["keyToEnv"]}
+                   for s in platform[step].get("secretAsEnv", [])}
+        assert secrets.get("rentalml-object-store", {}).get("access-key-id") == "AWS_ACCESS_KEY_ID", step
+    params = docs[0]["root"]["inputDefinitions"]["parameters"]
+    assert params["num_nodes"]["defaultValue"] == 1 and params["training_image"]["defaultValue"] == jobs.IMAGE
+    prod = _render(_copy_tree(tmp_path / "t"), DEFAULT_SET["prod"])
+    cron = next(d for d in prod if d["metadata"]["name"] == "rentalml-training-weekly")
+    args = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert f"training_image={jobs.GPU_IMAGE}" in args
