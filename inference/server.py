@@ -317,16 +317,25 @@ def install_routes(model, app=None) -> None:
             stack = FastV2Infer(stack, model, lambda: app.exception_handlers)
         return JWTMiddleware(stack, verifier) if verifier.enabled else stack
 
+    def body(schema: type[BaseModel], required: bool = True) -> dict:
+        """The request schema for /openapi.json and /docs: the handlers parse the body themselves (a 4xx naming
+        the field, counted as `rejected`), so FastAPI cannot infer it from their signature."""
+        return {"requestBody": {"required": required, "content": {"application/json": {
+            "schema": schema.model_json_schema(ref_template="#/components/schemas/{model}")}}}}
+
     app.build_middleware_stack = build_middleware_stack
-    app.add_api_route("/predict", predict, methods=["POST"], tags=["rentalml"],
+    app.add_api_route("/predict", predict, methods=["POST"], tags=["rentalml"], openapi_extra=body(PredictRequest),
                       summary="Recommendations for one user (friendly JSON)")
-    app.add_api_route("/explain", explain, methods=["POST"], tags=["rentalml"],
+    app.add_api_route("/explain", explain, methods=["POST"], tags=["rentalml"], openapi_extra=body(ExplainRequest),
                       summary="Explanation of one (user, property) pair with current attributes")
     app.add_api_route("/feedback", feedback, methods=["POST"], tags=["rentalml"], status_code=202,
+                      openapi_extra=body(FeedbackRequest),
                       summary="A/B outcome of a served recommendation: click, save or inquiry")
     app.add_api_route("/admin/reload", reload, methods=["POST"], tags=["rentalml"],
+                      openapi_extra=body(ReloadRequest, required=False),
                       summary="Hot reload: load the new version(s), then swap (no request dropped)")
     app.add_api_route("/admin/invalidate", invalidate, methods=["POST"], tags=["rentalml"],
+                      openapi_extra=body(InvalidateRequest),
                       summary="Drop cached recommendations of users / listing properties")
     app.add_api_route("/health", health, methods=["GET"], tags=["rentalml"], summary="Service health")
 
@@ -370,6 +379,7 @@ def serve(bundle: Path | None = None, *, alias: str = "champion", variant: str |
     model.load()
     log.info("loaded %s in %.2fs: %s", model.name, model.load_seconds, model.routing.describe())
     install_routes(model)
+    _install_docs()
     model.install_routes_on_unpickle = workers > 1
     verifier = Verifier()
     _install_grpc_server(grpc_interceptor(verifier) if verifier.enabled else None,
@@ -382,6 +392,22 @@ def serve(bundle: Path | None = None, *, alias: str = "champion", variant: str |
     finally:
         model.outcomes.flush(5.0)
         _reap_rest_workers(server)
+
+
+def _install_docs() -> None:
+    """/docs: Swagger UI over /openapi.json (the friendly API's schemas and KServe's v2 routes). KServe builds its
+    FastAPI app at import from its own argv flag `--enable_docs_url`, so the page is added to that app here."""
+    import kserve.model_server as ms
+    from fastapi.openapi.docs import get_swagger_ui_html
+
+    app = ms.app
+    if app.docs_url or any(getattr(r, "path", None) == "/docs" for r in app.routes):
+        return
+
+    async def docs():
+        return get_swagger_ui_html(openapi_url=app.openapi_url, title="rentalml serve — API")
+
+    app.add_api_route("/docs", docs, methods=["GET"], include_in_schema=False)
 
 
 def _install_grpc_server(interceptor=None, fast_model=None) -> None:

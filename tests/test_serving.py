@@ -232,6 +232,15 @@ def test_health(server):
     assert r.json()["status"] == "ok" and r.json()["model"] == MODEL and r.json()["model_version"] == "1"
 
 
+def test_openapi_docs_describe_the_friendly_api(server):
+    """/docs (Swagger UI) and /openapi.json are served; the friendly routes are there with their request schema."""
+    assert httpx.get(f"{server.url}/docs").status_code == 200
+    spec = httpx.get(f"{server.url}/openapi.json").json()
+    assert {"/predict", "/feedback", "/explain"} <= set(spec["paths"])
+    schema = spec["paths"]["/predict"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert {"user_id", "num_recommendations"} <= set(schema["properties"]) and "user_id" in schema["required"]
+
+
 def test_metrics_after_traffic(server, known_users):
     httpx.post(f"{server.url}/predict", json={"user_id": known_users[0]})
     text = httpx.get(f"{server.url}/metrics").text
