@@ -28,9 +28,10 @@ Katib's suggestion labels and port (kubeflow/katib v0.19.0 pkg/controller.v1beta
 SuggestionLabels, consts/const.go DefaultSuggestionPort 6789) and controller labels
 (manifests/v1beta1/components/controller/controller.yaml).
 
-Not evaluated here: L7 Istio AuthorizationPolicies (the Profile controller's `ns-owner-access-istio` in the
-profile namespace, profile_controller.go getAuthorizationPolicy) and the policies Kubeflow puts on the
-istio-system and knative-serving namespaces (paths *into* those namespaces).
+L7 Istio authorization (the Profile controller's `ns-owner-access-istio`, Kubeflow's global-deny-all and
+manifests/base/network/authorizationpolicies.yaml) over the same flow table: tests/test_istio_authz.py. Not
+evaluated: the policies Kubeflow puts on the istio-system and knative-serving namespaces (paths *into* those
+namespaces).
 """
 
 from __future__ import annotations
@@ -322,6 +323,7 @@ REQUIRED = [
     ("katib-controller", "suggestion", 6789, "katib-controller → the Experiment's suggestion service (gRPC)"),
     ("trial", "katib-db-manager", 6789, "trial metrics collector → katib-db-manager"),
     ("kfp-step", "rentalml-mlflow", 5000, "KFP launcher / step → MLflow"),
+    ("kfp-step", "rentalml-pushgateway", 9091, "pipeline steps push ml_training_* (RENTALML_MONITOR__PUSHGATEWAY_URL)"),
     ("kfp-step", "seaweedfs", 8333, "KFP launcher → the pipeline object store"),
     ("kfp-step", "ml-pipeline", 8887, "KFP driver → ml-pipeline API (gRPC)"),
     ("kfp-step", "metadata-grpc", 8080, "KFP launcher → ML Metadata"),

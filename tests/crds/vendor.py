@@ -1,6 +1,7 @@
 """Re-vendor the upstream CRD schemas under tests/crds/ (run by hand when a pinned release changes).
 
-    python tests/crds/vendor.py /work/.mirror   # bare git mirrors named <owner>+<repo>/repo
+    python tests/crds/vendor.py /work/.mirror [project ...]  # bare git mirrors named <owner>+<repo>/repo;
+                                                              # only the named project dirs when given
 
 Each output file keeps what validation needs of one CRD at one pinned tag: group, kind, the served version,
 scope and that version's openAPIV3Schema with the documentation (`description`, `example`) removed. The file
@@ -48,6 +49,13 @@ SOURCES = [
      "example/prometheus-operator-crd/monitoring.coreos.com_prometheusrules.yaml", "PrometheusRule", "v1"),
     ("external-secrets", "external-secrets/external-secrets", "v2.9.0",
      "config/crds/bases/external-secrets.io_externalsecrets.yaml", "ExternalSecret", "v1"),
+    # Istio 1.29.0 is what Kubeflow 26.03 installs (kubeflow/manifests README.md, common/istio)
+    ("istio", "istio/istio", "1.29.0", "manifests/charts/base/files/crd-all.gen.yaml",
+     "AuthorizationPolicy", "v1"),
+    # Profiles v1.10.0 is what Kubeflow 26.03 installs (applications/profiles/upstream, image tag v1.10.0; its
+    # crd/bases/kubeflow.org_profiles.yaml is this file unchanged)
+    ("kubeflow", "kubeflow/kubeflow", "v1.10.0",
+     "components/profile-controller/config/crd/bases/kubeflow.org_profiles.yaml", "Profile", "v1"),
 ]
 
 DOC_KEYS = {"description", "example", "externalDocs"}
@@ -157,8 +165,10 @@ def dedupe(schema: dict) -> dict:
     return {"x-shared-schemas": shared, **schema} if shared else schema
 
 
-def vendor(mirrors: Path) -> None:
+def vendor(mirrors: Path, projects: set[str] | None = None) -> None:
     for project, repo, tag, path, kind, version in SOURCES:
+        if projects and project not in projects:
+            continue
         git = ["git", f"--git-dir={mirrors / repo.replace('/', '+') / 'repo'}"]
         commit = subprocess.run([*git, "rev-parse", f"{tag}^{{commit}}"], capture_output=True, text=True,
                                 check=True).stdout.strip()
@@ -185,4 +195,4 @@ def vendor(mirrors: Path) -> None:
 
 
 if __name__ == "__main__":
-    vendor(Path(sys.argv[1] if len(sys.argv) > 1 else "/work/.mirror"))
+    vendor(Path(sys.argv[1] if len(sys.argv) > 1 else "/work/.mirror"), set(sys.argv[2:]) or None)
