@@ -48,7 +48,8 @@ NS = "rentalml"
 
 #: The labels the Profile controller sets on a profile namespace it owns: Kubeflow manifests 26.03
 #: applications/profiles/pss/namespace-labels.yaml (the example install's) and `istio-injection: enabled`
-#: (kubeflow/dashboard v2.0.0 components/profile-controller/controllers/profile_controller.go)
+#: (kubeflow/kubeflow v1.10.0, the Profiles image Kubeflow 26.03 installs, unchanged in kubeflow/dashboard v2.0.0:
+#: components/profile-controller/controllers/profile_controller.go Reconcile)
 PROFILE_NAMESPACE_LABELS = {"istio-injection": "enabled",
                             "katib.kubeflow.org/metrics-collector-injection": "enabled",
                             "serving.kubeflow.org/inferenceservice": "enabled",
