@@ -5,10 +5,10 @@ release it targets, vendored under tests/crds/ (repo, tag, commit and path in ea
 unknown fields, int-or-string, embedded resources, nullable, defaults, formats, list types, CEL rules) are
 those of the API server and kubectl's strict field validation: tests/crd_schema.py.
 
-Rendered: the root kustomization, the dev and prod overlays (tests/test_manifests.py's `rendered` fixture)
-and every kustomization under manifests/jobs (the one-shot training jobs). A kind with neither a vendored CRD
-nor a core schema fails: nothing escapes validation. Katib's Experiment CRD is itself free-form
-(`x-kubernetes-preserve-unknown-fields` on the whole object, katib v0.19.0
+Rendered: the root kustomization, the dev and prod overlays (tests/test_manifests.py's `rendered` fixture),
+every kustomization under manifests/jobs (the one-shot training jobs) and manifests/profile (the Kubeflow
+Profile). A kind with neither a vendored CRD nor a core schema fails: nothing escapes validation. Katib's
+Experiment CRD is itself free-form (`x-kubernetes-preserve-unknown-fields` on the whole object, katib v0.19.0
 manifests/v1beta1/components/crd/experiment.yaml), so its trialSpec, the object Katib creates for each trial,
 is validated against that object's own CRD.
 """
@@ -31,19 +31,21 @@ EXPECTED_KINDS = {  # every vendored CRD, with the API version our manifests mus
     "Kafka": "kafka.strimzi.io/v1", "KafkaNodePool": "kafka.strimzi.io/v1", "KafkaTopic": "kafka.strimzi.io/v1",
     "KafkaUser": "kafka.strimzi.io/v1", "PodMonitor": "monitoring.coreos.com/v1",
     "ServiceMonitor": "monitoring.coreos.com/v1", "PrometheusRule": "monitoring.coreos.com/v1",
-    "ExternalSecret": "external-secrets.io/v1",
+    "ExternalSecret": "external-secrets.io/v1", "AuthorizationPolicy": "security.istio.io/v1",
+    "Profile": "kubeflow.org/v1",
 }
 
 
 @pytest.fixture(scope="module")
 def jobs_rendered() -> dict[str, list[dict]]:
-    """The kustomizations under manifests/jobs (created with `kubectl create -k`, not in the apply set)."""
+    """The kustomizations under manifests/jobs (created with `kubectl create -k`, not in the apply set) and
+    manifests/profile (the Profile a Kubeflow admin applies first)."""
     out = {}
-    for k in sorted(MANIFESTS.glob("jobs/**/kustomization.yaml")):
+    for k in sorted(MANIFESTS.glob("jobs/**/kustomization.yaml")) + [MANIFESTS / "profile" / "kustomization.yaml"]:
         res = subprocess.run([_need("kubectl"), "kustomize", str(k.parent)], capture_output=True, text=True,
                              timeout=60)
         assert res.returncode == 0, f"kubectl kustomize {k.parent} failed:\n{res.stderr}"
-        out[f"jobs/{k.parent.relative_to(MANIFESTS / 'jobs')}"] = [d for d in yaml.safe_load_all(res.stdout) if d]
+        out[str(k.parent.relative_to(MANIFESTS))] = [d for d in yaml.safe_load_all(res.stdout) if d]
     return out
 
 
@@ -164,6 +166,16 @@ def test_the_validator_catches_errors(all_docs):
     es = _pick(all_docs, "ExternalSecret")
     es["spec"]["refreshInterval"] = 60
     assert crd_schema.errors(es)
+
+    authz = _pick(all_docs, "AuthorizationPolicy")  # Istio 1.29.0: a typo'd source field, a bad action
+    authz["spec"]["rules"][0]["from"][0]["source"]["namespace"] = ["kubeflow"]
+    authz["spec"]["action"] = "PERMIT"
+    text = "\n".join(crd_schema.errors(authz))
+    assert "'namespace' was unexpected" in text and "'PERMIT' is not one of" in text
+
+    profile = _pick(all_docs, "Profile")  # kubeflow/kubeflow v1.10.0 Profile
+    profile["spec"]["owner"]["user"] = profile["spec"]["owner"].pop("name")
+    assert any("'user' was unexpected" in e for e in crd_schema.errors(profile))
 
 
 def test_int_or_string_embedded_and_nullable_follow_the_api_server():
