@@ -106,11 +106,12 @@ build() {  # name dockerfile image
   record "$1" "$3" $((SECONDS - t0))
 }
 
+main() {  # (a function, so bash has read the whole file before it runs: editing it mid-build is harmless)
 install_tools
 write_conf
 case "${1:-}" in
-  conf) echo "$CONTAINERS_CONF"; exit 0 ;;
-  base) make_base; exit 0 ;;
+  conf) echo "$CONTAINERS_CONF"; return 0 ;;
+  base) make_base; return 0 ;;
 esac
 
 PYTORCH_INDEX=1
@@ -132,6 +133,9 @@ if ((${#names[@]} == 0)); then
 fi
 make_base
 for n in "${names[@]}"; do
-  [ -n "${FILE[$n]:-}" ] || { log "unknown image $n (training serving streaming gpu)"; exit 2; }
+  [ -n "${FILE[$n]:-}" ] || { log "unknown image $n (training serving streaming gpu)"; return 2; }
   build "$n" "${FILE[$n]}" "${IMAGE[$n]}"
 done
+}
+
+main "$@"
