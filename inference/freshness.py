@@ -1,5 +1,5 @@
 """Fresh state from the stream for a serving engine (`serve.fold_in`): the users' recent interactions and the
-properties the model has never seen, read from the stream processor's state store (rentalml.streaming.state:
+properties the model has never seen, read from the stream processor's state store (rentalml.state:
 Redis when `redis_url` is set, else the SQLite file under $RENTALML_HOME/stream).
 
 * `recent(user_id)` — the user's streamed recent properties (oldest → newest), folded into their history;
@@ -25,7 +25,7 @@ log = logging.getLogger("rentalml.inference")
 
 class StreamFeed:
     def __init__(self, bundle, settings: Settings | None = None, local_features=None):
-        from rentalml.streaming.state import open_state
+        from rentalml.state import open_state
 
         self.settings = settings or get_settings()
         self.bundle = bundle

@@ -10,27 +10,16 @@ from __future__ import annotations
 import math
 from datetime import UTC, datetime
 
-import numpy as np
 import pandas as pd
 
-from rentalml.schema import EVENT_WEIGHTS
+from rentalml.features import formulas as F
+from rentalml.features.formulas import ENGAGEMENT_WINDOWS, HOUR, TASTE_FEATURES, TASTE_WINDOW_S, WEIGHT_OF_CODE
+from rentalml.state import Applied, decode_attributes
 
-from .state import FIVE_MIN, HOUR, TYPE_CODE, Applied, decode_attributes
+__all__ = ["ATTRIBUTE_FEATURES", "ENGAGEMENT_WINDOWS", "TASTE_FEATURES", "TASTE_WINDOW_S", "WEIGHT_OF_CODE",
+           "attributes_frame", "engagement_frame", "next_change", "taste", "taste_frame", "window_sums"]
 
-#: feature -> (counter letter, bucket size s, window s)
-ENGAGEMENT_WINDOWS = {
-    "views_1h": ("v5", FIVE_MIN, 3600),
-    "views_24h": ("v", HOUR, 86_400),
-    "views_7d": ("v", HOUR, 7 * 86_400),
-    "saves_24h": ("s", HOUR, 86_400),
-    "saves_7d": ("s", HOUR, 7 * 86_400),
-    "inquiries_7d": ("i", HOUR, 7 * 86_400),
-    "applications_7d": ("a", HOUR, 7 * 86_400),
-}
 ATTRIBUTE_FEATURES = ["price", "bedrooms", "bathrooms", "city", "lat", "lon", "available", "property_type"]
-TASTE_WINDOW_S = 30 * 86_400
-WEIGHT_OF_CODE = {code: EVENT_WEIGHTS[t] for t, code in TYPE_CODE.items()}
-TASTE_FEATURES = ["n_events_7d", "median_price", "pref_bedrooms", "top_city", "pref_lat", "pref_lon"]
 
 
 def _ts(value: float, unit: str = "us") -> pd.Timestamp:
@@ -41,17 +30,9 @@ def _ts(value: float, unit: str = "us") -> pd.Timestamp:
 
 
 def window_sums(h: dict[str, str], clock: float) -> dict[str, int]:
-    """The engagement windows of one property's counter hash."""
-    buckets: dict[str, list[tuple[int, int]]] = {}
-    for f, v in h.items():
-        kind, _, b = f.partition(":")
-        if b:
-            buckets.setdefault(kind, []).append((int(b), int(v)))
-    out = {}
-    for name, (kind, size, window) in ENGAGEMENT_WINDOWS.items():
-        lo = math.floor(clock / size) - window // size
-        out[name] = sum(n for b, n in buckets.get(kind, ()) if b > lo)
-    return out
+    """The engagement windows (rentalml.features.formulas.ENGAGEMENT_WINDOWS) of one property's counter hash."""
+    return {name: F.bucketed_count(h, w.counter, w.bucket_s, w.window_s, clock)
+            for name, w in ENGAGEMENT_WINDOWS.items()}
 
 
 def next_change(h: dict[str, str], clock: float) -> float | None:
@@ -62,11 +43,12 @@ def next_change(h: dict[str, str], clock: float) -> float | None:
         if b and int(v) > 0:
             buckets.setdefault(kind, []).append(int(b))
     out = None
-    for kind, size, window in ENGAGEMENT_WINDOWS.values():
-        lo = math.floor(clock / size) - window // size
-        live = [b for b in buckets.get(kind, ()) if b > lo]
+    for w in ENGAGEMENT_WINDOWS.values():
+        size, n = w.bucket_s, w.window_s // w.bucket_s
+        lo = math.floor(clock / size) - n
+        live = [b for b in buckets.get(w.counter, ()) if b > lo]
         if live:
-            t = float((min(live) + window // size) * size)
+            t = float((min(live) + n) * size)
             out = t if out is None else min(out, t)
     return out
 
@@ -96,28 +78,11 @@ def attributes_frame(applied: Applied) -> pd.DataFrame:
 
 def taste(events: list[tuple[float, str, str]], attrs: dict[str, dict], counts: dict[str, str],
           clock: float) -> dict:
-    """User taste with the batch table's definition (rentalml.features.store user_taste) over the user's recent
-    interactions of the last 30 days before the stream clock: median price over events, event-weight weighted
-    mean bedrooms / lat / lon, top city by summed weight (ties: alphabetical). n_events_7d comes from the hourly
-    counters (exact even beyond the bounded event list)."""
-    lo = math.floor(clock / HOUR) - 7 * 24
-    n7 = sum(int(v) for f, v in counts.items() if f.startswith("n:") and int(f[2:]) > lo)
-    rows = [(WEIGHT_OF_CODE[t], attrs[p]) for ts, t, p in events if ts >= clock - TASTE_WINDOW_S and p in attrs]
-
-    def wmean(col: str) -> float | None:
-        vals = [(w, float(a[col])) for w, a in rows if a.get(col) is not None]
-        tot = sum(w for w, _ in vals)
-        return sum(w * v for w, v in vals) / tot if vals and tot > 0 else None
-
-    prices = [float(a["price"]) for _, a in rows if a.get("price") is not None]
-    city_w: dict[str, float] = {}
-    for w, a in rows:
-        if a.get("city"):
-            city_w[a["city"]] = city_w.get(a["city"], 0.0) + w
-    top_city = min(city_w, key=lambda c: (-city_w[c], c)) if city_w else None
-    return {"n_events_7d": n7, "median_price": float(np.median(prices)) if prices else None,
-            "pref_bedrooms": wmean("bedrooms"), "top_city": top_city, "pref_lat": wmean("lat"),
-            "pref_lon": wmean("lon")}
+    """user_taste (rentalml.features.formulas.user_taste) at the stream clock over the user's recent
+    interactions (event time, type letter, property id). n_events_7d comes from the hourly counters (exact even
+    beyond the bounded event list, bucketed at the window's lower edge)."""
+    n7 = F.bucketed_count(counts, "n", HOUR, F.TASTE_COUNT_WINDOW_S, clock)
+    return F.user_taste([(ts, WEIGHT_OF_CODE[t], attrs.get(p)) for ts, t, p in events], clock, n7)
 
 
 def taste_frame(applied: Applied, attrs: dict[str, dict]) -> pd.DataFrame:

@@ -3,7 +3,7 @@ emit processed records, commit.
 
 Per polled batch, in this order (docs/architecture.md "Streaming"):
   1. decode + validate every record (rentalml.schema); a bad one becomes a dead_letter document with the reason;
-  2. ONE atomic state-store step (rentalml.streaming.state): dedupe by event id, late check against the
+  2. ONE atomic state-store step (rentalml.state): dedupe by event id, late check against the
      watermark, counters/attributes/histories, and the absolute state of the touched entities;
   3. push the touched entities' absolute feature values to the Feast online store (one write per view);
   4. produce processed_data (one record per valid event, also for redeliveries) and dead_letter, flush;
@@ -26,6 +26,7 @@ from datetime import UTC, datetime
 import pandas as pd
 
 from rentalml.config import Settings, get_settings
+from rentalml.state import StateStore, decode_attributes, encode_event, open_state
 
 from . import aggregates, metrics
 from .kafka_io import (
@@ -37,7 +38,6 @@ from .kafka_io import (
     processor_access,
     producer,
 )
-from .state import StateStore, decode_attributes, encode_event, open_state
 from .validate import InvalidEvent, dead_letter, parse
 
 log = logging.getLogger(__name__)

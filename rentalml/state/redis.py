@@ -1,0 +1,101 @@
+"""The Redis backend of the stream state store: each apply / refresh is one Lua script (rentalml/state/lua/,
+package data), so a batch is atomic and the processor replicas may share one Redis."""
+
+from __future__ import annotations
+
+import json
+import re
+from functools import cache
+from importlib import resources
+
+from rentalml.config import Settings
+
+from .base import Applied, StateStore, decode_attributes, user_event
+
+_INCLUDE = re.compile(r"^--#include (\S+)$", re.M)
+
+
+@cache
+def lua(name: str) -> str:
+    """The Lua script `name` (rentalml/state/lua/), with its `--#include other.lua` lines expanded."""
+    text = resources.files(__package__).joinpath("lua", name).read_text(encoding="utf-8")
+    return _INCLUDE.sub(lambda m: lua(m.group(1)), text)
+
+
+def _pairs(flat) -> dict[str, str]:
+    if isinstance(flat, dict):  # cjson encodes an empty table as {}
+        return {}
+    return dict(zip(flat[::2], flat[1::2], strict=True))
+
+
+class RedisState(StateStore):
+    def __init__(self, settings: Settings, url: str):
+        super().__init__(settings)
+        import redis
+
+        self.redis = redis.Redis.from_url(url, decode_responses=True)
+        self._script = self.redis.register_script(lua("apply.lua"))
+        self._touch = self.redis.register_script(lua("touch.lua"))
+
+    def apply(self, events: list[dict]) -> Applied:
+        if not events:
+            return Applied([], float(self.redis.get(f"{self.prefix}:clock") or 0.0))
+        raw = json.loads(self._script(keys=[self.prefix], args=[json.dumps(self._params(events))]))
+        outcomes = raw["outcomes"] if isinstance(raw["outcomes"], list) else []
+        hist = {u: [(flat[j], float(flat[j + 1])) for j in range(0, len(flat), 2)] if isinstance(flat, list) else []
+                for u, flat in raw["hist"].items()}  # ZRANGE order: oldest -> newest
+        uev = {u: [user_event(x) for x in flat] if isinstance(flat, list) else [] for u, flat in raw["uev"].items()}
+        return Applied(outcomes, float(raw["clock"]),
+                       {k: _pairs(v) for k, v in raw["eng"].items()},
+                       {k: _pairs(v) for k, v in raw["prop"].items()},
+                       {k: _pairs(v) for k, v in raw["usr"].items()}, hist, uev)
+
+    def refresh_engagement(self, property_ids: list[str]) -> Applied:
+        if not property_ids:
+            return Applied([], float(self.redis.get(f"{self.prefix}:clock") or 0.0))
+        raw = json.loads(self._touch(keys=[self.prefix], args=[json.dumps(self._buckets()), *property_ids]))
+        return Applied([], float(raw["clock"]), {k: _pairs(v) for k, v in raw["eng"].items()})
+
+    def due(self, clock: float, limit: int = 5000) -> list[str]:
+        return self.redis.zrangebyscore(f"{self.prefix}:eng_due", "-inf", clock, start=0, num=limit)
+
+    def schedule(self, due: dict[str, float | None]) -> None:
+        key = f"{self.prefix}:eng_due"
+        pipe = self.redis.pipeline(transaction=False)
+        later = {p: t for p, t in due.items() if t is not None}
+        if later:
+            pipe.zadd(key, later)
+        gone = [p for p, t in due.items() if t is None]
+        if gone:
+            pipe.zrem(key, *gone)
+        pipe.execute()
+
+    def recent_history(self, user_id: str) -> list[str]:
+        return self.redis.zrange(f"{self.prefix}:hist:{user_id}", 0, -1)
+
+    def properties_since(self, ts: float) -> list[tuple[str, float]]:
+        return [(m, float(sc)) for m, sc in self.redis.zrangebyscore(f"{self.prefix}:props", ts, "+inf",
+                                                                     withscores=True)]
+
+    def property_attributes(self, property_ids: list[str]) -> dict[str, dict]:
+        pipe = self.redis.pipeline(transaction=False)
+        for pid in property_ids:
+            pipe.hgetall(f"{self.prefix}:prop:{pid}")
+        return {pid: decode_attributes(h) for pid, h in zip(property_ids, pipe.execute(), strict=True) if h}
+
+    def seed_properties(self, attrs: dict[str, dict]) -> int:
+        """Attributes of properties the stream has not seen yet (from the dataset / DB of record)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for pid in attrs:
+            pipe.exists(f"{self.prefix}:prop:{pid}")
+        exists = pipe.execute()
+        n = 0
+        for (pid, a), ex in zip(attrs.items(), exists, strict=True):
+            if not ex:
+                pipe.hset(f"{self.prefix}:prop:{pid}", mapping={k: json.dumps(v) for k, v in a.items()})
+                n += 1
+        pipe.execute()
+        return n
+
+    def close(self) -> None:
+        self.redis.close()
