@@ -23,9 +23,10 @@ from datetime import UTC, datetime
 
 from rentalml.config import Settings, get_settings
 from rentalml.evaluation.ab import outcome_event, outcomes_path
+from rentalml.kafka import AB_OUTCOMES
 
 log = logging.getLogger("rentalml.inference")
-TOPIC = "ab_outcomes"
+TOPIC = AB_OUTCOMES  # rentalml.kafka: the topic names are a core contract
 
 
 class OutcomeLog:
@@ -140,8 +141,8 @@ class OutcomeLog:
         if self._producer is None:
             from kafka import KafkaProducer
 
-            # the Kafka client settings (SASL/TLS from Settings) live in one place, the streaming package's
-            from rentalml.streaming.kafka_io import client_config, ensure_topics
+            # the Kafka client settings (SASL/TLS from Settings) live in one place, the core's
+            from rentalml.kafka import client_config, ensure_topics
 
             # created by the code with the configured partitions (a first send would auto-create it with one);
             # in a Strimzi cluster it is a KafkaTopic: checked only (Describe), and a clear TopicsUnavailable

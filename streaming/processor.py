@@ -26,10 +26,7 @@ from datetime import UTC, datetime
 import pandas as pd
 
 from rentalml.config import Settings, get_settings
-from rentalml.state import StateStore, decode_attributes, encode_event, open_state
-
-from . import aggregates, metrics
-from .kafka_io import (
+from rentalml.kafka import (
     DEAD_LETTER,
     PROCESSED_DATA,
     TopicsUnavailable,
@@ -38,6 +35,9 @@ from .kafka_io import (
     processor_access,
     producer,
 )
+from rentalml.state import StateStore, decode_attributes, encode_event, open_state
+
+from . import aggregates, metrics
 from .validate import InvalidEvent, dead_letter, parse
 
 log = logging.getLogger(__name__)
