@@ -107,7 +107,8 @@ def refresh(db: Path, pins: dict[str, str]) -> dict:
     """advisories.json from a pypa/advisory-database bare git dir or checkout: the lock's packages only."""
     import yaml
 
-    git = ["git", f"--git-dir={db}"] if (db / "HEAD").exists() and not (db / ".git").exists() else ["git", "-C", str(db)]
+    bare = (db / "HEAD").exists() and not (db / ".git").exists()
+    git = ["git", f"--git-dir={db}"] if bare else ["git", "-C", str(db)]
     commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
     date = subprocess.run([*git, "log", "-1", "--format=%cI", "HEAD"], capture_output=True, text=True,
                           check=True).stdout.strip()
