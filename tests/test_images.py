@@ -265,6 +265,7 @@ def test_training_image_runs_a_local_pipeline_as_the_cronjob_runs(podman, render
                     "'nvidia')))").stdout.split(None, 2)
     assert torch[:2] == ["2.13.0+cpu", "None"] and torch[2].strip() == "[]", torch
 
+    gateway = _start("pushgateway")  # the manifest's in-cluster Pushgateway, on loopback
     out = _readable_dir(mode=0o777)  # added: where the run summary lands (a PVC would do it in a cluster)
     token = _readable_dir({"token": "not-a-real-token"})
     params = json.dumps({"epochs": 3, "eval_every": 3, "neighbours": 16, "dim": 16, "hidden": 16})
@@ -272,7 +273,7 @@ def test_training_image_runs_a_local_pipeline_as_the_cronjob_runs(podman, render
             "--deploy-mode", "none", "--json", "/tmp/out/summary.json"]
     argv = run_args(pod, c, secrets={}, volumes={"kfp-token": token}, args=args,
                     env_override={"RENTALML_MLFLOW_TRACKING_URI": "sqlite:////tmp/rentalml/mlflow.db",
-                                  "RENTALML_MONITOR__PUSHGATEWAY_URL": "", "PYTHONWARNINGS": "ignore"},
+                                  "RENTALML_MONITOR__PUSHGATEWAY_URL": gateway.url, "PYTHONWARNINGS": "ignore"},
                     extra_mounts=[f"{out}:/tmp/out:rw"],
                     # the CronJob's 512Mi is for `submit`; a local run is every step's pod in one container
                     memory_limit=False)
@@ -286,7 +287,13 @@ def test_training_image_runs_a_local_pipeline_as_the_cronjob_runs(podman, render
         assert {"ingest", "validate-data", "build-features", "train", "evaluate", "export"} <= tasks
         assert doc["gate"] == "deploy" and doc["registered"]["alias"] == "champion"
         assert any(r["output"] == "bundle" and r["uri"].startswith("/tmp/") for r in doc["artifacts"])
+        # the steps pushed their ml_training_* metrics from inside the image
+        pushed = httpx.get(f"{gateway.url}/metrics", timeout=5).text
+        durations = {x.labels.get("step"): x.value for x in _samples(pushed, "ml_training_step_duration_seconds")}
+        assert {"train", "evaluate"} <= set(durations) and all(v > 0 for v in durations.values()), durations
+        assert _samples(pushed, "ml_training_last_success_timestamp_seconds")
     finally:
+        gateway.stop()
         shutil.rmtree(out, ignore_errors=True)
         shutil.rmtree(token, ignore_errors=True)
 
@@ -323,14 +330,14 @@ def _read(bootstrap: str, topic: str) -> list[dict]:
     return out
 
 
-def _metric(text: str, name: str, **labels) -> float:
+def _samples(text: str, name: str) -> list:
     from prometheus_client.parser import text_string_to_metric_families
 
-    for fam in text_string_to_metric_families(text):
-        for sample in fam.samples:
-            if sample.name == name and sample.labels == labels:
-                return sample.value
-    return 0.0
+    return [x for fam in text_string_to_metric_families(text) for x in fam.samples if x.name == name]
+
+
+def _metric(text: str, name: str, **labels) -> float:
+    return next((x.value for x in _samples(text, name) if x.labels == labels), 0.0)
 
 
 def test_streaming_image_processes_and_dead_letters_as_the_deployment_runs(podman, rendered, backends):
