@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from rentalml.config import Settings, get_settings
+from rentalml.features import formulas
 
 if TYPE_CHECKING:
     from feast import FeatureStore
@@ -36,13 +37,10 @@ if TYPE_CHECKING:
     from rentalml.data.dataset import Dataset
 
 DEFINITIONS_MODULE = "rentalml_feature_definitions"
-_DAY = 86_400
-_ENGAGEMENT_WINDOWS = {  # column -> (event types counted, window in seconds)
-    "views_1h": ({"view"}, 3600), "views_24h": ({"view"}, _DAY), "views_7d": ({"view"}, 7 * _DAY),
-    "saves_24h": ({"save"}, _DAY), "saves_7d": ({"save"}, 7 * _DAY), "inquiries_7d": ({"inquiry"}, 7 * _DAY),
-    "applications_7d": ({"application"}, 7 * _DAY),
-}
-_TASTE_WINDOW_DAYS = 30
+_DAY = formulas.DAY
+# the feature formulas (windows, weights) are defined once in rentalml.features.formulas; the tables below are
+# their exact, vectorised batch form (tests/test_feature_formulas.py holds them to the reference)
+_TASTE_WINDOW_DAYS = formulas.TASTE_WINDOW_S // _DAY
 
 
 # ------------------------------------------------------------------------------------------ configuration
@@ -268,10 +266,10 @@ def _engagement_table(ds: Dataset, end_s: int) -> pd.DataFrame:
     p, d = pairs["p"].to_numpy(np.int64), pairs["d"].to_numpy(np.int64)
     big = np.int64(1) << 34
     out = {"property_id": np.asarray(uniq, dtype=object)[p], "event_timestamp": pd.to_datetime(d, unit="s", utc=True)}
-    for col, (types, window) in _ENGAGEMENT_WINDOWS.items():
-        m = np.isin(etype, list(types))
+    for col, w in formulas.ENGAGEMENT_WINDOWS.items():
+        m = etype == w.event_type
         keys = np.sort(codes[m].astype(np.int64) * big + ts[m])
-        out[col] = np.searchsorted(keys, p * big + d) - np.searchsorted(keys, p * big + d - window)
+        out[col] = np.searchsorted(keys, p * big + d) - np.searchsorted(keys, p * big + d - w.window_s)
     keys = np.sort(codes.astype(np.int64) * big + ts)
     last = keys[np.searchsorted(keys, p * big + d) - 1] - p * big
     out["last_event_ts"] = pd.to_datetime(last, unit="s", utc=True)
@@ -284,16 +282,19 @@ def _taste_table(ds: Dataset, end_s: int) -> pd.DataFrame:
     ts = inter["timestamp"].astype("int64").to_numpy() // 10**9
     ev, snap = _snapshots(ts, end_s, _TASTE_WINDOW_DAYS)
     # events strictly inside [D - 30 d, D): the snapshot list already holds only D in (t, t + 30 d]
-    x = pd.DataFrame({"user_id": inter["user_id"].to_numpy()[ev], "d": snap, "t": ts[ev],
-                      "w": inter["weight"].to_numpy(dtype=float)[ev]})
+    # the event weight of the formula (the stream's too): by event type where the data has one
+    w = (inter["event_type"].astype(str).map(formulas.EVENT_WEIGHTS).fillna(inter["weight"])
+         if "event_type" in inter else inter["weight"]).to_numpy(dtype=float)
+    x = pd.DataFrame({"user_id": inter["user_id"].to_numpy()[ev], "d": snap, "t": ts[ev], "w": w[ev]})
     pid = inter["property_id"].to_numpy()[ev]
     for col in ("price", "bedrooms", "lat", "lon", "city"):
         x[col] = items[col].reindex(pid).to_numpy() if col in items else np.nan
     x = x[x["t"] < x["d"]]
     g = x.groupby(["user_id", "d"], sort=True)
-    out = pd.DataFrame({"n_events_7d": (x["t"] >= x["d"] - 7 * _DAY).groupby([x["user_id"], x["d"]]).sum(),
+    out = pd.DataFrame({"n_events_7d": (x["t"] >= x["d"] - formulas.TASTE_COUNT_WINDOW_S)
+                        .groupby([x["user_id"], x["d"]]).sum(),
                         "median_price": g["price"].median()})
-    for col, name in (("bedrooms", "pref_bedrooms"), ("lat", "pref_lat"), ("lon", "pref_lon")):
+    for col, name in formulas.TASTE_MEANS.items():
         v = pd.to_numeric(x[col], errors="coerce")
         wv = (v * x["w"]).groupby([x["user_id"], x["d"]]).sum(min_count=1)
         ww = x["w"].where(v.notna()).groupby([x["user_id"], x["d"]]).sum(min_count=1)
