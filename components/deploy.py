@@ -173,8 +173,10 @@ def component_ready(doc: dict, component: str) -> bool:
     if int(status.get("observedGeneration", -1)) < int(doc["metadata"].get("generation", 0)):
         return False
     comp = (status.get("components") or {}).get(component) or {}
-    return bool(comp.get("latestCreatedRevision")) and comp.get("latestCreatedRevision") == comp.get(
-        "latestReadyRevision")
+    if comp.get("latestCreatedRevision"):  # Serverless: Knative revisions
+        return comp["latestCreatedRevision"] == comp.get("latestReadyRevision")
+    cond = {c.get("type"): c.get("status") for c in status.get("conditions") or []}  # RawDeployment: no revisions
+    return cond.get(f"{component.capitalize()}Ready") == "True"
 
 
 def wait_ready(api, namespace: str, name: str, component: str, timeout: float, poll: float = 5.0) -> dict:

@@ -25,7 +25,6 @@ PostgreSQL registry / materialization here); `--workers` capped to `max_workers`
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import json
 import os
@@ -303,24 +302,32 @@ class LocalCluster:
 
     # ------------------------------------------------------------------ the predictor pod
     def storage_env(self) -> dict:
-        """The env KServe's storage initializer gets from the ServiceAccount's S3 secret and its annotations
-        (kserve pkg/credentials/s3/s3_secret.go: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY from the data,
-        AWS_ENDPOINT_URL/S3_USE_HTTPS/AWS_DEFAULT_REGION from serving.kserve.io/s3-* annotations)."""
-        sa = self.isvc["spec"]["predictor"].get("serviceAccountName")
-        secret_names = [s["name"] for d in self.docs if d.get("kind") == "ServiceAccount"
-                        and d["metadata"]["name"] == sa for s in d.get("secrets", [])]
-        name = next((n for n in secret_names if "s3" in n), "rentalml-kserve-s3")
-        sec = r.find(self.docs, "Secret", name)
-        data = {k: base64.b64decode(v).decode() for k, v in (sec.get("data") or {}).items()}
-        ann = sec["metadata"].get("annotations", {})
-        https = ann.get("serving.kserve.io/s3-usehttps", "1") != "0"
-        endpoint = self.loopback(ann.get("serving.kserve.io/s3-endpoint", ""))
-        env = {**base_env(), "AWS_ACCESS_KEY_ID": data.get("AWS_ACCESS_KEY_ID", ""),
-               "AWS_SECRET_ACCESS_KEY": data.get("AWS_SECRET_ACCESS_KEY", ""),
-               "S3_USE_HTTPS": "1" if https else "0",
-               "AWS_DEFAULT_REGION": ann.get("serving.kserve.io/s3-region", "us-east-1")}
-        if endpoint:
-            env["AWS_ENDPOINT_URL"] = ("https://" if https else "http://") + endpoint
+        """The env KServe gives the storage initializer from the S3 secret attached to the predictor's
+        ServiceAccount (kserve pkg/credentials/s3/s3_secret.go BuildSecretEnvs and utils.go BuildS3EnvVars, with
+        the default inferenceservice-config key names AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY): the keys, then
+        from the serving.kserve.io/s3-* annotations S3_ENDPOINT, AWS_ENDPOINT_URL (https:// unless s3-usehttps
+        is "0"), S3_USE_HTTPS, S3_VERIFY_SSL, AWS_DEFAULT_REGION; endpoint host rewritten to loopback."""
+        sa_name = self.isvc["spec"]["predictor"].get("serviceAccountName")
+        sa = r.find(self.docs, "ServiceAccount", sa_name)
+        s3 = [s["name"] for s in sa.get("secrets", [])
+              if "serving.kserve.io/s3-endpoint" in (r.find(self.docs, "Secret", s["name"])["metadata"]
+                                                     .get("annotations") or {})]
+        if not s3:
+            raise LocalClusterError(f"ServiceAccount {sa_name} has no S3 secret for the storage initializer")
+        sec = r.find(self.docs, "Secret", s3[0])
+        data = self.secret(s3[0])
+        ann = sec["metadata"].get("annotations") or {}
+        endpoint = self.loopback(ann["serving.kserve.io/s3-endpoint"])
+        env = {**base_env(), "AWS_ACCESS_KEY_ID": data["AWS_ACCESS_KEY_ID"],
+               "AWS_SECRET_ACCESS_KEY": data["AWS_SECRET_ACCESS_KEY"], "S3_ENDPOINT": endpoint,
+               "AWS_ENDPOINT_URL": "https://" + endpoint}
+        if "serving.kserve.io/s3-usehttps" in ann:
+            env["S3_USE_HTTPS"] = ann["serving.kserve.io/s3-usehttps"]
+            if env["S3_USE_HTTPS"] == "0":
+                env["AWS_ENDPOINT_URL"] = "http://" + endpoint
+        for key, var in (("s3-verifyssl", "S3_VERIFY_SSL"), ("s3-region", "AWS_DEFAULT_REGION")):
+            if f"serving.kserve.io/{key}" in ann:
+                env[var] = ann[f"serving.kserve.io/{key}"]
         return env
 
     def storage_initializer(self, uri: str, dest: Path) -> Path:
