@@ -11,6 +11,10 @@ Components (each one a folder in the archive, listed in `manifest.json` with a S
 - `state`: the rest of `$RENTALML_HOME` (validation references, data, ...); caches (`bundles/`) are left out:
   they are re-fetched from the registry.
 
+Each component is a `Target` (one interface: write / has_data / load), one subclass per kind of store:
+SQLiteTarget, PostgresTarget, DirTarget, RedisTarget, SkippedTarget; `targets(settings)` lists this
+deployment's components.
+
 Restore writes into the locations of the *current* settings, verifies every checksum before touching
 anything, and refuses a non-empty target unless `force`. When the artifact root moved (another
 $RENTALML_HOME), the MLflow store's artifact locations are rewritten to the new root.
@@ -27,10 +31,11 @@ import sqlite3
 import subprocess
 import tarfile
 import tempfile
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import ClassVar
 from urllib.parse import unquote, urlparse
 
 from rentalml.config import Settings, get_settings
@@ -48,16 +53,181 @@ class BackupError(RuntimeError):
 
 
 # ------------------------------------------------------------------------------------------ targets
-@dataclass
-class Target:
-    """Where a component lives in this deployment: kind is sqlite | postgresql | dir | skip."""
+class Target(ABC):
+    """One component of a deployment, backed up into the archive folder `name`: where it lives (`location`: a
+    file path, directory or SQLAlchemy/Redis URL) and how it is written, checked and read back. One subclass
+    per kind of store (`kind` is recorded in the manifest; restore needs the same kind)."""
 
-    name: str
-    kind: str
-    location: str = ""  # file path, directory or SQLAlchemy URL
-    note: str = ""
-    exclude: list[Path] = field(default_factory=list)
-    patterns: list[bytes] = field(default_factory=list)  # redis: the key patterns (SCAN MATCH) that belong to us
+    kind: ClassVar[str]
+
+    def __init__(self, name: str, location: str = "", note: str = ""):
+        self.name, self.location, self.note = name, location, note
+
+    def dump(self, stage: Path) -> dict:
+        """Write the component under stage/<name>/; returns its manifest entry (members added by the caller)."""
+        d = stage / self.name
+        d.mkdir(parents=True)
+        return {"name": self.name, "kind": self.kind, **self.write(d)}
+
+    @abstractmethod
+    def write(self, dest: Path) -> dict:
+        """Copy the component's data into `dest`; returns manifest fields (source, notes, counts)."""
+
+    @abstractmethod
+    def has_data(self) -> bool:
+        """Whether the target holds data a restore would overwrite."""
+
+    @abstractmethod
+    def load(self, src: Path) -> None:
+        """Replace the target's data with the backed-up copy in `src` (what `write` wrote)."""
+
+    def describe(self) -> str:
+        return self.location
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r}, {self.describe()!r})"
+
+
+class SQLiteTarget(Target):
+    """A SQLite database file, copied through the sqlite3 online-backup API (consistent while servers run)."""
+
+    kind = "sqlite"
+
+    def write(self, dest: Path) -> dict:
+        if not Path(self.location).exists():
+            return {"source": self.location, "note": "absent"}
+        sqlite_copy(Path(self.location), dest / "db.sqlite")
+        return {"source": self.location}
+
+    def has_data(self) -> bool:
+        return _sqlite_has_rows(Path(self.location))
+
+    def load(self, src: Path) -> None:
+        dst = Path(self.location)
+        for suffix in SQLITE_SIDECARS:
+            Path(str(dst) + suffix).unlink(missing_ok=True)
+        sqlite_copy(src / "db.sqlite", dst)
+
+
+class PostgresTarget(Target):
+    """A PostgreSQL database: `pg_dump --format=custom`, restored with `pg_restore --clean` in one transaction."""
+
+    kind = "postgresql"
+
+    def write(self, dest: Path) -> dict:
+        from rentalml.db.store import safe_url
+
+        plain, env = _pg_env(self.location)
+        info = {"source": safe_url(self.location), "server_version": _pg_server_version(self.location)}
+        _run([_pg_tool("pg_dump"), "--format=custom", "--no-owner", "--no-privileges", "-f", str(dest / "db.dump"),
+              "-d", plain], env, self.name)
+        return info
+
+    def has_data(self) -> bool:
+        return _pg_has_rows(self.location)
+
+    def load(self, src: Path) -> None:
+        plain, env = _pg_env(self.location)
+        _run([_pg_tool("pg_restore"), "--clean", "--if-exists", "--no-owner", "--no-privileges",
+              "--single-transaction", "-d", plain, str(src / "db.dump")], env, self.name)
+
+    def describe(self) -> str:
+        return "postgresql"
+
+
+class DirTarget(Target):
+    """A directory tree (SQLite files in it through the backup API, caches and other targets excluded).
+    `replace`: a restore replaces the folder as a whole (the state folder instead receives the files)."""
+
+    kind = "dir"
+
+    def __init__(self, name: str, location: str, note: str = "", exclude: list[Path] | None = None,
+                 replace: bool = True):
+        super().__init__(name, location, note)
+        self.exclude: list[Path] = list(exclude or [])
+        self.replace = replace
+
+    def write(self, dest: Path) -> dict:
+        if not Path(self.location).is_dir():
+            return {"source": self.location, "note": "absent"}
+        _copy_tree(Path(self.location), dest / "files", self.exclude)
+        return {"source": self.location}
+
+    def has_data(self) -> bool:
+        return _dir_nonempty(Path(self.location), self.exclude)
+
+    def load(self, src: Path) -> None:
+        dst = Path(self.location)
+        if self.replace and dst.exists():
+            shutil.rmtree(dst)
+        dst.mkdir(parents=True, exist_ok=True)
+        if (src / "files").is_dir():
+            _copy_tree(src / "files", dst)
+
+
+class RedisTarget(Target):
+    """The keys of a Redis database matching `patterns` (SCAN MATCH): DUMP/PTTL, restored with RESTORE … REPLACE."""
+
+    kind = "redis"
+
+    def __init__(self, name: str, location: str, patterns: list[bytes], note: str = ""):
+        super().__init__(name, location, note)
+        self.patterns = patterns
+
+    def write(self, dest: Path) -> dict:
+        info: dict = {"source": _safe_redis(self.location), "patterns": [p.decode() for p in self.patterns]}
+        client = _redis_client(self.location)
+        n = 0
+        with open(dest / "keys.jsonl", "w") as fh:
+            for key in _redis_keys(client, self.patterns):
+                value, ttl = client.dump(key), client.pttl(key)
+                if value is None:  # expired meanwhile
+                    continue
+                fh.write(json.dumps({"key": base64.b64encode(key).decode(), "pttl": max(int(ttl), 0),
+                                     "dump": base64.b64encode(value).decode()}) + "\n")
+                n += 1
+        client.close()
+        info["keys"] = n
+        return info
+
+    def has_data(self) -> bool:
+        client = _redis_client(self.location)
+        try:
+            return next(_redis_keys(client, self.patterns), None) is not None
+        finally:
+            client.close()
+
+    def load(self, src: Path) -> None:
+        client = _redis_client(self.location)
+        try:
+            pipe = client.pipeline(transaction=False)
+            with open(src / "keys.jsonl") as fh:
+                for line in fh:
+                    r = json.loads(line)
+                    pipe.restore(base64.b64decode(r["key"]), int(r["pttl"]), base64.b64decode(r["dump"]),
+                                 replace=True)
+            pipe.execute()
+        finally:
+            client.close()
+
+    def describe(self) -> str:
+        return _safe_redis(self.location)
+
+
+class SkippedTarget(Target):
+    """A component this deployment does not back up itself (a remote store with its own backups); `note` says
+    why. It writes only the note and is never restored."""
+
+    kind = "skip"
+
+    def write(self, dest: Path) -> dict:
+        return {"note": self.note}
+
+    def has_data(self) -> bool:
+        return False
+
+    def load(self, src: Path) -> None:
+        raise BackupError(f"{self.name}: not restorable here ({self.note})")
 
 
 def _sql_target(name: str, url: str) -> Target:
@@ -67,11 +237,11 @@ def _sql_target(name: str, url: str) -> Target:
     backend = u.get_backend_name()
     if backend == "sqlite":
         if not u.database or u.database == ":memory:":
-            return Target(name, "skip", note="in-memory SQLite")
-        return Target(name, "sqlite", str(Path(u.database).resolve()))
+            return SkippedTarget(name, note="in-memory SQLite")
+        return SQLiteTarget(name, str(Path(u.database).resolve()))
     if backend == "postgresql":
-        return Target(name, "postgresql", url)
-    return Target(name, "skip", note=f"{backend}: back up with the database's own tools")
+        return PostgresTarget(name, url)
+    return SkippedTarget(name, note=f"{backend}: back up with the database's own tools")
 
 
 def _local_dir(uri: str) -> Path | None:
@@ -95,28 +265,31 @@ def redis_patterns(settings: Settings) -> list[bytes]:
 
 
 def targets(settings: Settings) -> list[Target]:
+    """The components of this deployment, in backup order: the MLflow backend store and artifacts, the
+    database of record, the Feast folder (registry file, SQLite online store), a Feast SQL registry of its own,
+    the Redis keys (Feast online store and stream state), and the rest of $RENTALML_HOME ("state", last)."""
     home = settings.home_dir
     out: list[Target] = []
     uri = settings.tracking_uri
     if uri.startswith(("sqlite:", "postgresql:", "postgresql+", "postgres:")):
         out.append(_sql_target("mlflow-backend", uri))
     elif (d := _local_dir(uri)) is not None:
-        out.append(Target("mlflow-backend", "dir", str(d.resolve())))
+        out.append(DirTarget("mlflow-backend", str(d.resolve())))
     else:
-        out.append(Target("mlflow-backend", "skip", note=f"tracking server {uri}: back up its own store"))
+        out.append(SkippedTarget("mlflow-backend", note=f"tracking server {uri}: back up its own store"))
     art = _local_dir(settings.artifact_root)
-    out.append(Target("mlflow-artifacts", "dir", str(art.resolve())) if art is not None
-               else Target("mlflow-artifacts", "skip", note=f"remote artifact root {settings.artifact_root}"))
+    out.append(DirTarget("mlflow-artifacts", str(art.resolve())) if art is not None
+               else SkippedTarget("mlflow-artifacts", note=f"remote artifact root {settings.artifact_root}"))
     out.append(_sql_target("database", settings.db_url))
-    out.append(Target("feast", "dir", str(home / "feast")))
+    out.append(DirTarget("feast", str(home / "feast")))
     registry_url = getattr(settings.feast, "registry_url", None)
     if registry_url and registry_url not in (uri, settings.db_url):  # a SQL registry in a database of its own
         out.append(_sql_target("feast-registry", registry_url))
     if settings.redis_url:
-        out.append(Target("feast-redis", "redis", settings.redis_url, patterns=redis_patterns(settings)))
+        out.append(RedisTarget("feast-redis", settings.redis_url, redis_patterns(settings)))
     handled = [Path(t.location) for t in out if t.kind in ("sqlite", "dir")]
     excluded = handled + [home / c for c in CACHE_DIRS]
-    out.append(Target("state", "dir", str(home), exclude=excluded))
+    out.append(DirTarget("state", str(home), exclude=excluded, replace=False))
     return out
 
 
@@ -264,51 +437,6 @@ def _versions() -> dict:
     return out
 
 
-def _dump(t: Target, stage: Path) -> dict:
-    """Write component `t` under stage/<name>/; returns its manifest entry (members added later)."""
-    from rentalml.db.store import safe_url
-
-    d = stage / t.name
-    d.mkdir(parents=True)
-    info: dict = {"name": t.name, "kind": t.kind}
-    if t.kind == "sqlite":
-        info["source"] = t.location
-        if Path(t.location).exists():
-            sqlite_copy(Path(t.location), d / "db.sqlite")
-        else:
-            info["note"] = "absent"
-    elif t.kind == "postgresql":
-        plain, env = _pg_env(t.location)
-        info["source"] = safe_url(t.location)
-        info["server_version"] = _pg_server_version(t.location)
-        _run([_pg_tool("pg_dump"), "--format=custom", "--no-owner", "--no-privileges", "-f", str(d / "db.dump"),
-              "-d", plain], env, t.name)
-    elif t.kind == "dir":
-        info["source"] = t.location
-        if Path(t.location).is_dir():
-            _copy_tree(Path(t.location), d / "files", t.exclude)
-        else:
-            info["note"] = "absent"
-    elif t.kind == "redis":
-        info["source"] = _safe_redis(t.location)
-        info["patterns"] = [p.decode() for p in t.patterns]
-        client = _redis_client(t.location)
-        n = 0
-        with open(d / "keys.jsonl", "w") as fh:
-            for key in _redis_keys(client, t.patterns):
-                value, ttl = client.dump(key), client.pttl(key)
-                if value is None:  # expired meanwhile
-                    continue
-                fh.write(json.dumps({"key": base64.b64encode(key).decode(), "pttl": max(int(ttl), 0),
-                                     "dump": base64.b64encode(value).decode()}) + "\n")
-                n += 1
-        client.close()
-        info["keys"] = n
-    else:
-        info["note"] = t.note
-    return info
-
-
 def _safe_redis(url: str) -> str:
     p = urlparse(url)
     if p.password:
@@ -333,7 +461,7 @@ def backup(out: str | Path | None = None, settings: Settings | None = None) -> d
         stage.mkdir()
         components = []
         for t in tgts:
-            info = _dump(t, stage)
+            info = t.dump(stage)
             members = sorted(p for p in (stage / t.name).rglob("*") if p.is_file())
             info["members"] = [{"path": p.relative_to(stage).as_posix(), "sha256": _sha256(p),
                                 "bytes": p.stat().st_size} for p in members]
@@ -389,53 +517,6 @@ def _extract_verified(archive: Path, dest: Path) -> dict:
     return manifest
 
 
-def _nonempty(t: Target) -> bool:
-    if t.kind == "sqlite":
-        return _sqlite_has_rows(Path(t.location))
-    if t.kind == "postgresql":
-        return _pg_has_rows(t.location)
-    if t.kind == "dir":
-        return _dir_nonempty(Path(t.location), t.exclude)
-    if t.kind == "redis":
-        client = _redis_client(t.location)
-        try:
-            return next(_redis_keys(client, t.patterns), None) is not None
-        finally:
-            client.close()
-    return False
-
-
-def _load(c: dict, t: Target, src: Path) -> None:
-    if t.kind == "sqlite":
-        dst = Path(t.location)
-        for suffix in SQLITE_SIDECARS:
-            Path(str(dst) + suffix).unlink(missing_ok=True)
-        sqlite_copy(src / "db.sqlite", dst)
-    elif t.kind == "postgresql":
-        plain, env = _pg_env(t.location)
-        _run([_pg_tool("pg_restore"), "--clean", "--if-exists", "--no-owner", "--no-privileges",
-              "--single-transaction", "-d", plain, str(src / "db.dump")], env, t.name)
-    elif t.kind == "dir":
-        dst = Path(t.location)
-        if t.name != "state" and dst.exists():  # a component folder is replaced as a whole
-            shutil.rmtree(dst)
-        dst.mkdir(parents=True, exist_ok=True)
-        if (src / "files").is_dir():
-            _copy_tree(src / "files", dst)
-    elif t.kind == "redis":
-        client = _redis_client(t.location)
-        try:
-            pipe = client.pipeline(transaction=False)
-            with open(src / "keys.jsonl") as fh:
-                for line in fh:
-                    r = json.loads(line)
-                    pipe.restore(base64.b64decode(r["key"]), int(r["pttl"]), base64.b64decode(r["dump"]),
-                                 replace=True)
-            pipe.execute()
-        finally:
-            client.close()
-
-
 def _relocate_artifacts(t: Target, old_root: str, new_root: str) -> int:
     """The MLflow store records absolute artifact URIs: point them at the new artifact root."""
     import sqlalchemy as sa
@@ -486,13 +567,12 @@ def restore(archive: str | Path, force: bool = False, settings: Settings | None 
                 raise BackupError(f"{c['name']}: backup is {c['kind']}, target is {t.kind} ({t.location}); "
                                   "restore into the same kind of store")
             plan.append((c, t))
-        busy = [f"{t.name} ({t.location if t.kind != 'postgresql' else 'postgresql'})" for _, t in plan
-                if _nonempty(t)]
+        busy = [f"{t.name} ({t.describe()})" for _, t in plan if t.has_data()]
         if busy and not force:
             raise BackupError(f"refusing to overwrite non-empty targets: {', '.join(busy)} (use --force)")
         restored = []
         for c, t in plan:
-            _load(c, t, Path(tmp) / c["name"])
+            t.load(Path(tmp) / c["name"])
             restored.append(c["name"])
         relocated = 0
         backend = tgts.get("mlflow-backend")
