@@ -2,7 +2,9 @@
 
 Windows are event-time windows ending at the stream clock T (the max event time seen): a window of length W
 sums the buckets b with b > floor(T / size) - W / size, i.e. the W/size most recent buckets including the
-current one. views_1h uses 5-minute buckets, the 24h/7d windows hourly buckets.
+current one. views_1h uses 5-minute buckets, the 24h/7d windows hourly buckets. The windows, the attribute list
+and the user_taste formula are defined once in rentalml.features.formulas (tests/test_feature_formulas.py holds
+this path, the batch tables and both state stores to it).
 """
 
 from __future__ import annotations
@@ -13,13 +15,18 @@ from datetime import UTC, datetime
 import pandas as pd
 
 from rentalml.features import formulas as F
-from rentalml.features.formulas import ENGAGEMENT_WINDOWS, HOUR, TASTE_FEATURES, TASTE_WINDOW_S, WEIGHT_OF_CODE
+from rentalml.features.formulas import (
+    ATTRIBUTE_FEATURES,
+    ENGAGEMENT_WINDOWS,
+    HOUR,
+    TASTE_FEATURES,
+    TASTE_WINDOW_S,
+    WEIGHT_OF_CODE,
+)
 from rentalml.state import Applied, decode_attributes
 
 __all__ = ["ATTRIBUTE_FEATURES", "ENGAGEMENT_WINDOWS", "TASTE_FEATURES", "TASTE_WINDOW_S", "WEIGHT_OF_CODE",
            "attributes_frame", "engagement_frame", "next_change", "taste", "taste_frame", "window_sums"]
-
-ATTRIBUTE_FEATURES = ["price", "bedrooms", "bathrooms", "city", "lat", "lon", "available", "property_type"]
 
 
 def _ts(value: float, unit: str = "us") -> pd.Timestamp:

@@ -1,13 +1,14 @@
 """One definition per feature formula (rentalml.features.formulas): the same events through every path that
-computes the features — the Redis state store and the SQLite state store (each feeding the stream aggregates,
-streaming/aggregates.py, as the processor does) and the batch tables (rentalml.features.store) — give the values
-of the reference implementation, identically.
+computes the features (user_taste, property_engagement, property_attributes) — the Redis state store and the
+SQLite state store (each feeding the stream aggregates, streaming/aggregates.py, as the processor does) and the
+batch tables (rentalml.features.store) — give the values of the reference implementation, identically.
 
 The event times stay clear of the windows' lower edges by more than one bucket: there the stream's bucketed
 windows and the exact batch windows differ by design (formulas module docstring)."""
 
 from __future__ import annotations
 
+import json
 import math
 import uuid
 
@@ -59,7 +60,10 @@ def _stream(backend: str, redis_url: str, tmp_path) -> tuple[dict, dict]:
                                         "allowed_lateness_s": 3600})
     st = RedisState(s, redis_url) if backend == "redis" else SQLiteState(s, tmp_path / "state.db")
     try:
-        st.seed_properties(PROPS)
+        listed = st.apply([{"id": f"l{p}", "k": "p", "t": "listed", "p": p, "ts": float(T - 50 * D),
+                            "a": {k: json.dumps(v) for k, v in {**a, "available": 1}.items()}}
+                           for p, a in PROPS.items()])
+        attributes = aggregates.attributes_frame(listed).set_index("property_id")
         events = [{"id": f"e{i}", "k": "i", "t": F.TYPE_CODE[e], "u": u, "p": p, "ts": float(T - dt)}
                   for i, (dt, u, p, e) in enumerate(EVENTS)]
         applied = st.apply(events)  # in event-time order: nothing is late
@@ -70,7 +74,8 @@ def _stream(backend: str, redis_url: str, tmp_path) -> tuple[dict, dict]:
     finally:
         st.close()
     return ({u: {f: _value(row[f]) for f in F.TASTE_FEATURES} for u, row in taste.iterrows()},
-            {p: {f: int(row[f]) for f in F.ENGAGEMENT_WINDOWS} for p, row in eng.iterrows()})
+            {p: {f: int(row[f]) for f in F.ENGAGEMENT_WINDOWS} for p, row in eng.iterrows()},
+            {p: {f: _value(row[f]) for f in F.ATTRIBUTE_FEATURES} for p, row in attributes.iterrows()})
 
 
 def _batch() -> tuple[dict, dict]:
@@ -87,8 +92,10 @@ def _batch() -> tuple[dict, dict]:
     taste = taste[taste["event_timestamp"] == at].set_index("user_id")
     eng = store._engagement_table(ds, end)
     eng = eng[eng["event_timestamp"] == at].set_index("property_id")
+    attributes = store._attribute_table(ds, at).set_index("property_id")
     return ({u: {f: _value(row[f]) for f in F.TASTE_FEATURES} for u, row in taste.iterrows()},
-            {p: {f: int(row[f]) for f in F.ENGAGEMENT_WINDOWS} for p, row in eng.iterrows()})
+            {p: {f: int(row[f]) for f in F.ENGAGEMENT_WINDOWS} for p, row in eng.iterrows()},
+            {p: {f: _value(row[f]) for f in F.ATTRIBUTE_FEATURES} for p, row in attributes.iterrows()})
 
 
 def _value(v):
@@ -116,6 +123,8 @@ def test_every_backend_computes_the_same_features(redis_url, tmp_path):
     paths = {"redis": _stream("redis", redis_url, tmp_path / "r"),
              "sqlite": _stream("sqlite", redis_url, tmp_path / "s"),
              "batch": _batch()}
-    for name, (taste, eng) in paths.items():
+    ref_attrs = {p: {f: _value({**a, "available": 1}.get(f)) for f in F.ATTRIBUTE_FEATURES} for p, a in PROPS.items()}
+    for name, (taste, eng, attrs) in paths.items():
         assert taste == ref_taste, name
         assert eng == ref_eng, name
+        assert attrs == ref_attrs, name

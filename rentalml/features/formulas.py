@@ -67,6 +67,9 @@ ENGAGEMENT_WINDOWS: dict[str, EngagementWindow] = {
 assert all(w.bucket_s in (HOUR, FIVE_MIN) for w in ENGAGEMENT_WINDOWS.values())
 assert all(w.event_type == "view" for w in ENGAGEMENT_WINDOWS.values() if w.bucket_s == FIVE_MIN)
 
+#: property_attributes: the property's latest value of each (the listing's attributes, `available` 0 once delisted)
+ATTRIBUTE_FEATURES = ["price", "bedrooms", "bathrooms", "city", "lat", "lon", "available", "property_type"]
+
 #: user_taste: the user's interactions of the last 30 days; n_events_7d counts those of the last 7 days
 TASTE_WINDOW_S = 30 * DAY
 TASTE_COUNT_WINDOW_S = 7 * DAY

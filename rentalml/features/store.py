@@ -238,8 +238,9 @@ def _attribute_table(ds: Dataset, end: pd.Timestamp) -> pd.DataFrame:
         ts = pd.to_datetime(items["listed_at"], utc=True).fillna(ts)
     ts = pd.concat([ts, first_seen.reindex(items.index)], axis=1).min(axis=1)  # attributes exist before any event
     out = pd.DataFrame({"property_id": items.index.astype(str), "event_timestamp": ts.to_numpy()})
-    for col in ("price", "bedrooms", "bathrooms", "city", "lat", "lon", "property_type"):
-        out[col] = items[col].to_numpy() if col in items else None
+    for col in formulas.ATTRIBUTE_FEATURES:
+        if col != "available":
+            out[col] = items[col].to_numpy() if col in items else None
     out["available"] = items["available"].astype(int).to_numpy() if "available" in items else 1
     return out
 
