@@ -11,6 +11,7 @@ it could actually audit anything.
     python security/audit.py                      # audit requirements.lock, exit 1 on an unjustified finding
     python security/audit.py --refresh DB_GIT_DIR # rebuild advisories.json from a pypa/advisory-database clone
     python security/audit.py --online             # and pip-audit online (PyPI JSON API) when it can answer
+    python security/audit.py --installed          # and the running venv's set (reports drift from the lock)
 
 Findings are fixed by a version bump (in pyproject.toml / the lock) or justified in security/audit_ignore.json
 ({"<advisory id>": "why it does not apply"}); docs/operations.md "Dependency audit" lists them.
@@ -49,6 +50,13 @@ def read_lock(path: Path = LOCK) -> dict[str, str]:
             raise ValueError(f"{path}: not an exact pin: {line!r}")
         pins[canonical(m.group(1))] = m.group(3)
     return pins
+
+
+def installed() -> dict[str, str]:
+    """The distributions of the running interpreter's environment (CI runs this with the project's venv)."""
+    from importlib.metadata import distributions
+
+    return {canonical(d.metadata["Name"]): d.version for d in distributions() if d.metadata["Name"]}
 
 
 def _version(v: str) -> Version | None:
@@ -99,7 +107,7 @@ def audit(pins: dict[str, str], snapshot: dict) -> list[dict]:
             if pkg in pins and affects(adv, pkg, pins[pkg]):
                 found.append({"package": pkg, "version": pins[pkg], "id": adv["id"],
                               "aliases": adv.get("aliases", []), "fixed_in": fixed_in(adv, pkg),
-                              "summary": (adv.get("summary") or adv.get("details") or "")[:160]})
+                              "summary": " ".join((adv.get("summary") or adv.get("details") or "").split())[:160]})
     return sorted(found, key=lambda f: (f["package"], f["id"]))
 
 
@@ -162,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--snapshot", type=Path, default=SNAPSHOT)
     ap.add_argument("--refresh", type=Path, metavar="DB_GIT_DIR")
     ap.add_argument("--online", action="store_true")
+    ap.add_argument("--installed", action="store_true", help="also audit this interpreter's installed set")
     args = ap.parse_args(argv)
     pins = read_lock(args.lock)
     if args.refresh:
@@ -171,6 +180,14 @@ def main(argv: list[str] | None = None) -> int:
     snap = json.loads(args.snapshot.read_text())
     ignore = json.loads(IGNORE.read_text()) if IGNORE.exists() else {}
     findings = audit(pins, snap)
+    if args.installed:  # what CI actually runs with: drift from the lock is reported, and audited too
+        have = {k: v for k, v in installed().items() if k != "rentalml"}
+        drift = {k: (pins.get(k), v) for k, v in have.items() if pins.get(k) != v}
+        for k, (locked, inst) in sorted(drift.items()):
+            print(f"WARNING: lock drift: {k} locked {locked or '-'}, installed {inst} (regenerate {args.lock.name})")
+        seen = {(f["package"], f["id"]) for f in findings}
+        findings += [f for f in audit({k: v for k, (_, v) in drift.items()}, snap)
+                     if (f["package"], f["id"]) not in seen]
     if args.online:
         what, more = online(args.lock)
         print(what if more is not None else f"WARNING: {what}; the vendored snapshot alone decides")

@@ -57,3 +57,19 @@ def test_locked_set_has_no_unjustified_finding(capsys):
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "dependency audit:" in out
+
+
+def test_every_justification_is_current_and_explained():
+    """security/audit_ignore.json: each entry names a finding of today's lock (no stale silencing) and says why."""
+    ignore = json.loads(audit.IGNORE.read_text())
+    findings = audit.audit(audit.read_lock(), json.loads(audit.SNAPSHOT.read_text()))
+    ids = {f["id"] for f in findings} | {a for f in findings for a in f["aliases"]}
+    for advisory, why in ignore.items():
+        assert advisory in ids, f"{advisory} no longer applies to requirements.lock: drop it from {audit.IGNORE.name}"
+        assert len(why) > 40, advisory
+
+
+def test_an_unjustified_finding_fails_the_audit(tmp_path, capsys):
+    (tmp_path / "req.lock").write_text("requests==2.2.1\n")
+    assert audit.main(["--lock", str(tmp_path / "req.lock")]) == 1
+    assert "[OPEN] requests==2.2.1 PYSEC-2014-13" in capsys.readouterr().out
