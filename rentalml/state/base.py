@@ -29,7 +29,9 @@ score)`, `sets(key, member)`). P = settings.stream.key_prefix (default "rentalml
                              (arrival order), the input of the user_taste features
 
 Bucket sizes and retention come from rentalml.features.formulas (the one definition of the feature windows).
-Backends: rentalml.state.redis (the Lua scripts under rentalml/state/lua/), rentalml.state.sqlite.
+Backends: rentalml.state.redis (the Lua scripts under rentalml/state/lua/), rentalml.state.sqlite. The layout is
+Feast's (feast 0.67.0, sdk/python/feast/infra/online_stores/online_store.py: an `OnlineStore(ABC)` whose
+operations are `@abstractmethod`s, one module per backend beside it).
 """
 
 from __future__ import annotations
