@@ -89,7 +89,7 @@ def register(app: typer.Typer) -> None:
         if metric not in ("ctr", "conversion"):
             raise typer.BadParameter("must be 'ctr' or 'conversion'", param_hint="--metric")
         if source == "kafka":
-            from rentalml.streaming.kafka_io import client_config
+            from rentalml.kafka import client_config
 
             events = abm.read_outcomes_kafka(client_config())
         else:

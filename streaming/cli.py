@@ -38,8 +38,7 @@ def register(app: typer.Typer) -> None:
         proc = Processor(settings)
         if seed_dataset:
             from rentalml.data.loaders import load_dataset
-
-            from .state import seed_from_dataset
+            from rentalml.state import seed_from_dataset
 
             n = seed_from_dataset(proc.state, load_dataset(seed_dataset))
             typer.echo(json.dumps({"seeded_properties": n}), err=True)
@@ -64,8 +63,8 @@ def register(app: typer.Typer) -> None:
         import itertools
 
         from rentalml.config import get_settings
+        from rentalml.kafka import USER_INTERACTIONS
 
-        from .kafka_io import USER_INTERACTIONS
         from .produce import dataset_events, send_events
 
         if not 0.0 <= malformed_fraction < 1.0:
@@ -83,8 +82,7 @@ def register(app: typer.Typer) -> None:
     def topics() -> None:
         """Create the contract topics (settings.kafka.partitions partitions) where missing."""
         from rentalml.config import get_settings
-
-        from .kafka_io import TopicsUnavailable, ensure_topics
+        from rentalml.kafka import TopicsUnavailable, ensure_topics
 
         try:
             typer.echo(json.dumps({"created": ensure_topics(get_settings())}))
@@ -101,12 +99,12 @@ def register(app: typer.Typer) -> None:
         import itertools
 
         from rentalml.config import get_settings
+        from rentalml.kafka import USER_INTERACTIONS
         from rentalml.services import start_tansu
+        from rentalml.state import recent_history
 
-        from .kafka_io import USER_INTERACTIONS
         from .processor import Processor
         from .produce import dataset_events, send_events
-        from .state import recent_history
 
         logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
         broker = start_tansu()
@@ -141,9 +139,8 @@ def register(app: typer.Typer) -> None:
         import threading
 
         from rentalml.config import Settings
+        from rentalml.kafka import ensure_topics
         from rentalml.services import start_tansu
-
-        from .kafka_io import ensure_topics
 
         svc = start_tansu(port=port, storage=storage)
         settings = Settings(kafka={"bootstrap_servers": svc.url})

@@ -9,8 +9,7 @@ from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 
 from rentalml.config import Settings, get_settings
-
-from .kafka_io import PROPERTY_DATA, USER_INTERACTIONS, ensure_topics, producer
+from rentalml.kafka import PROPERTY_DATA, USER_INTERACTIONS, ensure_topics, producer
 
 #: kinds of malformed records `malformed()` makes (each must end in dead_letter)
 MALFORMED_KINDS = ("bad_json", "not_utf8", "missing_field", "bad_enum", "no_zone", "unknown_attribute")

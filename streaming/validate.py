@@ -9,9 +9,8 @@ from datetime import UTC, datetime
 
 from pydantic import ValidationError
 
+from rentalml.kafka import PROPERTY_DATA, USER_INTERACTIONS
 from rentalml.schema import Interaction, PropertyEvent
-
-from .kafka_io import PROPERTY_DATA, USER_INTERACTIONS
 
 MODELS = {USER_INTERACTIONS: Interaction, PROPERTY_DATA: PropertyEvent}
 
