@@ -413,7 +413,11 @@ def test_overlays_turn_auth_on(tmp_path):
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_huge_tokens_never_500(server, transport):
     """Past the transports' own header limits (h11/httptools, gRPC's 64 KiB metadata limit set by the server) the
-    transport refuses: 401 up to 64 KiB, then 4xx / RESOURCE_EXHAUSTED, never 5xx; the server keeps serving."""
+    transport refuses: 401 up to 64 KiB, then 4xx / RESOURCE_EXHAUSTED, never 5xx; the server keeps serving.
+    gRPC's limits: channel args grpc.max_metadata_size (soft, default 8 KiB) and grpc.absolute_max_metadata_size
+    (hard) in grpc/grpc src/core/ext/transport/chttp2/transport/chttp2_transport.cc (grpcio 1.85.3 here: without
+    the server's 64 KiB setting a 9 KiB token got "RESOURCE_EXHAUSTED: received metadata size exceeds soft limit
+    (13104 vs. 8192)" instead of UNAUTHENTICATED)."""
     since = len(server.log.read_text())
     assert _status(server, transport, f"Bearer {token(pad='x' * 40_000)}") == 401
     got = _status(server, transport, f"Bearer {token(pad='x' * 200_000)}")
