@@ -295,7 +295,8 @@ def install_routes(model, app=None) -> None:
         routing = model.routing.describe() if model.routing is not None else None
         body = {"status": "ok" if model.ready else "loading", "model": model.name,
                 "model_version": model.model_version, "model_type": model.model_type, "variant": model.variant,
-                "routing": routing, "cache": {"backend": model.cache.backend, "hit_rate": model.cache.hit_rate}}
+                "routing": routing, "cache": {"backend": model.cache.backend, "hit_rate": model.cache.hit_rate},
+                "auth_enabled": verifier.enabled}
         return JSONResponse(body, status_code=200 if model.ready else 503)
 
     async def on_timeout(request: Request, exc: RequestTimeout):
@@ -372,6 +373,7 @@ def serve(bundle: Path | None = None, *, alias: str = "champion", variant: str |
 
     from . import MODEL_NAME
     from .auth import Verifier, grpc_interceptor
+    from .auth import log_state as log_auth_state
     from .model import RecommenderModel
 
     model = RecommenderModel(bundle, name=model_name or MODEL_NAME, variant=variant or alias, challenger=challenger,
@@ -382,6 +384,7 @@ def serve(bundle: Path | None = None, *, alias: str = "champion", variant: str |
     _install_docs()
     model.install_routes_on_unpickle = workers > 1
     verifier = Verifier()
+    log_auth_state(verifier)  # a WARNING when auth is off
     _install_grpc_server(grpc_interceptor(verifier) if verifier.enabled else None,
                          model if settings.fast_path else None)
     server = _model_server_class()(
@@ -408,6 +411,9 @@ def _install_docs() -> None:
         return get_swagger_ui_html(openapi_url=app.openapi_url, title="rentalml serve — API")
 
     app.add_api_route("/docs", docs, methods=["GET"], include_in_schema=False)
+
+
+GRPC_MAX_METADATA_BYTES = 64 * 1024
 
 
 def _install_grpc_server(interceptor=None, fast_model=None) -> None:
@@ -438,7 +444,12 @@ def _install_grpc_server(interceptor=None, fast_model=None) -> None:
             self._server = aio.server(
                 futures.ThreadPoolExecutor(max_workers=max_workers), interceptors=interceptors,
                 options=[("grpc.max_send_message_length", self._kwargs.get("grpc_max_send_message_length")),
-                         ("grpc.max_receive_message_length", self._kwargs.get("grpc_max_receive_message_length"))])
+                         ("grpc.max_receive_message_length", self._kwargs.get("grpc_max_receive_message_length")),
+                         # request metadata up to 64 KiB reaches the JWT interceptor, which refuses a token over
+                         # auth.max_token_bytes (8 KiB) as UNAUTHENTICATED; gRPC's default soft limit (8 KiB)
+                         # would answer RESOURCE_EXHAUSTED first. Over 64 KiB: RESOURCE_EXHAUSTED, always.
+                         ("grpc.max_metadata_size", GRPC_MAX_METADATA_BYTES),
+                         ("grpc.absolute_max_metadata_size", GRPC_MAX_METADATA_BYTES)])
             grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, self._server)
             self._server.add_insecure_port(f"[::]:{self._port}")
             await self._server.start()

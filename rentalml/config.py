@@ -39,7 +39,7 @@ class StreamSettings(BaseModel):
     allowed_lateness_s: int = 3600
     #: event ids are remembered this long beyond the lateness bound (event time) to recognise redeliveries
     dedupe_margin_s: int = 3600
-    #: recent distinct properties kept per user (`rentalml.streaming.state.recent_history`)
+    #: recent distinct properties kept per user (`rentalml.state.recent_history`)
     history_len: int = 50
     #: recent interactions kept per user for the user_taste features (30-day window, as the batch table)
     taste_events: int = 200
@@ -101,12 +101,24 @@ class ServeSettings(BaseModel):
 
 
 class AuthSettings(BaseModel):
+    """JWT bearer auth of the serving API (rentalml.inference.auth; docs/operations.md "Auth")."""
+
     enabled: bool = False
+    # one key source: an HMAC secret, an RSA public key (PEM), or a JWK Set (several keys, each with a kid)
     jwt_secret_file: Path | None = None
     jwt_public_key_file: Path | None = None
     jwt_secret: str | None = None
+    jwks_file: Path | None = None
     algorithms: list[str] = Field(default_factory=lambda: ["HS256", "RS256"])
+    # checked when set (the token must then carry aud / iss)
     audience: str | None = None
+    issuer: str | None = None
+    require: list[str] = Field(default_factory=lambda: ["exp"])  # claims a token must carry
+    leeway_s: float = 30.0  # clock skew allowed on exp / nbf / iat
+    max_token_bytes: int = 8192  # longer Authorization values are refused before parsing
+    # /admin/* (and gRPC model repository load/unload) need this role in this claim (dotted path allowed)
+    admin_role: str = "rentalml-admin"
+    roles_claim: str = "roles"
 
 
 class MonitorSettings(BaseModel):
