@@ -1,10 +1,11 @@
 """KServe model `rental-recommender`: the Open Inference Protocol (v2) face of a model bundle.
 
-A thin layer: every recommendation comes from `rentalml.export.bundle.Bundle.recommend` (ONNX Runtime scorer
-plus the bundle's cold-start fallback). This module validates v2 requests, shapes v2 responses, routes each
-user to the champion or the challenger (sticky A/B split, rentalml.evaluation.ab.assign_variant), keeps the
-recommendation cache in front (rentalml.cache: in-process LRU or Redis), logs impressions (outcomes.py), enforces
-the request timeout, hot-reloads new versions (`reload`, registry watcher) and records the Prometheus metrics.
+A thin layer: every recommendation comes from the runtime's one pipeline (`rentalml.runtime.pipeline.Engine`:
+history → retrieve → rank → merge live → features → filter → fill). This module validates v2 requests, shapes v2
+responses, routes each user to the champion or the challenger (sticky A/B split,
+rentalml.evaluation.ab.assign_variant), keeps the recommendation cache in front (rentalml.cache: in-process LRU
+or Redis), logs impressions (outcomes.py), enforces the request timeout, hot-reloads new versions (`reload`,
+registry watcher) and records the Prometheus metrics.
 
 Interface (contracts.md):
   inputs   user_id      BYTES [N]     marketplace user ids ("u_123"); unknown users get cold-start results
@@ -37,8 +38,10 @@ import numpy as np
 from rentalml.cache import open_cache
 from rentalml.config import get_settings
 from rentalml.evaluation.ab import CHALLENGER, CHAMPION, assign_variant
-from rentalml.export.bundle import Bundle, Recommendations, read_meta
-from rentalml.recommend import Engine, FeastFeatures, Filters, LocalFeatures
+from rentalml.runtime.bundle import Bundle, read_meta
+from rentalml.runtime.features import FeastFeatures, Filters, LocalFeatures
+from rentalml.runtime.interfaces import Recommendations
+from rentalml.runtime.pipeline import Engine
 
 from . import MODEL_NAME
 from . import metrics as m
@@ -90,7 +93,7 @@ class Arm:
     bundle: Bundle
     source: str  # bundle directory (or registry alias) it came from
     registry_version: str | None = None  # set when the bundle came from the MLflow registry
-    engine: Engine | None = None  # retrieval → features → business filters → ranking (rentalml.recommend)
+    engine: Engine | None = None  # the runtime pipeline of this version (rentalml.runtime.pipeline)
 
     @property
     def model_version(self) -> str:
@@ -631,8 +634,8 @@ class RecommenderModel(kserve.Model):
 
     def recommend(self, user_ids: list[str], k: int, routing: Routing | None = None,
                   filters: Filters | None = None) -> RoutedRecommendations:
-        """Each user's arm (sticky A/B split), its cached row or its bundle's Bundle.recommend; pads short rows
-        (see module docstring)."""
+        """Each user's arm (sticky A/B split), its cached row or its arm's engine (the runtime pipeline); pads short
+        rows (see module docstring)."""
         return _Batch(self, routing or self.routing, user_ids, int(k), filters).complete(self)
 
     @staticmethod

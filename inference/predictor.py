@@ -17,6 +17,8 @@ from __future__ import annotations
 import httpx
 import numpy as np
 
+from rentalml.runtime.interfaces import Stages
+
 NP_TO_V2 = {np.dtype(np.int64): "INT64", np.dtype(np.float32): "FP32", np.dtype(np.int32): "INT32",
             np.dtype(np.float16): "FP16"}
 
@@ -25,10 +27,14 @@ class PredictorError(RuntimeError):
     """The predictor answered with an error (its message is kept), or with another version than asked."""
 
 
-class RemoteStages:
-    """`rentalml.recommend.Stages` over KServe v2 REST: `rental-retrieval` then `rental-ranker` of model version
-    `version` on a predictor (Triton in the cluster). `version=None` lets the predictor choose (its version
-    policy), which only a single-version repository makes safe. Thread-safe (one pooled httpx client)."""
+class RemoteStages(Stages):
+    """`rentalml.runtime.interfaces.Stages` over KServe v2 REST: `rental-retrieval` then `rental-ranker` of model
+    version `version` on a predictor (Triton in the cluster). `version=None` lets the predictor choose (its version
+    policy), which only a single-version repository makes safe. Thread-safe (one pooled httpx client).
+    Not exact (retrieval then ranking, two calls), not in process, and the graphs take the full history width."""
+
+    exact = False
+    in_process = False
 
     def __init__(self, predictor_url: str, n_items: int, *, version: int | None = None,
                  retrieval: str = "rental-retrieval", ranker: str = "rental-ranker", timeout: float = 5.0,
@@ -45,7 +51,12 @@ class RemoteStages:
         self._metadata(ranker)
         outs = {o["name"]: o for o in meta.get("outputs", [])}
         shape = outs.get("candidates", {}).get("shape", [-1, self.n_items])
-        self.max_candidates = int(shape[-1]) if int(shape[-1]) > 0 else self.n_items
+        self._max_candidates = int(shape[-1]) if int(shape[-1]) > 0 else self.n_items
+
+    @property
+    def max_candidates(self) -> int:
+        """The retrieval graph's candidates dim (the ranker's fixed width)."""
+        return self._max_candidates
 
     def model_url(self, model: str) -> str:
         v = f"/versions/{self.version}" if self.version is not None else ""

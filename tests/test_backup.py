@@ -23,10 +23,11 @@ from typer.testing import CliRunner
 from rentalml.cli import app
 from rentalml.config import get_settings
 from rentalml.db import store
-from rentalml.export.bundle import Bundle
 from rentalml.features import store as fs
 from rentalml.ops import backup as bk
 from rentalml.registry.mlflow_registry import fetch_bundle
+from rentalml.runtime.bundle import Bundle
+from rentalml.runtime.pipeline import Pipeline
 from rentalml.training.workflow import train_and_register
 
 runner = CliRunner()
@@ -36,13 +37,13 @@ N_USERS = 100
 TOP10 = """
 import json, sys
 from rentalml.config import Settings
-from rentalml.export.bundle import Bundle
 from rentalml.registry.mlflow_registry import fetch_bundle
+from rentalml.runtime import Bundle, Pipeline
 users = json.loads(sys.argv[1])
 out = {}
 for home in sys.argv[2:]:
     b = Bundle(fetch_bundle("champion", settings=Settings(home=home)))
-    out[home] = {"version": b.model_version, "top10": b.recommend(users, k=10).property_ids.tolist()}
+    out[home] = {"version": b.model_version, "top10": Pipeline(b).run(users, 10).property_ids.tolist()}
 print(json.dumps(out))
 """
 
@@ -102,7 +103,7 @@ def deployment(tmp_path_factory, market, redis_url):
         users = sorted(market.interactions["user_id"].unique())[:N_USERS]
         champion = Bundle(fetch_bundle("champion"))
         before = {"version": champion.model_version,
-                  "top10": champion.recommend(users, k=10).property_ids.tolist(),
+                  "top10": Pipeline(champion).run(users, 10).property_ids.tolist(),
                   "db": store.stats()["rows"], "online": _online(fs.open_store(), users[:20], ONLINE_PROPS),
                   "feast_keys": feast_keys}
         archive = base / "rentalml.tar.gz"

@@ -12,8 +12,17 @@ import scipy.sparse as sp
 
 from rentalml.data.dataset import InteractionMatrix
 from rentalml.evaluation.metrics import ranking_metrics
-from rentalml.export.bundle import FORMAT_VERSION, Bundle, write_bundle
-from rentalml.export.onnx_export import export_scorer, pad_histories, quantize_int8
+from rentalml.export.bundle import write_bundle
+from rentalml.export.onnx_export import export_scorer, quantize_int8
+from rentalml.runtime.bundle import FORMAT_VERSION, Bundle
+from rentalml.runtime.features import Filters
+from rentalml.runtime.history import pad_histories
+from rentalml.runtime.pipeline import Pipeline
+
+
+def _recommend(bundle, users, k):
+    """The runtime's lists without business rules: the scorer's top-k, cold users from the fallback."""
+    return Pipeline(bundle).run(users, k, Filters(available_only=False))
 
 HISTORY_LEN = 256
 N_USERS = 100
@@ -167,7 +176,7 @@ def test_bundle_recommends_known_and_unknown_users(bundle_dir, fit):
     fitted = fit("hybrid", beta=5.0)
     b = Bundle(bundle_dir)
     known = [str(u) for u in fitted.user_ids[:20]]
-    recs = b.recommend([*known, "nobody-knows-me"], k=10)
+    recs = _recommend(b, [*known, "nobody-knows-me"], 10)
     assert recs.sources == ["model"] * 20 + ["cold_start"]
     assert recs.property_ids.shape == recs.scores.shape == (21, 10)
     assert all(p != "" for p in recs.property_ids.ravel())
@@ -188,14 +197,14 @@ def test_bundle_recommends_known_and_unknown_users(bundle_dir, fit):
 def test_bundle_int8_and_pickle(bundle_dir):
     b = Bundle(bundle_dir)
     users = [str(u) for u in b.user_index[:5]]
-    before = b.recommend(users, k=7)
+    before = _recommend(b, users, 7)
     clone = pickle.loads(pickle.dumps(b))
     assert clone._session is None
-    after = clone.recommend(users, k=7)
+    after = _recommend(clone, users, 7)
     np.testing.assert_array_equal(before.property_ids, after.property_ids)
     np.testing.assert_allclose(before.scores, after.scores)
     q = Bundle(bundle_dir, int8=True)
-    rq = q.recommend(users, k=7)
+    rq = _recommend(q, users, 7)
     assert rq.property_ids.shape == (5, 7) and rq.sources == ["model"] * 5
     assert not np.array_equal(rq.scores, before.scores)  # the quantized graph is the one that ran
     assert len(set(rq.property_ids[0]) & set(before.property_ids[0])) >= 4

@@ -12,8 +12,17 @@ import pytest
 
 from rentalml.data.dataset import Dataset
 from rentalml.data.generator import generate_marketplace
-from rentalml.export.bundle import Bundle
-from rentalml.export.foldin import LiveCatalogue, recommend_live
+from rentalml.runtime.bundle import Bundle
+from rentalml.runtime.features import Filters
+from rentalml.runtime.live import LiveCatalogue
+from rentalml.runtime.pipeline import Pipeline
+
+NO_RULES = Filters(available_only=False)  # the model's lists as they are (fold-in is what is under test)
+
+
+def recommend(bundle, users, k, recent=None, live=None):
+    """The runtime pipeline with streamed history (`recent`) and never-seen properties (`live`)."""
+    return Pipeline(bundle, recent=recent, live=live).run(users, k, NO_RULES)
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +39,7 @@ def test_never_seen_property_is_placed_by_the_content_tower(bundle, market):
     """p_new is a copy of a popular property's attributes (a re-listing by another agent): the content tower gives
     it the same place, so it appears in the lists of the users who get its twin — within one call, no retrain."""
     users = list(bundle.user_index[:300])
-    base = bundle.recommend(users, 10)
+    base = recommend(bundle, users, 10)
     counts = pd.Series(base.property_ids.ravel()).value_counts()
     twin = counts.index[0]
     live = LiveCatalogue(bundle)
@@ -42,7 +51,7 @@ def test_never_seen_property_is_placed_by_the_content_tower(bundle, market):
     _, proxy = live.scores(np.full((1, bundle.history_len), bundle.n_items, np.int64))
     assert bundle.property_ids[proxy[0]] == twin or market.items.loc[bundle.property_ids[proxy[0]], "price"] == \
         market.items.loc[twin, "price"]
-    rec = recommend_live(bundle, users, 20, recent=lambda u: [], live=live)
+    rec = recommend(bundle, users, 20, recent=lambda u: [], live=live)
     with_twin = [i for i in range(len(users)) if twin in base.property_ids[i]]
     got = [i for i in with_twin if "p_new_twin" in rec.property_ids[i]]
     assert len(with_twin) >= 20 and len(got) / len(with_twin) >= 0.8
@@ -61,7 +70,7 @@ def test_brand_new_user_is_folded_in_from_streamed_events(bundle, market):
     city = items["city"].value_counts().index[2]  # a mid-sized city (19 listings): not the fallback's
     picks = list(items.index[items["city"] == city][:5])
     streamed = {"u_brand_new": picks}
-    rec = recommend_live(bundle, ["u_brand_new", "u_nobody"], 10, recent=lambda u: streamed.get(u, []))
+    rec = recommend(bundle, ["u_brand_new", "u_nobody"], 10, recent=lambda u: streamed.get(u, []))
     assert rec.sources == ["model", "cold_start"]
     top = [p for p in rec.property_ids[0] if p]
     assert not set(top) & set(picks)  # what they already saw is not recommended again
@@ -70,8 +79,8 @@ def test_brand_new_user_is_folded_in_from_streamed_events(bundle, market):
     assert share >= 0.7 and share > base_share
     # a known user's streamed events change their list too (fold-in of new interactions)
     u = bundle.user_index[0]
-    before = bundle.recommend([u], 10).property_ids[0]
-    after = recommend_live(bundle, [u], 10, recent=lambda _: picks).property_ids[0]
+    before = recommend(bundle, [u], 10).property_ids[0]
+    after = recommend(bundle, [u], 10, recent=lambda _: picks).property_ids[0]
     assert list(before) != list(after)
 
 

@@ -1,12 +1,28 @@
-"""Two-stage recommendation with business rules (rentalml.recommend): retrieval → filters → ranking → fill."""
+"""The runtime pipeline (rentalml.runtime.pipeline): history → retrieve → rank → merge live → features → filter
+→ fill, with business rules."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from rentalml.export.bundle import Bundle
-from rentalml.recommend import Filters, LocalFeatures, LocalStages, recommend
+from rentalml.runtime.bundle import Bundle
+from rentalml.runtime.features import FeastFeatures, Filters, LocalFeatures
+from rentalml.runtime.history import user_features_of
+from rentalml.runtime.interfaces import FeatureSource, Retriever, Stages
+from rentalml.runtime.pipeline import Engine, Pipeline
+from rentalml.runtime.stages import LocalStages
+from rentalml.runtime.two_stage import TwoStage
+
+
+def recommend(bundle, users, k, *, filters=None, **kw):
+    return Pipeline(bundle, **kw).run(users, k, filters)
+
+
+class TwoStageOnly(LocalStages):
+    """The in-process stages without the exact one-graph shortcut: retrieval.onnx → ranker.onnx, two calls."""
+
+    exact = False
 
 
 @pytest.fixture(scope="module")
@@ -15,12 +31,84 @@ def bundle(hybrid_bundle_dir):
 
 
 def test_without_filters_two_stage_equals_the_scorer(bundle):
+    """retrieve → rank through the two-stage graphs (C = the catalogue) equals the one-graph scorer's top-k, and
+    the exact stages (one fused call) give the same lists."""
     users = list(bundle.user_index[:50])
-    base = bundle.recommend(users, 10)
-    got = recommend(bundle, users, 10, filters=Filters(available_only=False), n_candidates=bundle.n_items)
-    assert LocalStages(bundle).two_stage is not None
-    assert (got.property_ids == base.property_ids).all()
-    np.testing.assert_allclose(got.scores, base.scores, rtol=1e-4, atol=1e-4)
+    idx, sc = bundle.score_histories([bundle.history_of(u) for u in users], 10, user_features_of(bundle, users))
+    stages = TwoStageOnly(bundle)
+    assert stages.two_stage is not None and not stages.exact and LocalStages(bundle).exact
+    got = recommend(bundle, users, 10, filters=Filters(available_only=False), n_candidates=bundle.n_items,
+                    stages=stages)
+    assert (got.property_ids == bundle.property_ids[idx]).all()
+    np.testing.assert_allclose(got.scores, sc, rtol=1e-4, atol=1e-4)
+    fused = recommend(bundle, users, 10, filters=Filters(available_only=False))
+    assert (fused.property_ids == got.property_ids).all()
+
+
+def test_pipeline_steps_are_named_in_order():
+    assert Pipeline.STEPS == ("history", "retrieve", "rank", "merge_live", "features", "filter", "fill")
+
+
+class OnlyDeclaredStages(Stages):
+    """Implements exactly the `Stages` interface (no attribute beyond it): the pipeline must need nothing else."""
+
+    def __init__(self, inner: LocalStages, exact: bool):
+        self.inner, self.n_items, self._exact, self.calls = inner, inner.n_items, exact, []
+
+    max_candidates = property(lambda self: self.inner.max_candidates)
+    exact = property(lambda self: self._exact)
+    in_process = property(lambda self: True)
+
+    def retrieve(self, history, n, user_features=None):
+        self.calls.append("retrieve")
+        return self.inner.two_stage.candidates(history, user_features, n)
+
+    def rank(self, history, candidates, user_features=None):
+        self.calls.append("rank")
+        return self.inner.two_stage.rank(history, candidates, user_features)
+
+    def retrieve_rank(self, history, n, user_features=None):
+        self.calls.append("retrieve_rank")
+        return self.inner.retrieve_rank(history, n, user_features)
+
+
+class OnlyDeclaredFeatures(FeatureSource):
+    """A remote-like feature source: properties and user only (no unavailable set, not in process)."""
+
+    def __init__(self, inner: LocalFeatures):
+        self.inner, self.calls = inner, []
+
+    def properties(self, ids):
+        self.calls.append("properties")
+        return self.inner.properties(ids)
+
+    def user(self, user_id):
+        return self.inner.user(user_id)
+
+
+def test_the_pipeline_calls_only_what_the_interfaces_declare(bundle):
+    """Stages and feature sources written against the ABCs alone (as RemoteStages and FeastFeatures are) give the
+    same lists as the in-process ones: the pipeline asks `exact` / `unavailable()` instead of probing types."""
+    from rentalml.inference.predictor import RemoteStages
+
+    for cls in (LocalStages, RemoteStages, OnlyDeclaredStages):
+        assert issubclass(cls, Stages) and not cls.__abstractmethods__, cls
+    assert not RemoteStages.exact and not RemoteStages.in_process
+    assert RemoteStages.any_history_width is Stages.any_history_width  # the default: full width
+    assert issubclass(TwoStage, Retriever) and issubclass(FeastFeatures, FeatureSource)
+    assert FeastFeatures(store=None).unavailable() is None and not FeastFeatures(store=None).in_process
+    users = [*bundle.user_index[:30], "u_never_seen"]
+    cases = [(True, None), (False, None), (True, Filters(budget=2000.0)), (False, Filters(city="Austin"))]
+    for exact, filters in cases:
+        stages = OnlyDeclaredStages(LocalStages(bundle), exact)
+        feats = OnlyDeclaredFeatures(LocalFeatures(bundle))
+        got = Pipeline(bundle, stages=stages, features=feats).run(users, 10, filters)
+        ref = Pipeline(bundle, stages=LocalStages(bundle) if exact else TwoStageOnly(bundle)).run(users, 10, filters)
+        assert (got.property_ids == ref.property_ids).all() and got.sources == ref.sources
+        assert stages.calls == (["retrieve_rank"] if exact else ["retrieve", "rank"])
+        assert "properties" in feats.calls  # no unavailable set: the filter step looks the candidates up
+    engine = Engine(bundle, stages=OnlyDeclaredStages(LocalStages(bundle), True))
+    assert engine.in_process and not Engine(bundle, features=OnlyDeclaredFeatures(LocalFeatures(bundle))).in_process
 
 
 def test_budget_band_and_city_filters(bundle, market):

@@ -8,8 +8,9 @@ import os
 import pytest
 
 from rentalml.config import Settings
-from rentalml.export.bundle import Bundle
 from rentalml.registry import mlflow_registry as reg
+from rentalml.runtime.bundle import Bundle
+from rentalml.runtime.pipeline import Pipeline
 from rentalml.training.workflow import train_and_register
 
 PARAMS = {"epochs": 10, "neighbours": 32}
@@ -114,7 +115,7 @@ def test_fetch_champion_bundle_carries_registry_version(history, settings):
     assert meta["feature_views"] == VIEWS
     b = Bundle(path)
     assert b.model_version == "3"
-    recs = b.recommend([str(b.user_index[0]), "never-seen-user"], k=5)
+    recs = Pipeline(b).run([str(b.user_index[0]), "never-seen-user"], 5)
     assert recs.sources == ["model", "cold_start"] and recs.property_ids.shape == (2, 5)
     # an explicit version, and a second fetch reuses the download
     v1 = reg.fetch_bundle(version="1", settings=settings)

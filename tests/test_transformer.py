@@ -24,11 +24,16 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
 from rentalml.evaluation.ab import CHALLENGER, assign_variant
-from rentalml.export.bundle import Bundle
-from rentalml.recommend import Filters, recommend
+from rentalml.runtime.bundle import Bundle
+from rentalml.runtime.features import Filters
+from rentalml.runtime.pipeline import Pipeline
 from rentalml.services import free_port, stop_process, wait_port
 
 SALT = "transformer-test-salt"
+
+
+def recommend(bundle, users, k, *, filters=None, **kw):
+    return Pipeline(bundle, **kw).run(users, k, filters)
 
 
 @pytest.fixture(scope="module")

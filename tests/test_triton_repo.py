@@ -22,8 +22,7 @@ import numpy as np
 import pytest
 from tritonclient.grpc import model_config_pb2
 
-from rentalml.export.bundle import Bundle, write_bundle
-from rentalml.export.onnx_export import pad_histories
+from rentalml.export.bundle import write_bundle
 from rentalml.export.triton import (
     ENSEMBLE,
     MARKER,
@@ -41,6 +40,9 @@ from rentalml.export.triton import (
     write_python_twin,
     write_triton_repo,
 )
+from rentalml.runtime.bundle import Bundle
+from rentalml.runtime.history import pad_histories
+from rentalml.runtime.two_stage import two_stage_topk
 
 KIND_CPU, KIND_GPU = model_config_pb2.ModelInstanceGroup.KIND_CPU, model_config_pb2.ModelInstanceGroup.KIND_GPU
 
@@ -128,7 +130,7 @@ def test_repository_graphs_agree_with_the_bundle(bundles, tmp_path):
     ref_idx, ref_sc = b.score_histories([b.user_history[u] for u in users], 10, feats)
     np.testing.assert_array_equal(idx, ref_idx)
     e_idx, e_sc = ensemble_reference(repo, hist, feats)
-    t_idx, t_sc = b.score_histories_two_stage([b.user_history[u] for u in users], 50, feats)
+    t_idx, t_sc = two_stage_topk(b, [b.user_history[u] for u in users], 50, user_features=feats)
     np.testing.assert_array_equal(e_idx, t_idx)
     np.testing.assert_allclose(e_sc, t_sc, rtol=1e-5)
 

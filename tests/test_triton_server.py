@@ -15,9 +15,10 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
-from rentalml.export.bundle import Bundle
-from rentalml.export.onnx_export import pad_histories
 from rentalml.export.triton import ENSEMBLE, RANKER, RETRIEVAL, SCORER, load_config
+from rentalml.runtime.bundle import Bundle
+from rentalml.runtime.history import pad_histories
+from rentalml.runtime.two_stage import two_stage_topk
 from rentalml.services import ServiceUnavailable, start_triton, triton_args
 
 
@@ -88,8 +89,8 @@ def test_ensemble_runs_its_pinned_version(triton_server, loaded):
     users = np.arange(16)
     feed = _feed(b, users)
     out = _infer(grpc, grpcclient, ENSEMBLE, 2, feed, ["indices", "scores"])
-    t_idx, t_sc = b.score_histories_two_stage([b.user_history[u] for u in users], out["indices"].shape[1],
-                                              feed["user_features"])
+    t_idx, t_sc = two_stage_topk(b, [b.user_history[u] for u in users], out["indices"].shape[1],
+                                 user_features=feed["user_features"])
     np.testing.assert_array_equal(out["indices"], t_idx)
     np.testing.assert_allclose(out["scores"], t_sc, rtol=1e-5, atol=1e-5)
 

@@ -8,9 +8,10 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from rentalml.export.ann import IVFIndex, brute_force, recall_at_n
-from rentalml.export.bundle import Bundle, read_meta, write_bundle
-from rentalml.export.two_stage import TwoStage, two_stage_topk
+from rentalml.export.bundle import write_bundle
+from rentalml.runtime.ann import IVFIndex, brute_force, recall_at_n
+from rentalml.runtime.bundle import Bundle, read_meta
+from rentalml.runtime.two_stage import TwoStage, two_stage_topk
 
 N_USERS = 100
 
@@ -102,14 +103,16 @@ def test_ann_default_probe_recall(bundles):
     assert r >= 0.5
 
 
-def test_bundle_method_pickle_and_bad_input(bundles):
+def test_two_stage_pickle_and_bad_input(bundles):
     b = Bundle(bundles["full"])
     assert b.has_two_stage and not Bundle(bundles["itemitem"]).has_two_stage
     users = np.arange(5)
     hist = [b.user_history[u] for u in users]
-    a = b.score_histories_two_stage(hist, 7, b.user_features[users])
-    clone = pickle.loads(pickle.dumps(b))
-    c = clone.score_histories_two_stage(hist, 7, b.user_features[users])
+    ts = TwoStage(b.path)
+    a = ts.topk(hist, 7, user_features=b.user_features[users])
+    clone = pickle.loads(pickle.dumps(ts))
+    assert clone._sessions == {}  # sessions are rebuilt per process
+    c = clone.topk(hist, 7, user_features=b.user_features[users])
     np.testing.assert_array_equal(a[0], c[0])
     with pytest.raises(ValueError, match="n_candidates"):
         TwoStage(bundles["full"]).topk(hist, 10, n_candidates=b.n_items + 1)
