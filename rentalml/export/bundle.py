@@ -1,6 +1,7 @@
-"""The model bundle (contracts.md): what training writes, MLflow stores and serving loads.
+"""Writing the model bundle (contracts.md): what training writes, MLflow stores and serving loads.
 
-Layout of a bundle directory:
+The reader (`Bundle`, `read_meta`) and everything that serves from a bundle live in rentalml.runtime; this
+module only writes. Layout of a bundle directory:
   bundle.json          format version, model name/version, created_at, data snapshot hash, feature views,
                        metrics, code version, graph interface (n_items, history_len, user_feature_dim)
   foldin.onnx          never-seen properties scored by the content tower (rentalml.export.foldin), when the
@@ -22,8 +23,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import time
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -31,11 +30,10 @@ import numpy as np
 import pandas as pd
 
 from rentalml import __version__
-from rentalml.export.onnx_export import export_scorer, pad_histories, trim_padding
+from rentalml.export.onnx_export import export_scorer
 
-FORMAT_VERSION = 1
-HISTORY_LEN = 256
-FALLBACK_PER_CITY = 200
+# the reader's names, for callers that still import them from here (new code: rentalml.runtime.bundle)
+from rentalml.runtime.bundle import FALLBACK_PER_CITY, FORMAT_VERSION, HISTORY_LEN, Bundle, read_meta  # noqa: F401
 
 
 def code_version() -> str:
@@ -143,175 +141,3 @@ def write_bundle(fitted, dataset, out_dir: str | Path, *, model_name: str = "ren
 
         write_reference(out, dataset)  # the training snapshot that `rentalml monitor drift` compares against
     return out
-
-
-def read_meta(bundle_dir: str | Path) -> dict:
-    """The bundle's bundle.json (lineage: data_snapshot, code_version, feature_views, metrics...)."""
-    return json.loads((Path(bundle_dir) / "bundle.json").read_text())
-
-
-@dataclass
-class Recommendations:
-    property_ids: np.ndarray  # object [N, k]
-    scores: np.ndarray  # float32 [N, k]
-    sources: list[str]  # "model" | "cold_start" per row
-
-
-class Bundle:
-    """A loaded bundle: ONNX Runtime session + id maps + cold-start fallback. Picklable (for --workers)."""
-
-    def __init__(self, path: str | Path, int8: bool = False, threads: int = 1):
-        self.path = Path(path)
-        self.int8 = int8
-        self.threads = threads
-        t0 = time.perf_counter()
-        self.meta = read_meta(self.path)
-        g = self.meta["graph"]
-        self.n_items = int(g["n_items"])
-        self.history_len = int(g["history_len"])
-        self.user_feature_dim = int(g.get("user_feature_dim", 0))
-        self.properties = pd.read_parquet(self.path / "properties.parquet")
-        self.property_ids = self.properties["property_id"].astype(str).to_numpy(dtype=object)
-        self.property_index = pd.Index(self.property_ids)
-        users = pd.read_parquet(self.path / "users.parquet")
-        self.user_index = pd.Index(users["user_id"].astype(str))
-        # the request path looks users up one at a time: a dict costs ~0.2 µs where pd.Index.get_indexer on a
-        # one-element list costs ~50 µs (it builds an Index per call)
-        self._user_pos = {u: i for i, u in enumerate(self.user_index)}
-        self.user_history = [np.asarray(h, dtype=np.int64) for h in users["history"]]
-        self.user_city = users["city"].tolist() if "city" in users.columns else [None] * len(users)
-        self.user_features = (np.asarray(users["features"].tolist(), dtype=np.float32)
-                              if "features" in users.columns else None)
-        pop = pd.read_parquet(self.path / "popularity.parquet")
-        self.fallback = {c: (g["index"].to_numpy(np.int64), g["score"].to_numpy(np.float32))
-                         for c, g in pop.groupby("city", sort=False)}
-        vec = self.path / "item_vectors.npy"
-        self.item_vectors = np.load(vec) if vec.exists() else None
-        self._session = None
-        self._two_stage = None
-        self.load_seconds = time.perf_counter() - t0
-
-    # sessions are not picklable: build lazily per process
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_session"] = None
-        state["_two_stage"] = None
-        return state
-
-    @property
-    def session(self):
-        if self._session is None:
-            import onnxruntime as ort
-
-            so = ort.SessionOptions()
-            so.intra_op_num_threads = self.threads
-            so.inter_op_num_threads = 1
-            name = "scorer.int8.onnx" if self.int8 and (self.path / "scorer.int8.onnx").exists() else "scorer.onnx"
-            self._session = ort.InferenceSession(str(self.path / name), so, providers=["CPUExecutionProvider"])
-        return self._session
-
-    @property
-    def model_version(self) -> str:
-        return str(self.meta.get("model_version", "0"))
-
-    @property
-    def model_type(self) -> str:
-        return str(self.meta.get("model_type", ""))
-
-    def user_positions(self, user_ids: list[str]) -> np.ndarray:
-        """Row of each user in the bundle's user table, -1 for users it has never seen."""
-        get = self._user_pos.get
-        return np.fromiter((get(u, -1) for u in user_ids), dtype=np.int64, count=len(user_ids))
-
-    def known(self, user_id: str) -> bool:
-        return user_id in self._user_pos
-
-    def history_of(self, user_id: str) -> np.ndarray:
-        pos = self._user_pos.get(user_id, -1)
-        return self.user_history[pos] if pos >= 0 else np.zeros(0, np.int64)
-
-    def score_histories(self, histories: list[np.ndarray], k: int,
-                        user_features: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k property indices and scores for arbitrary histories (index arrays, oldest → newest)."""
-        k = max(1, min(int(k), self.n_items))
-        feed = {"history": trim_padding(pad_histories(histories, self.n_items, self.history_len), self.n_items),
-                "k": np.array([k], dtype=np.int64)}
-        if self.user_feature_dim:
-            feed["user_features"] = (user_features if user_features is not None else
-                                     np.zeros((len(histories), self.user_feature_dim), np.float32))
-        idx, scores = self.session.run(None, feed)
-        return idx, scores
-
-    @property
-    def has_two_stage(self) -> bool:
-        return bool(self.meta.get("two_stage"))
-
-    def score_histories_two_stage(self, histories: list[np.ndarray], k: int,
-                                  user_features: np.ndarray | None = None,
-                                  n_candidates: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """As score_histories, through retrieval.onnx (→ ANN index) → ranker.onnx (rentalml.export.two_stage)."""
-        if self._two_stage is None:
-            from rentalml.export.two_stage import TwoStage
-
-            self._two_stage = TwoStage(self.path, threads=self.threads)
-        return self._two_stage.topk(histories, k, n_candidates, user_features)
-
-    def cold_start(self, k: int, city: str | None = None, exclude: np.ndarray | None = None):
-        idx, sc = self.fallback.get(city or "*", self.fallback["*"])
-        if exclude is not None and len(exclude):
-            keep = ~np.isin(idx, exclude)
-            idx, sc = idx[keep], sc[keep]
-        if len(idx) < k and city:
-            gi, gs = self.cold_start(k, None, np.concatenate([idx, exclude if exclude is not None else idx[:0]]))
-            idx, sc = np.concatenate([idx, gi]), np.concatenate([sc, gs])
-        return idx[:k], sc[:k]
-
-    def recommend(self, user_ids: list[str], k: int = 10) -> Recommendations:
-        k = max(1, min(int(k), self.n_items))
-        pos = self.user_positions(user_ids)
-        out_idx = np.full((len(user_ids), k), -1, dtype=np.int64)
-        out_sc = np.full((len(user_ids), k), -np.inf, dtype=np.float32)
-        sources = ["model" if p >= 0 and len(self.user_history[p]) else "cold_start" for p in pos]
-        warm = [i for i, s in enumerate(sources) if s == "model"]
-        if warm:
-            feats = self.user_features[pos[warm]] if self.user_feature_dim and self.user_features is not None else None
-            idx, sc = self.score_histories([self.user_history[pos[i]] for i in warm], k, feats)
-            out_idx[warm], out_sc[warm] = idx, sc
-        for i, s in enumerate(sources):
-            if s == "cold_start":
-                city = self.user_city[pos[i]] if pos[i] >= 0 else None
-                idx, sc = self.cold_start(k, city)
-                out_idx[i, : len(idx)], out_sc[i, : len(sc)] = idx, sc
-        ids = np.where(out_idx >= 0, self.property_ids[np.clip(out_idx, 0, None)], "")
-        return Recommendations(ids.astype(object), out_sc, sources)
-
-    def explain(self, user_id: str, property_id: str, attributes: dict | None = None,
-                history: np.ndarray | None = None) -> str:
-        """A short human explanation for recommending property_id to user_id. `attributes` (current values,
-        e.g. from the online feature store) override the bundle's; `history` overrides the user's training
-        history (e.g. with streamed events folded in)."""
-        j = self.property_index.get_indexer([property_id])[0]
-        if j < 0 and not attributes:
-            return "unknown property"
-        row = self.properties.iloc[j].to_dict() if j >= 0 else {}
-        row.update(attributes or {})
-        bits = []
-        if "bedrooms" in row and pd.notna(row["bedrooms"]):
-            bits.append(f"{int(row['bedrooms'])} bed")
-        if "price" in row and pd.notna(row["price"]):
-            bits.append(f"${float(row['price']):,.0f}/month")
-        if "neighbourhood" in row and pd.notna(row["neighbourhood"]):
-            bits.append(f"in {row['neighbourhood']}")
-        desc = ", ".join(bits)
-        hist = self.history_of(user_id) if history is None else history
-        if j < 0:
-            return f"new listing{': ' + desc if desc else ''}"
-        if len(hist) == 0:
-            return f"popular with renters{': ' + desc if desc else ''}"
-        if self.item_vectors is not None:
-            v = self.item_vectors
-            h = v[hist[-50:]]
-            sims = h @ v[j] / (np.linalg.norm(h, axis=1) * np.linalg.norm(v[j]) + 1e-9)
-            nearest = self.property_ids[hist[-50:][int(np.argmax(sims))]]
-            return f"similar to {nearest} you interacted with{': ' + desc if desc else ''}"
-        return f"matches your recent activity{': ' + desc if desc else ''}"

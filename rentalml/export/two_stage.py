@@ -7,7 +7,7 @@
            candidates         INT64 [N, C]  the tower's top-C property indices (history excluded), best first
            candidate_scores   FP32  [N, C]  the tower's scores of those
            ANN mode (catalogue ≥ export.ann_min_items): the catalogue scan is left to an IVF index
-           (`ann_index.npz`, rentalml.export.ann) searched outside the graph:
+           (`ann_index.npz`, rentalml.runtime.ann) searched outside the graph:
            user_embedding     FP32  [N, D]  D = item-vector dim + 1 (a trailing 1 that meets the item bias)
 `ranker.onnx`:
   inputs   history            INT64 [N, L]
@@ -18,6 +18,7 @@
 The ranker returns every candidate sorted, so a caller takes the first k: there is no `k` input, which keeps
 both graphs batchable by Triton's dynamic batcher (every input has the batch dimension first).
 With C ≥ the catalogue size the two stages give exactly the one-graph `scorer.onnx` top-k.
+This module writes the graphs; rentalml.runtime.two_stage runs them.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from rentalml.export.onnx_export import NEG, Scorer, dummy_history, export_graph, pad_histories
+from rentalml.export.onnx_export import NEG, Scorer, dummy_history, export_graph
 from rentalml.models.hybrid import Hybrid
 from rentalml.models.itemitem import SparseEASE
 from rentalml.models.neural import TwoTower
@@ -141,7 +142,7 @@ def export_ranker(fitted, path: str | Path, history_len: int, n_candidates: int)
 def export_two_stage(fitted, out_dir: str | Path, history_len: int, n_candidates: int = DEFAULT_CANDIDATES,
                      ann_min_items: int = 100_000, n_lists: int | None = None, seed: int = 0) -> dict | None:
     """Write retrieval.onnx, ranker.onnx (and ann_index.npz for large catalogues); the bundle.json section."""
-    from rentalml.export.ann import IVFIndex
+    from rentalml.runtime.ann import IVFIndex
 
     tower = tower_of(fitted.model)
     if tower is None:
@@ -161,107 +162,3 @@ def export_two_stage(fitted, out_dir: str | Path, history_len: int, n_candidates
         index.save(out / "ann_index.npz")
         meta.update(ann_index="ann_index.npz", n_lists=index.n_lists, nprobe=index.default_nprobe)
     return meta
-
-
-class TwoStage:
-    """Runs a bundle's retrieval → (ANN search) → ranker with ONNX Runtime. Picklable (sessions are lazy)."""
-
-    def __init__(self, bundle_dir: str | Path, threads: int = 1):
-        from rentalml.export.bundle import read_meta
-
-        self.path = Path(bundle_dir)
-        self.threads = threads
-        meta = read_meta(self.path)
-        ts = meta.get("two_stage")
-        if not ts:
-            raise ValueError(f"bundle {self.path} has no two-stage graphs (model type "
-                             f"{meta.get('model_type')!r} has no two-tower part)")
-        self.meta = ts
-        self.n_items = int(meta["graph"]["n_items"])
-        self.history_len = int(meta["graph"]["history_len"])
-        self.user_feature_dim = int(meta["graph"].get("user_feature_dim", 0))
-        self.n_candidates = int(ts["n_candidates"])
-        self.ann = ts["mode"] == "ann"
-        self._sessions: dict = {}
-        self._index = None
-
-    def __getstate__(self):
-        return {**self.__dict__, "_sessions": {}, "_index": None}
-
-    def _session(self, name: str):
-        if name not in self._sessions:
-            import onnxruntime as ort
-
-            so = ort.SessionOptions()
-            so.intra_op_num_threads = self.threads
-            so.inter_op_num_threads = 1
-            self._sessions[name] = ort.InferenceSession(str(self.path / self.meta[name]), so,
-                                                        providers=["CPUExecutionProvider"])
-        return self._sessions[name]
-
-    @property
-    def index(self):
-        if self._index is None and self.ann:
-            from rentalml.export.ann import IVFIndex
-
-            self._index = IVFIndex.load(self.path / self.meta["ann_index"])
-        return self._index
-
-    def candidates(self, history: np.ndarray, user_features: np.ndarray | None, n_candidates: int,
-                   nprobe: int | None = None) -> np.ndarray:
-        """Stage 1: [N, n_candidates] candidate indices (padding n_items where an ANN probe found too few)."""
-        feed = {"history": history}
-        if self.user_feature_dim:
-            feed["user_features"] = (np.zeros((len(history), self.user_feature_dim), np.float32)
-                                     if user_features is None else np.asarray(user_features, np.float32))
-        if not self.ann:
-            cand, _ = self._session("retrieval").run(None, feed)
-            return cand[:, :n_candidates]
-        (emb,) = self._session("retrieval").run(None, feed)
-        extra = int((history < self.n_items).sum(1).max(initial=0))  # history items are dropped after the search
-        idx, _ = self.index.search(emb, n_candidates + extra, nprobe=nprobe)
-        out = np.full((len(history), n_candidates), self.n_items, dtype=np.int64)
-        for r in range(len(history)):
-            row = idx[r][(idx[r] >= 0) & ~np.isin(idx[r], history[r])][:n_candidates]
-            out[r, : len(row)] = row
-        return out
-
-    def topk(self, histories: list[np.ndarray], k: int, n_candidates: int | None = None,
-             user_features: np.ndarray | None = None, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k property indices and scores for histories (index arrays, oldest → newest)."""
-        c = self.n_candidates if n_candidates is None else int(n_candidates)
-        if not 1 <= c <= self.n_candidates:
-            raise ValueError(f"n_candidates must be in [1, {self.n_candidates}] (the bundle's retrieval size), "
-                             f"got {n_candidates}")
-        k = max(1, min(int(k), c))
-        hist = pad_histories(histories, self.n_items, self.history_len)
-        if self.user_feature_dim and user_features is None:
-            user_features = np.zeros((len(histories), self.user_feature_dim), np.float32)
-        cand = self.candidates(hist, user_features, c, nprobe)
-        idx, scores = self.rank(hist, cand, user_features)
-        return idx[:, :k], scores[:, :k]
-
-    def rank(self, history: np.ndarray, candidates: np.ndarray,
-             user_features: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Stage 2 on padded histories [N, L]: the candidates [N, C] sorted by the full model (indices, scores)."""
-        feed = {"history": history, "candidates": np.asarray(candidates, np.int64)}
-        if self.user_feature_dim:
-            feed["user_features"] = (np.zeros((len(history), self.user_feature_dim), np.float32)
-                                     if user_features is None else np.asarray(user_features, np.float32))
-        idx, scores = self._session("ranker").run(None, feed)
-        return idx, scores
-
-
-_CACHE: dict[tuple[Path, int], TwoStage] = {}
-
-
-def two_stage_topk(bundle, history: list[np.ndarray], k: int, n_candidates: int | None = None,
-                   user_features: np.ndarray | None = None, nprobe: int | None = None):
-    """Two-stage top-k for a bundle (a path, a Bundle or a TwoStage): (indices [N, k], scores [N, k])."""
-    if not isinstance(bundle, TwoStage):
-        path = Path(getattr(bundle, "path", bundle)).resolve()
-        key = (path, (path / "bundle.json").stat().st_mtime_ns)  # a rewritten bundle gets new sessions
-        if key not in _CACHE:
-            _CACHE[key] = TwoStage(path, threads=getattr(bundle, "threads", 1))
-        bundle = _CACHE[key]
-    return bundle.topk(history, k, n_candidates, user_features, nprobe)

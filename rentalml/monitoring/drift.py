@@ -109,7 +109,7 @@ def build_reference(ds: Dataset, bundle=None, seed: int = 0) -> dict:
 
 def write_reference(bundle_dir: str | Path, ds: Dataset) -> Path:
     """Store the drift reference of the training data (and the model's scores on it) inside a bundle."""
-    from rentalml.export.bundle import Bundle
+    from rentalml.runtime.bundle import Bundle
 
     out = Path(bundle_dir) / REFERENCE_FILE
     bundle = Bundle(bundle_dir)
