@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.rentalml-installed
 
-.PHONY: install demo test bench lint clean
+.PHONY: install demo test bench lint clean images cluster-local
 
 install: $(STAMP)
 
@@ -26,6 +26,17 @@ demo: install
 # --durations: where the test time goes (docs/architecture.md "Test time")
 test: install
 	$(PY) -m pytest -q --durations=25
+
+# the serving half of the cluster on this machine, from the rendered dev overlay (docs/operations.md):
+# moto S3, MLflow, two kfp.local runs (publish + canary deploy), KServe's storage initializer, Triton, the transformer
+cluster-local: install
+	$(PY) -m rentalml.cli pipeline local-cluster --json .rentalml/local-cluster.json
+
+# the three images of the manifests, with rootful podman and no registry (docker/build.sh; installs podman,
+# buildah, debootstrap and runc if missing); GPU=1 adds ghcr.io/rentalml/rentalml-gpu (several GB of CUDA wheels)
+GPU ?= 0
+images:
+	GPU=$(GPU) docker/build.sh
 
 bench: install
 	$(PY) benchmarks/training_throughput.py
