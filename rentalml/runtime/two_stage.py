@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rentalml.runtime.bundle import read_meta
+from rentalml.runtime.bundle import Bundle, read_meta
 from rentalml.runtime.history import pad_histories
 from rentalml.runtime.interfaces import Retriever
 
@@ -106,13 +106,15 @@ class TwoStage(Retriever):
 _CACHE: dict[tuple[Path, int], TwoStage] = {}
 
 
-def two_stage_topk(bundle, history: list[np.ndarray], k: int, n_candidates: int | None = None,
-                   user_features: np.ndarray | None = None, nprobe: int | None = None):
-    """Two-stage top-k for a bundle (a path, a Bundle or a TwoStage): (indices [N, k], scores [N, k])."""
-    if not isinstance(bundle, TwoStage):
-        path = Path(getattr(bundle, "path", bundle)).resolve()
-        key = (path, (path / "bundle.json").stat().st_mtime_ns)  # a rewritten bundle gets new sessions
-        if key not in _CACHE:
-            _CACHE[key] = TwoStage(path, threads=getattr(bundle, "threads", 1))
-        bundle = _CACHE[key]
-    return bundle.topk(history, k, n_candidates, user_features, nprobe)
+def two_stage_topk(bundle: Bundle | TwoStage | str | Path, history: list[np.ndarray], k: int,
+                   n_candidates: int | None = None, user_features: np.ndarray | None = None,
+                   nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Two-stage top-k for a bundle (a Bundle, its directory or a TwoStage): (indices [N, k], scores [N, k])."""
+    if isinstance(bundle, TwoStage):
+        return bundle.topk(history, k, n_candidates, user_features, nprobe)
+    path, threads = (bundle.path, bundle.threads) if isinstance(bundle, Bundle) else (Path(bundle), 1)
+    path = Path(path).resolve()
+    key = (path, (path / "bundle.json").stat().st_mtime_ns)  # a rewritten bundle gets new sessions
+    if key not in _CACHE:
+        _CACHE[key] = TwoStage(path, threads=threads)
+    return _CACHE[key].topk(history, k, n_candidates, user_features, nprobe)
