@@ -19,8 +19,8 @@ import copy
 import os
 
 import pytest
-from rentalml.components import rendered as cl
 from rentalml.components import deploy as d
+from rentalml.components import rendered as cl
 from rentalml.components import steps
 from rentalml.components.kubefake import FakeKubeApi
 
