@@ -27,10 +27,11 @@ import torch
 from rentalml.data.generator import generate_marketplace
 from rentalml.evaluation.metrics import ranking_metrics
 from rentalml.evaluation.protocols import temporal_leave_last_n
-from rentalml.export.ann import recall_at_n
-from rentalml.export.bundle import Bundle, write_bundle
+from rentalml.export.bundle import write_bundle
 from rentalml.export.optimize import holdout_from_dataset, optimize_bundle
-from rentalml.export.two_stage import two_stage_topk
+from rentalml.runtime.ann import recall_at_n
+from rentalml.runtime.bundle import Bundle
+from rentalml.runtime.two_stage import two_stage_topk
 from rentalml.training.trainer import fit_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -69,12 +70,12 @@ def main() -> None:
     feats = hold.user_features
     sc_idx = np.vstack([b.score_histories(hold.histories[s:s + 256], 10, feats[s:s + 256])[0]
                         for s in range(0, len(hold.histories), 256)])
-    ts_idx = np.vstack([b.score_histories_two_stage(hold.histories[s:s + 256], 10, feats[s:s + 256])[0]
+    ts_idx = np.vstack([two_stage_topk(b, hold.histories[s:s + 256], 10, None, feats[s:s + 256])[0]
                         for s in range(0, len(hold.histories), 256)])
     has = np.diff(hold.relevant.indptr) > 0
     recall_by_c = {}
     for c in (10, 20, 50, 100, 200):
-        top = np.vstack([b.score_histories_two_stage(hold.histories[s:s + 256], 10, feats[s:s + 256], c)[0]
+        top = np.vstack([two_stage_topk(b, hold.histories[s:s + 256], 10, c, feats[s:s + 256])[0]
                          for s in range(0, len(hold.histories), 256)])
         recall_by_c[c] = round(recall_at_n(top, sc_idx), 4)
     h1, f1 = hold.histories[:1], feats[:1]
@@ -87,9 +88,9 @@ def main() -> None:
         "ndcg_at_10_two_stage": round(float(ranking_metrics(ts_idx[has], hold.relevant[has], 10)["ndcg"].mean()), 5),
         "latency_ms": {
             "scorer_b1": round(_median_ms(lambda: b.score_histories(h1, 10, f1), args.repeats), 3),
-            "two_stage_b1": round(_median_ms(lambda: b.score_histories_two_stage(h1, 10, f1), args.repeats), 3),
+            "two_stage_b1": round(_median_ms(lambda: two_stage_topk(b, h1, 10, None, f1), args.repeats), 3),
             "scorer_b64": round(_median_ms(lambda: b.score_histories(h64, 10, f64), args.repeats), 3),
-            "two_stage_b64": round(_median_ms(lambda: b.score_histories_two_stage(h64, 10, f64), args.repeats), 3),
+            "two_stage_b64": round(_median_ms(lambda: two_stage_topk(b, h64, 10, None, f64), args.repeats), 3),
         },
     }
     # the same fitted model with the ANN retrieval (IVF over its trained item vectors) instead of brute force
@@ -102,8 +103,8 @@ def main() -> None:
         ann[f"recall_at_10_vs_scorer_nprobe_{nprobe}"] = round(recall_at_n(top, sc_idx), 4)
         ann[f"ndcg_at_10_nprobe_{nprobe}"] = round(float(
             ranking_metrics(top[has], hold.relevant[has], 10)["ndcg"].mean()), 5)
-    ann["two_stage_ms_b1"] = round(_median_ms(lambda: ab.score_histories_two_stage(h1, 10, f1), args.repeats), 3)
-    ann["two_stage_ms_b64"] = round(_median_ms(lambda: ab.score_histories_two_stage(h64, 10, f64), args.repeats), 3)
+    ann["two_stage_ms_b1"] = round(_median_ms(lambda: two_stage_topk(ab, h1, 10, None, f1), args.repeats), 3)
+    ann["two_stage_ms_b64"] = round(_median_ms(lambda: two_stage_topk(ab, h64, 10, None, f64), args.repeats), 3)
     two_stage["ann_on_trained_vectors"] = ann
     doc = {
         "machine": f"{platform.machine()}, 2-core CPU, no GPU (no GPU machine was lent to this task)",

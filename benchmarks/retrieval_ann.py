@@ -1,4 +1,4 @@
-"""ANN retrieval (rentalml.export.ann.IVFIndex) vs brute force on a synthetic 200k-property embedding set.
+"""ANN retrieval (rentalml.runtime.ann.IVFIndex) vs brute force on a synthetic 200k-property embedding set.
 
 Item vectors: 64-d, drawn around 2,000 "neighbourhood" centres (items of one area/segment are alike, as the
 two-tower item vectors are), plus a per-item bias (the tower's popularity term); user vectors are drawn
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rentalml.export.ann import IVFIndex, brute_force, recall_at_n
+from rentalml.runtime.ann import IVFIndex, brute_force, recall_at_n
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -2,7 +2,7 @@
 
 Catalogue: ~10k properties (synthetic marketplace: 5k users / 10k properties / 100k events, quick hybrid fit).
 Measures, for top-k (k=10) recommendations of one known user per request:
-  floor       the serving engine in process (rentalml.recommend.Engine: ONNX Runtime + id maps + rules), no server
+  floor       the serving engine in process (rentalml.runtime.Engine: ONNX Runtime + id maps + rules), no server
   v2 REST     `rentalml serve`, tritonclient.http (binary tensors)
   v2 gRPC     `rentalml serve`, tritonclient.grpc
   /predict    `rentalml serve`, friendly JSON API via httpx
@@ -64,7 +64,7 @@ from rentalml.inference.loadtest import concurrent, friendly, grpc_v2, http_v2, 
 
 
 def in_process(engine, k: int):
-    """The serving engine in process (rentalml.recommend.Engine: what `rentalml serve` runs on a cache miss)."""
+    """The serving engine in process (rentalml.runtime.Engine: what `rentalml serve` runs on a cache miss)."""
     def call(user: str):
         r = engine.recommend([user], k)
         assert r.property_ids.shape == (1, k)
@@ -74,10 +74,11 @@ def in_process(engine, k: int):
 
 def int8_agreement(bundle_path: Path, users: list[str], k: int) -> dict:
     """How far the int8 scorer's lists are from fp32's on this bundle (top-k overlap per user)."""
-    from rentalml.export.bundle import Bundle
+    from rentalml.runtime import Bundle, Filters, Pipeline
 
-    a = Bundle(bundle_path).recommend(users, k).property_ids
-    b = Bundle(bundle_path, int8=True).recommend(users, k).property_ids
+    rules = Filters(available_only=False)  # the scorers' lists as they are
+    a = Pipeline(Bundle(bundle_path)).run(users, k, rules).property_ids
+    b = Pipeline(Bundle(bundle_path, int8=True)).run(users, k, rules).property_ids
     overlap = [len(set(x) & set(y)) / k for x, y in zip(a, b, strict=True)]
     return {"users": len(users), f"top{k}_overlap_mean": round(float(np.mean(overlap)), 4),
             f"top{k}_identical_share": round(float(np.mean([o == 1.0 for o in overlap])), 4)}
@@ -158,8 +159,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "serving.json")
     a = ap.parse_args()
 
-    from rentalml.export.bundle import Bundle
-    from rentalml.recommend import Engine
+    from rentalml.runtime import Bundle, Engine
 
     tmp = Path(tempfile.mkdtemp(prefix="rentalml-bench-"))
     if a.bundle:

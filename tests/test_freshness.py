@@ -24,7 +24,8 @@ import pytest
 from serving_helpers import Server, v2_infer, v2_params
 
 from rentalml.config import get_settings
-from rentalml.export.bundle import Bundle, write_bundle
+from rentalml.export.bundle import write_bundle
+from rentalml.runtime.bundle import Bundle
 
 ROOT = Path(__file__).resolve().parents[1]
 

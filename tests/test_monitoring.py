@@ -15,8 +15,8 @@ import pytest
 
 from rentalml.data.dataset import Dataset
 from rentalml.data.generator import generate_marketplace
-from rentalml.export.bundle import Bundle
 from rentalml.monitoring import drift as d
+from rentalml.runtime.bundle import Bundle
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,9 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
-from rentalml.export.bundle import Bundle, write_bundle
+from rentalml.export.bundle import write_bundle
 from rentalml.export.optimize import holdout_from_dataset, holdout_leave_last, optimize_bundle, prune_magnitude
+from rentalml.runtime.bundle import Bundle
 
 FIELDS = {"variant", "file", "size_mb", "gzip_mb", "latency_ms_b1", "latency_ms_b64", "ndcg_at_10", "ndcg_delta",
           "ndcg_rel_drop", "top10_overlap", "deployable", "note"}

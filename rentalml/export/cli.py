@@ -15,7 +15,6 @@ def triton_repo(bundle: Path, out: Path, gpu: bool | None = None, max_batch_size
     """Write version `version` (default: the bundle's MLflow version, else 1) of the bundle into the Triton
     repository `out` (other versions kept unless `replace`), validate it, and write its python-backend twin
     (default `out`-python); raises typer.BadParameter listing what does not match."""
-    from rentalml.export.bundle import read_meta
     from rentalml.export.triton import (
         compare_twin,
         triton_version,
@@ -23,6 +22,7 @@ def triton_repo(bundle: Path, out: Path, gpu: bool | None = None, max_batch_size
         write_python_twin,
         write_triton_repo,
     )
+    from rentalml.runtime.bundle import read_meta
 
     for d in (out, twin):
         if d is not None and (d.resolve() == bundle.resolve() or bundle.resolve() in d.resolve().parents):
@@ -84,8 +84,8 @@ def register(app: typer.Typer) -> None:
         max_users: int = typer.Option(2000, help="holdout users"),
     ) -> None:
         """fp32 / int8 dynamic / int8 static / pruned / ORT-format / TensorRT variants with a quality table."""
-        from rentalml.export.bundle import Bundle
         from rentalml.export.optimize import holdout_from_dataset, holdout_leave_last, optimize_bundle
+        from rentalml.runtime.bundle import Bundle
 
         if not (bundle / "bundle.json").exists():
             raise typer.BadParameter(f"{bundle} is not a model bundle (no bundle.json)", param_hint="--bundle")

@@ -147,21 +147,3 @@ def quantize_int8(src: str | Path, dst: str | Path) -> Path:
 
     quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
     return Path(dst)
-
-
-def trim_padding(history: np.ndarray, n_items: int) -> np.ndarray:
-    """Drop the all-padding columns on the right of a padded history matrix (items are left-aligned). The
-    scorer graph takes any history length and its result does not depend on padding; the item-item gather
-    costs per column, so short histories score ~35 % faster (0.68 → 0.44 ms on a 10k-property bundle).
-    Graphs with a fixed history width (retrieval, ranker, fold-in, Triton) get the full width."""
-    width = int((history < n_items).sum(1).max()) if history.size else 1
-    return history[:, : max(1, width)]
-
-
-def pad_histories(rows: list[np.ndarray], n_items: int, length: int) -> np.ndarray:
-    """Most recent `length` items of each history (given oldest→newest), padded with n_items."""
-    out = np.full((len(rows), max(1, length)), n_items, dtype=np.int64)
-    for i, r in enumerate(rows):
-        r = np.asarray(r, dtype=np.int64)[-length:]
-        out[i, : len(r)] = r
-    return out

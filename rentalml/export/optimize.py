@@ -28,8 +28,9 @@ import pandas as pd
 import scipy.sparse as sp
 from onnx import numpy_helper
 
-from rentalml.export.bundle import Bundle
-from rentalml.export.onnx_export import pad_histories, quantize_int8
+from rentalml.export.onnx_export import quantize_int8
+from rentalml.runtime.bundle import Bundle
+from rentalml.runtime.history import pad_histories
 
 K = 10
 

@@ -40,7 +40,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from rentalml.export.bundle import read_meta
+from rentalml.runtime.bundle import read_meta
 
 ONNX_TO_TRITON = {TensorProto.INT64: "TYPE_INT64", TensorProto.FLOAT: "TYPE_FP32", TensorProto.INT32: "TYPE_INT32",
                   TensorProto.FLOAT16: "TYPE_FP16"}

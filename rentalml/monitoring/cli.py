@@ -34,8 +34,8 @@ def register(app: typer.Typer) -> None:
         write a report with plots, export the drift gauges and, over threshold, trigger retraining."""
         from rentalml.config import get_settings
         from rentalml.data.loaders import load_dataset
-        from rentalml.export.bundle import Bundle
         from rentalml.monitoring import drift as d
+        from rentalml.runtime.bundle import Bundle
 
         s = get_settings()
         m = s.monitor

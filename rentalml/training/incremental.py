@@ -98,9 +98,10 @@ def finetune_champion(recent: Dataset, *, window_days: float | None = 7.0, epoch
     """Fine-tune the registry's champion on the recent window and register the result as challenger.
 
     Returns the evaluation of both on the window's held-out last interaction per user and the registration."""
-    from rentalml.export.bundle import Bundle, write_bundle
+    from rentalml.export.bundle import write_bundle
     from rentalml.monitoring.drift import recent as last_days
     from rentalml.registry.mlflow_registry import fetch_bundle, log_training_run, register
+    from rentalml.runtime.bundle import Bundle
 
     s = settings or get_settings()
     champ_dir = fetch_bundle("champion", settings=s)

@@ -12,7 +12,8 @@ from rentalml.data.dataset import Dataset
 from rentalml.evaluation.evaluate import evaluate
 from rentalml.evaluation.protocols import split
 from rentalml.evaluation.report import write_report
-from rentalml.export.bundle import read_meta, write_bundle
+from rentalml.export.bundle import write_bundle
+from rentalml.runtime.bundle import read_meta
 from rentalml.training.trainer import Fitted, fit_model
 
 
