@@ -350,8 +350,9 @@ def test_inference_service_transformer_and_triton_predictor(rendered):
         assert {"name": "onnx", "version": "1", "autoSelect": True, "priority": 1} in runtime["supportedModelFormats"]
         gpu = model["resources"]["limits"].get("nvidia.com/gpu")
         assert gpu == ("1" if target == "prod" else None), target
-    prod = _by_kind(rendered["prod"], "InferenceService")["rental-recommender"]["spec"]["predictor"]
-    assert prod["canaryTrafficPercent"] == 10
+        # model versions are canaried by the transformer (pinned Triton versions), never by splitting the
+        # predictor's revisions: the new revision alone holds the new version
+        assert isvc["predictor"]["canaryTrafficPercent"] == 100, target
     # the pipeline's deploy step patches this object (tests/test_deploy_patch.py): same name, and the deployer
     # Role allows every call it makes
     from rentalml.components.deploy import API_CALLS
