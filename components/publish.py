@@ -68,15 +68,16 @@ def s3_client():
 
 
 # ------------------------------------------------------------------------------------------ repositories
-def build_repos(bundles: dict[str, Path], work: Path) -> dict[str, Path]:
+def build_repos(bundles: dict[str, Path], work: Path, gpu: bool | None = None) -> dict[str, Path]:
     """The cluster repository holding every version of `bundles` ({registry version: bundle dir}), written by
-    the export module (`<model>/<V>/…`, configs with the export's version policy and dims), and its python
-    twin. Folders that would be empty get a non-empty marker."""
+    the export module (`<model>/<V>/…`, configs with the export's version policy and dims; `gpu`: KIND_GPU +
+    TensorRT, default settings.export.triton_gpu), and its python twin. Folders that would be empty get a
+    non-empty marker."""
     from rentalml.export import triton as t
 
     cluster = work / "cluster"
     for v in sorted(bundles, key=int):
-        t.write_triton_repo(bundles[v], cluster, version=int(v))
+        t.write_triton_repo(bundles[v], cluster, version=int(v), gpu=gpu)
     twin = Path(t.write_python_twin(cluster, work / "twin"))
     for repo in (cluster, twin):
         for d in sorted(repo.rglob("*")):
@@ -134,7 +135,7 @@ def live_target(isvc_name: str, namespace: str | None, api=None) -> dict:
 
 
 def publish(*, version: str, bundle_dir: str | Path, storage_uri: str, serving_version: str | None = None,
-            fetch_bundle=None, client=None, twin: bool = True) -> dict:
+            fetch_bundle=None, client=None, twin: bool = True, gpu: bool | None = None) -> dict:
     """Write the repository of {serving_version, version} to `storage_uri` (and the twin beside it), built from
     the bundles (the new one here, the serving one from the registry: `fetch_bundle(version) -> Path`)."""
     version = str(version)
@@ -152,7 +153,7 @@ def publish(*, version: str, bundle_dir: str | Path, storage_uri: str, serving_v
     out: dict = {"versions": sorted(bundles, key=int), "storage_uri": storage_uri}
     work = Path(tempfile.mkdtemp(prefix="rentalml-publish-"))
     try:
-        repos = build_repos(bundles, work)
+        repos = build_repos(bundles, work, gpu)
         targets = [("cluster", storage_uri)] + ([("twin", twin_uri(storage_uri))] if twin else [])
         for kind, uri in targets:
             ensure_bucket(split_s3(uri)[0], client)

@@ -113,11 +113,30 @@ def build_features(dataset_dir: str | Path, out_dir: str | Path) -> list[str]:
 # ------------------------------------------------------------------------------------------ tune
 @timed_step("tune")
 def tune(dataset_dir: str | Path, model: str, protocol: str, seed: int, trials: int,
-         base_params: dict | None = None) -> dict:
+         base_params: dict | None = None, *, dataset_uri: str = "", run_name: str = "",
+         image: str = IMAGE, cluster: bool | None = None, api=None, poll_s: float = 30.0) -> dict:
     """Optuna over the shared search space on a validation split of the protocol's train part; trials=0
-    keeps the defaults. Returns {"best_params", "best_value", "default_value", "trials"}."""
+    keeps the defaults. Returns {"best_params", "best_value", "default_value", "trials"}.
+
+    In the cluster (a pod, or cluster=True) the same search runs as a Katib Experiment (multivariate TPE,
+    TrainJob trials on `image`) over the step's own dataset artifact (`dataset_uri`, read with the
+    object-store credentials from the rentalml-object-store Secret); the step waits for it and returns the
+    best trial (status.currentOptimalTrial)."""
     if trials <= 0:
         return {"best_params": {}, "best_value": None, "default_value": None, "trials": 0}
+    from rentalml.training import jobs
+
+    if (jobs.in_cluster() if cluster is None else cluster) and model == "hybrid":
+        from rentalml.training import katib
+
+        if not jobs.is_remote(dataset_uri):
+            raise ValueError(f"Katib trials need the dataset in the object store, got {dataset_uri!r}")
+        name = jobs.job_name(run_name or "rentalml", "tune")
+        res = katib.run_experiment(name, dataset_uri, trials=trials, seed=seed, image=image, api=api,
+                                   poll_s=poll_s)
+        print(res, flush=True)
+        return {"best_params": res["best_params"], "best_value": res["best_value"], "default_value": None,
+                "trials": res["trials"], "experiment": res["experiment"]}
     from rentalml.evaluation.protocols import split
     from rentalml.training.tuning import tune as run_tune
 
@@ -131,14 +150,26 @@ def tune(dataset_dir: str | Path, model: str, protocol: str, seed: int, trials: 
 # ------------------------------------------------------------------------------------------ train
 @timed_step("train")
 def train(dataset_dir: str | Path, model: str, protocol: str, seed: int, params: dict,
-          eval_model_path: str | Path, model_path: str | Path) -> dict:
+          eval_model_path: str | Path, model_path: str | Path, *, num_nodes: int = 1, dataset_uri: str = "",
+          output_uri: str = "", run_name: str = "", image: str = IMAGE, cluster: bool | None = None, api=None,
+          poll_s: float = 15.0) -> dict:
     """Fit on the protocol's train split (validation carve-out, early stopping; `eval_model`, what evaluate
-    scores), then refit on every interaction with the selected parameters (`model`, what ships)."""
+    scores), then refit on every interaction with the selected parameters (`model`, what ships).
+
+    num_nodes > 1 (the two-tower `hybrid` network): data-parallel with the distributed entrypoint, which does
+    the same split fit and refit (--refit-all). In the cluster the step submits a Kubeflow Trainer TrainJob
+    (num_nodes nodes, one GPU each, `image`) on its dataset artifact (`dataset_uri`) and waits; the job
+    writes both models under `output_uri` and the step copies them to its outputs. Locally it runs torchrun
+    with num_nodes processes."""
     from rentalml.evaluation.protocols import split
     from rentalml.training.trainer import fit_model
 
-    ds = _load(dataset_dir)
     t0 = time.perf_counter()
+    if num_nodes > 1 and model == "hybrid":
+        return _train_distributed(dataset_dir, protocol, seed, clean_params(params), eval_model_path, model_path,
+                                  num_nodes=num_nodes, dataset_uri=dataset_uri, output_uri=output_uri,
+                                  run_name=run_name, image=image, cluster=cluster, api=api, poll_s=poll_s, t0=t0)
+    ds = _load(dataset_dir)
     train_pairs, _ = split(ds.interactions, protocol, seed)
     on_split = fit_model(model, ds, train_pairs, params=clean_params(params), seed=seed)
     final = fit_model(model, ds, None, params=on_split.params, seed=seed, valid_frac=0.0)
@@ -148,6 +179,40 @@ def train(dataset_dir: str | Path, model: str, protocol: str, seed: int, params:
             pickle.dump(fitted, fh)
     return {"params": {k: v for k, v in final.params.items() if isinstance(v, (int, float, str, bool))},
             "fit_seconds": round(time.perf_counter() - t0, 2)}
+
+
+def _train_distributed(dataset_dir, protocol, seed, params, eval_model_path, model_path, *, num_nodes, dataset_uri,
+                       output_uri, run_name, image, cluster, api, poll_s, t0) -> dict:
+    import subprocess
+    import sys
+    import tempfile
+
+    from rentalml.training import distributed, jobs
+
+    flags = {f.name for f in distributed.PARAM_FIELDS}
+    args = [f"--protocol={protocol}", f"--seed={seed}", "--model=hybrid", "--refit-all", "--no-test",
+            *(f"--{k.replace('_', '-')}={v}" for k, v in sorted(params.items()) if k in flags)]
+    if jobs.in_cluster() if cluster is None else cluster:
+        if not (jobs.is_remote(dataset_uri) and jobs.is_remote(output_uri)):
+            raise ValueError(f"a TrainJob reads and writes the object store, got {dataset_uri!r}, {output_uri!r}")
+        name = jobs.job_name(run_name or "rentalml", "train")
+        # a restarted node resumes from rank 0's checkpoint on the shared volume (rentalml-checkpoints)
+        jobs.run_trainjob(name, [f"--data={dataset_uri}", f"--output={output_uri}",
+                                 f"--checkpoint-dir={jobs.CHECKPOINT_MOUNT}/{name}", *args], image=image,
+                          num_nodes=num_nodes, api=api, poll_s=poll_s)
+        out = Path(tempfile.mkdtemp(prefix="rentalml-trainjob-"))
+        jobs.download(output_uri, out)
+    else:
+        out = Path(tempfile.mkdtemp(prefix="rentalml-torchrun-"))
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={num_nodes}",
+               "-m", jobs.ENTRYPOINT_MODULE, f"--data={dataset_dir}", f"--output={out}", "--device=cpu", *args]
+        subprocess.run(cmd, check=True)
+    for name, path in (("eval_model.pkl", eval_model_path), ("model.pkl", model_path)):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(out / name, path)
+    final = load_fitted(model_path)
+    return {"params": {k: v for k, v in final.params.items() if isinstance(v, (int, float, str, bool))},
+            "fit_seconds": round(time.perf_counter() - t0, 2), "num_nodes": num_nodes}
 
 
 def load_fitted(path: str | Path):
@@ -272,20 +337,45 @@ def register(bundle_dir: str | Path, report_dir: str | Path | None, *, model: st
             "tracking_uri": s.tracking_uri}
 
 
+# ------------------------------------------------------------------------------------------ publish
+@timed_step("publish")
+def publish(*, version: str, bundle_dir: str | Path, mode: str, isvc_name: str, namespace: str,
+            storage_uri: str = "", triton_gpu: bool = False) -> dict:
+    """Write the Triton repository of the live versions (the one serving now and `version`) to the predictor's
+    storageUri, and its python-backend twin beside it. mode "kserve": the storageUri and the serving version come
+    from the InferenceService in the cluster (`storage_uri` overrides the former); other modes publish only to an
+    explicit `storage_uri`. `triton_gpu`: the cluster configs run on the GPU (KIND_GPU + TensorRT; the prod
+    overlay's weekly run sets it)."""
+    from rentalml.components import publish as p
+
+    if mode == "kserve":
+        target = p.live_target(isvc_name, namespace or None)
+        uri, serving = storage_uri or target["storage_uri"], target["serving_version"]
+    elif storage_uri:
+        uri, serving = storage_uri, None
+    else:
+        return {"published": False, "reason": f"deploy mode {mode!r} without a storage_uri"}
+    return {"published": True, **p.publish(version=version, bundle_dir=bundle_dir, storage_uri=uri,
+                                           serving_version=serving, gpu=bool(triton_gpu))}
+
+
 # ------------------------------------------------------------------------------------------ deploy
-def deploy(*, version: str, model_uri: str, mode: str, canary_percent: int, isvc_name: str,
-           namespace: str, image: str, manifest_path: str | Path, apply: bool = True,
-           start_local_server: bool = False) -> dict:
-    """mode "kserve": write the InferenceService (new model version behind `canary_percent` % of traffic)
-    and create/patch it in the cluster; mode "local": restart the local `rentalml serve` (started by an earlier
-    deploy) with the new version, or start one when asked; mode "none": write the manifest only."""
+def deploy(*, version: str, mode: str, canary_percent: int, isvc_name: str, namespace: str,
+           manifest_path: str | Path, apply: bool = True, start_local_server: bool = False,
+           model_uri: str = "", image: str = "") -> dict:
+    """mode "kserve": JSON-Patch the InferenceService the manifests own (predictor revision holding the live
+    versions, then the transformer's champion/challenger arms with `canary_percent` % of users on the new
+    version); mode "local": restart the local `rentalml serve` (started by an earlier deploy) with the new
+    version, or start one when asked; mode "none": record the plan only. `model_uri`/`image`: unused (kept for
+    callers of the older signature)."""
     from rentalml.components import deploy as d
 
-    isvc = d.inference_service(isvc_name, model_uri=model_uri, version=version, image=image,
-                               canary_percent=canary_percent, namespace=namespace or None)
-    d.write_manifest(isvc, manifest_path)
     if mode == "kserve":
-        return {"mode": mode, **(d.apply_inference_service(isvc, canary_percent) if apply else {"applied": False})}
+        res = d.deploy_version(isvc_name, version=version, canary_percent=canary_percent,
+                               namespace=namespace or None) if apply else {"applied": False}
+        d.write_manifest({"mode": mode, "version": str(version), **res}, manifest_path)
+        return {"mode": mode, **{k: v for k, v in res.items() if k != "patches"}}
+    d.write_manifest({"mode": mode, "version": str(version), "canary_percent": canary_percent}, manifest_path)
     if mode == "local":
         from rentalml.registry.mlflow_registry import fetch_bundle
 

@@ -147,13 +147,13 @@ def register(bundle: Input[Model], report: Input[HTML], features: Input[Dataset]
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def publish(bundle: Input[Model], version: str, mode: str, isvc_name: str, namespace: str,
-            storage_uri: str) -> dict:
+            storage_uri: str, triton_gpu: bool) -> dict:
     """The Triton repository of the live versions (serving + new) to the predictor's storageUri (s3://), and
     its python-backend twin beside it."""
     from rentalml.components import steps
 
     res = steps.publish(version=version, bundle_dir=bundle.path, mode=mode, isvc_name=isvc_name,
-                        namespace=namespace, storage_uri=storage_uri)
+                        namespace=namespace, storage_uri=storage_uri, triton_gpu=triton_gpu)
     print(res)
     return res
 

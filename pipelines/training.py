@@ -1,7 +1,7 @@
 """The training pipeline (KFP v2):
 
     ingest → validate → build features → tune → train → evaluate → champion gate → export → register
-    → deploy (only when the gate passed)
+    → publish + deploy (only when the gate passed)
 
 The gate: the candidate's test nDCG@k must beat the current champion's by `margin`; otherwise the run still
 registers the version (as challenger, with its metrics and lineage) and stops before deploy. The gate runs
@@ -16,7 +16,9 @@ data snapshot on the `rentalml-state` volume (RENTALML_HOME) so drift is measure
 
 from kfp import dsl, kubernetes
 from rentalml.components import training as c
-from rentalml.components.steps import DEMO_SOURCE
+from rentalml.components.steps import DEMO_SOURCE, IMAGE
+
+from rentalml.training.jobs import PUSHGATEWAY_URL
 
 PIPELINE_NAME = "rentalml-training"
 GPU = "nvidia.com/gpu"
@@ -39,6 +41,7 @@ RESOURCES = {
     "gate": ("250m", "512Mi", "1", "1Gi", 3),
     "export": ("1", "2Gi", "2", "4Gi", 2),
     "register": ("250m", "512Mi", "1", "1Gi", 3),
+    "publish": ("250m", "512Mi", "1", "1Gi", 3),
     "deploy": ("250m", "512Mi", "1", "1Gi", 3),
 }
 
@@ -53,6 +56,8 @@ def _configure(task: dsl.PipelineTask, step: str, *secrets: dict, retries: bool 
     task.set_caching_options(False)  # a training run reads fresh data and the registry's current champion
     if retries:  # in the cluster: as many torch/OpenMP threads as the CPU limit, not the node's core count
         task.set_env_variable("OMP_NUM_THREADS", cpu_limit)
+        # ml_training_* (step durations, nDCG, last success) go to the stack's Pushgateway
+        task.set_env_variable("RENTALML_MONITOR__PUSHGATEWAY_URL", PUSHGATEWAY_URL)
     for s in secrets:
         kubernetes.use_secret_as_env(task, secret_name=s["name"], secret_key_to_env=s["keys"], optional=True)
     return task
@@ -83,6 +88,10 @@ def build(local: bool = False):
         isvc_name: str = "rental-recommender",
         namespace: str = "",
         start_local_server: bool = False,
+        storage_uri: str = "",
+        triton_gpu: bool = False,
+        num_nodes: int = 1,
+        training_image: str = IMAGE,
     ):
         ing = configure(c.ingest(source=source), "ingest", DATABASE_SECRET)
         val = configure(c.validate_data(dataset=ing.outputs["dataset"], psi_error=psi_error), "validate")
@@ -90,10 +99,14 @@ def build(local: bool = False):
         if not local:
             val.set_env_variable("RENTALML_HOME", STATE_DIR)
         feats = configure(c.build_features(dataset=ing.outputs["dataset"]), "features").after(val)
+        # tune/train in the cluster create a Katib Experiment / a TrainJob over the features artifact: they read
+        # it (and the TrainJob writes its models) with the object-store credentials
         tun = configure(c.tune(dataset=feats.outputs["features"], model=model, protocol=protocol, seed=seed,
-                                trials=tune_trials, base_params=params), "tune")
+                                trials=tune_trials, base_params=params, training_image=training_image,
+                                run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER), "tune", OBJECT_STORE_SECRET)
         tr = configure(c.train(dataset=feats.outputs["features"], model_type=model, protocol=protocol, seed=seed,
-                                params=tun.outputs["Output"]), "train")
+                                params=tun.outputs["Output"], num_nodes=num_nodes, training_image=training_image,
+                                run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER), "train", OBJECT_STORE_SECRET)
         tr.set_accelerator_type(GPU).set_accelerator_limit(1)
         kubernetes.add_node_selector(tr, label_key="nvidia.com/gpu.present", label_value="true")
         kubernetes.add_toleration(tr, key=GPU, operator="Exists", effect="NoSchedule")
@@ -110,10 +123,13 @@ def build(local: bool = False):
                          "register", MLFLOW_SECRET, OBJECT_STORE_SECRET)
         reg.after(gate)
         with dsl.If(gate.output == "deploy", name="champion-gate-passed"):
-            configure(c.deploy(version=reg.outputs["version"], model_uri=reg.outputs["model_uri"], mode=deploy_mode,
-                                canary_percent=canary_percent, isvc_name=isvc_name, namespace=namespace,
-                                start_local_server=start_local_server),
-                       "deploy", MLFLOW_SECRET, OBJECT_STORE_SECRET)
+            pub = configure(c.publish(bundle=ex.outputs["bundle"], version=reg.outputs["version"], mode=deploy_mode,
+                                      isvc_name=isvc_name, namespace=namespace, storage_uri=storage_uri,
+                                      triton_gpu=triton_gpu),
+                            "publish", MLFLOW_SECRET, OBJECT_STORE_SECRET)
+            configure(c.deploy(version=reg.outputs["version"], mode=deploy_mode, canary_percent=canary_percent,
+                                isvc_name=isvc_name, namespace=namespace, start_local_server=start_local_server),
+                       "deploy", MLFLOW_SECRET, OBJECT_STORE_SECRET).after(pub)
 
     return training_pipeline
 

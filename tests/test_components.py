@@ -189,6 +189,22 @@ def test_publish_writes_the_live_versions_where_the_predictor_reads(tmp_path, s3
     assert all(t.versions(again / m) == [2, 3] for m in ("rental-retrieval", "rental-ranker"))
 
 
+def test_publish_for_the_gpu_predictor_writes_gpu_configs(tmp_path, s3, bundle):
+    """Defect 14, the publish half: the prod overlay's weekly run passes triton_gpu=true, and what lands at the
+    storageUri is then KIND_GPU + TensorRT for every model; the default stays on the CPU."""
+    from rentalml.components import publish as p
+
+    uri = "s3://rentalml-models/triton/rental-recommender/gpu"
+    p.publish(version="1", bundle_dir=bundle, storage_uri=uri, gpu=True, twin=False)
+    got = tmp_path / "mnt-models"
+    _download(uri, got)
+    configs = {c.parent.name: c.read_text() for c in got.glob("*/config.pbtxt")}
+    numeric = {m: c for m, c in configs.items() if 'platform: "ensemble"' not in c}
+    assert numeric and all("KIND_GPU" in c and "tensorrt" in c for c in numeric.values()), configs
+    cpu = p.build_repos({"1": bundle}, tmp_path / "cpu", gpu=False)["cluster"]
+    assert not any("KIND_GPU" in c.read_text() for c in cpu.glob("*/config.pbtxt"))
+
+
 def test_publish_refuses_what_the_storage_initializer_cannot_take(tmp_path, s3, bundle):
     from rentalml.components import publish as p
 

@@ -807,3 +807,20 @@ def test_ci_workflow():
     files = {e["image"]: e["dockerfile"] for e in release["strategy"]["matrix"]["include"]}
     assert files["rentalml-gpu"] == "docker/training-gpu.Dockerfile"
     assert any(s.get("uses", "").startswith("docker/build-push-action@") for s in release["steps"])
+
+
+def test_prod_weekly_run_trains_and_publishes_for_the_gpus(rendered):
+    """The prod overlay's GPUs are used: its weekly run passes the CUDA training image and a GPU Triton export
+    (KIND_GPU + TensorRT) to the pipeline, whose parameters both are; dev and root stay on the CPU."""
+    from rentalml.pipelines.training import build
+
+    params = build().component_spec.inputs
+    assert {"training_image", "triton_gpu"} <= set(params)
+    for target in TARGETS:
+        cron = _by_kind(rendered[target], "CronJob")["rentalml-training-weekly"]
+        args = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["args"]
+        passed = {args[i + 1] for i, a in enumerate(args) if a == "--arg"}
+        if target == "prod":
+            assert {"training_image=ghcr.io/rentalml/rentalml-gpu:0.1.0", "triton_gpu=true"} <= passed, args
+        else:
+            assert not any(p.startswith(("training_image=", "triton_gpu=")) for p in passed), (target, args)
