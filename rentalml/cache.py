@@ -13,11 +13,19 @@ cached row that lists the property — call it when the property changes (price,
 `invalidate(user_ids=..., property_ids=...)` is the hook for the stream processor: it reaches the shared Redis
 cache when one is configured. In-process caches belong to their server process: a server invalidates them
 through `POST /admin/invalidate`; otherwise the TTL bounds staleness.
+
+Redis down (a restart, a network fault): a lookup answers "miss" for every user and a store is skipped, so
+serving computes the rows itself and never fails a request for its cache; each failed call logs one line
+("recommendation cache unavailable ...", at most every 10 s) and counts `ml_cache_errors_total{backend,op}`.
+After a failure the cache is not tried again for `retry_after_s` (1 s), so an unreachable host does not add a
+connect timeout to every request. Invalidation still raises: its caller decides (the stream processor logs it,
+the TTL bounds staleness).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from collections import OrderedDict
@@ -27,7 +35,24 @@ import numpy as np
 
 from rentalml.config import Settings, get_settings
 
+log = logging.getLogger(__name__)
+
 PREFIX = "rec"
+
+
+def _errors_counter():
+    """ml_cache_errors_total in prometheus_client's default registry (serving's /metrics), created once."""
+    from prometheus_client import REGISTRY, Counter
+
+    existing = REGISTRY._names_to_collectors.get("ml_cache_errors_total")
+    if existing is not None:
+        return existing
+    return Counter("ml_cache_errors_total", "Recommendation cache calls that failed (backend unreachable, "
+                   "timeout) and were answered as misses / skipped, by backend and operation (get | put | "
+                   "invalidate).", ["backend", "op"])
+
+
+CACHE_ERRORS = _errors_counter()
 
 
 def cache_key(model_version: str, user_id: str, k: int) -> str:
@@ -197,11 +222,42 @@ class RedisCache(RecommendationCache):
         self.url = url
         self.client = client or redis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)
         self._ttl_ms = max(1, int(self.ttl_s * 1000))
+        self.retry_after_s = 1.0
+        self.errors = 0
+        self._down_until = 0.0
+        self._logged_at = float("-inf")
+
+    def _failed(self, op: str, exc: Exception) -> None:
+        self.errors += 1
+        CACHE_ERRORS.labels(self.backend, op).inc()
+        now = time.monotonic()
+        self._down_until = now + self.retry_after_s
+        if now - self._logged_at > 10.0:
+            self._logged_at = now
+            log.warning("recommendation cache unavailable (%s %s: %s): answering from the model, cache misses "
+                        "only, until Redis is back (%d cache errors so far)", op, type(exc).__name__, exc,
+                        self.errors)
+
+    @property
+    def available(self) -> bool:
+        return time.monotonic() >= self._down_until
 
     def get_many(self, model_version, user_ids, k):
+        import redis
+
         if not self.enabled:
             return [None] * len(user_ids)
-        raw = self.client.mget([cache_key(model_version, u, k) for u in user_ids])
+        if not self.available:
+            out = [None] * len(user_ids)
+            self._count(out)
+            return out
+        try:
+            raw = self.client.mget([cache_key(model_version, u, k) for u in user_ids])
+        except (redis.RedisError, OSError) as exc:
+            self._failed("get", exc)
+            out = [None] * len(user_ids)
+            self._count(out)
+            return out
         out = []
         for v in raw:
             if v is None:
@@ -213,8 +269,16 @@ class RedisCache(RecommendationCache):
         return out
 
     def put_many(self, model_version, rows, k):
-        if not self.enabled:
+        import redis
+
+        if not self.enabled or not self.available:
             return
+        try:
+            self._put_many(model_version, rows, k)
+        except (redis.RedisError, OSError) as exc:
+            self._failed("put", exc)
+
+    def _put_many(self, model_version, rows, k):
         pipe = self.client.pipeline(transaction=False)
         for u, (ids, scores, source) in rows:
             key = cache_key(model_version, u, k)
@@ -227,6 +291,16 @@ class RedisCache(RecommendationCache):
         pipe.execute()
 
     def _drop_index(self, index_key: str) -> int:
+        import redis
+
+        try:
+            return self._drop_index_once(index_key)
+        except (redis.RedisError, OSError):
+            self.errors += 1
+            CACHE_ERRORS.labels(self.backend, "invalidate").inc()
+            raise
+
+    def _drop_index_once(self, index_key: str) -> int:
         keys = self.client.smembers(index_key)
         pipe = self.client.pipeline(transaction=False)
         if keys:
