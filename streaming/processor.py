@@ -10,6 +10,13 @@ Per polled batch, in this order (docs/architecture.md "Streaming"):
   5. commit the batch's offsets.
 A crash anywhere replays the uncommitted batch: the dedupe set makes the counters change once per event id
 (exactly-once effect), the re-push writes the same values, processed_data is at least once (dedupe by event_id).
+
+Outages (a broker or Redis restart) never end the process: each step of a batch that fails on a connection
+error is retried with exponential backoff (0.5 s doubling to 5 s), logging "waiting for <dependency>" once per
+attempt and counting `ml_stream_retries_total{dependency}`; the batch resumes at the step that failed (a state
+step that succeeded is not applied again), the records not acknowledged by the broker are sent again (only
+those), and the offsets are committed once everything before is done. Nothing is lost or applied twice, and each
+output record is produced once unless the consumer group rebalanced meanwhile (then its new owner replays).
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 
 import pandas as pd
+from prometheus_client import Counter
 
 from rentalml.config import Settings, get_settings
 from rentalml.kafka import (
@@ -35,12 +43,19 @@ from rentalml.kafka import (
     processor_access,
     producer,
 )
-from rentalml.state import StateStore, decode_attributes, encode_event, open_state
+from rentalml.state import Applied, StateStore, decode_attributes, encode_event, open_state
 
 from . import aggregates, metrics
 from .validate import InvalidEvent, dead_letter, parse
 
 log = logging.getLogger(__name__)
+
+#: connection-level failures of a batch step (poll, topic check, state apply, feature push, produce, commit),
+#: each waited out and retried with backoff; and steps that succeeded again after such a wait
+RETRIES = Counter("ml_stream_retries_total", "batch steps that failed on a connection error and are retried with "
+                  "backoff, by dependency (kafka | redis)", ["dependency"], registry=metrics.REGISTRY)
+RECONNECTS = Counter("ml_stream_reconnects_total", "batch steps that succeeded again after one or more retries "
+                     "(a dependency came back), by dependency", ["dependency"], registry=metrics.REGISTRY)
 
 ENGAGEMENT_PUSH = "property_engagement_push"
 ATTRIBUTES_PUSH = "property_attributes_push"
@@ -66,6 +81,30 @@ class FeastSink:
     def push(self, source: str, df: pd.DataFrame) -> None:
         if len(df):
             self._fs.push(self.store, source, df, to=self.to, fill_missing=False)
+
+
+class _Stopped(Exception):
+    """request_stop() while waiting for a dependency: leave the batch uncommitted (it is redelivered)."""
+
+
+def transient(exc: BaseException) -> str | None:
+    """The dependency a connection-level error belongs to ("kafka", "redis"), None for any other error."""
+    try:
+        import redis.exceptions as rex
+
+        if isinstance(exc, (rex.ConnectionError, rex.TimeoutError, rex.BusyLoadingError, rex.TryAgainError)):
+            return "redis"
+    except ImportError:  # pragma: no cover
+        pass
+    from kafka.errors import KafkaError
+
+    # kafka-python marks the errors a retry can cure (connection lost, timeouts, coordinator moving); the others
+    # (authorization, a rebalance's CommitFailedError, illegal state) are not waited out here
+    if isinstance(exc, KafkaError) and getattr(exc, "retriable", False):
+        return "kafka"
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return "redis" if "redis" in type(exc).__module__ else "network"
+    return None
 
 
 class _AttrCache:
@@ -102,6 +141,7 @@ class Processor:
         self.log_fn = log_fn or (lambda doc: log.info("%s", json.dumps(doc)))
         self.totals = {"processed": 0, "duplicate": 0, "dead_letter": 0, "batches": 0}
         self.topic_retry_s = 10.0  # wait between topic checks while the topics are unavailable
+        self.backoff_s, self.backoff_max_s = 0.5, 5.0  # retries of a step that failed on a connection error
         self.consumer = None
         self.producer = None
         # the recommendation cache every server shares (Redis): rows of users with new events and rows listing
@@ -127,7 +167,10 @@ class Processor:
         waited = None
         while not self.stopping:
             try:
-                ensure_topics(self.settings, access.topics)
+                self.retry("topic check", lambda: ensure_topics(self.settings, access.topics, timeout_s=5.0),
+                           dependency="kafka")
+                break
+            except _Stopped:
                 break
             except TopicsUnavailable as exc:
                 if waited is None or time.monotonic() - waited > 60:
@@ -146,10 +189,90 @@ class Processor:
         self.producer = producer(self.settings, linger_ms=2, batch_size=256 * 1024,
                                  max_in_flight_requests_per_connection=5)
 
+    def retry(self, what: str, fn: Callable, *, dependency: str | None = None):
+        """fn() until it succeeds; a connection-level error (`transient`) waits with exponential backoff and
+        tries again, logging that it waits; any other error propagates. request_stop() ends the wait (_Stopped)."""
+        delay, attempt, since = self.backoff_s, 0, time.monotonic()
+        while True:
+            try:
+                result = fn()
+            except _Stopped:
+                raise
+            except Exception as exc:
+                dep = transient(exc)
+                if dep is None:
+                    raise
+                dep = dependency or dep
+                attempt += 1
+                RETRIES.labels(dep).inc()
+                log.warning("waiting for %s: %s failed (%s: %s); retry %d in %.1f s (%.0f s so far)", dep, what,
+                            type(exc).__name__, exc, attempt, delay, time.monotonic() - since)
+                self._sleep(delay)
+                delay = min(delay * 2, self.backoff_max_s)
+            else:
+                if attempt:
+                    RECONNECTS.labels(dependency or "any").inc()
+                    log.warning("%s recovered after %d retries (%.1f s)", what, attempt, time.monotonic() - since)
+                return result
+
+    def _sleep(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if self.stopping:
+                raise _Stopped()
+            time.sleep(min(0.1, max(deadline - time.monotonic(), 0)))
+
+    def _send_all(self, sends: list[tuple[str, bytes | None, bytes]]) -> None:
+        """Produce `sends` (topic, key, value) and wait until the broker acknowledged every one of them; the ones
+        that failed (the broker was away past the producer's own retries) are sent again, only those."""
+        from kafka.errors import KafkaTimeoutError
+
+        pending = list(sends)
+        delay, attempt, since = self.backoff_s, 0, time.monotonic()
+        while pending:
+            futures = []
+            for topic, key, value in pending:
+                try:
+                    futures.append(((topic, key, value), self.producer.send(topic, key=key, value=value)))
+                except KafkaTimeoutError as exc:  # no metadata (broker away): keep it for the next round
+                    futures.append(((topic, key, value), exc))
+            waited = False
+            while True:
+                try:
+                    self.producer.flush(timeout=5.0)
+                    break
+                except KafkaTimeoutError:
+                    waited = True
+                    RETRIES.labels("kafka").inc()
+                    undone = sum(1 for _, f in futures if not isinstance(f, Exception) and not f.is_done)
+                    log.warning("waiting for kafka: %d records of the batch not acknowledged yet (%.0f s so far)",
+                                undone, time.monotonic() - since)
+                    if self.stopping:
+                        raise _Stopped() from None
+            failed = [rec for rec, f in futures if isinstance(f, Exception) or f.failed()]
+            if not failed:
+                if attempt or waited:
+                    RECONNECTS.labels("kafka").inc()
+                    log.warning("kafka: the batch's records acknowledged after %d resends (%.1f s)", attempt,
+                                time.monotonic() - since)
+                return
+            attempt += 1
+            RETRIES.labels("kafka").inc()
+            first = next(f for _, f in futures if isinstance(f, Exception) or f.failed())
+            log.warning("waiting for kafka: %d of %d records not delivered (%s); sending them again in %.1f s",
+                        len(failed), len(pending), first if isinstance(first, Exception) else first.exception,
+                        delay)
+            self._sleep(delay)
+            delay = min(delay * 2, self.backoff_max_s)
+            pending = failed
+
     def close(self) -> None:
         if self.producer is not None:
-            self.producer.flush()
-            self.producer.close()
+            try:
+                self.producer.flush(timeout=30)
+            except Exception as exc:  # the broker is away at shutdown: the batch was not committed anyway
+                log.warning("producer flush at shutdown failed: %s", exc)
+            self.producer.close(timeout=5)
         if self.consumer is not None:
             self.consumer.close(autocommit=False)
         self.state.close()
@@ -171,7 +294,11 @@ class Processor:
         handled = 0
         try:
             while not self.stopping:
-                records = self.consumer.poll(timeout_ms=self.settings.stream.poll_timeout_ms)
+                try:
+                    records = self.retry("poll", lambda: self.consumer.poll(
+                        timeout_ms=self.settings.stream.poll_timeout_ms), dependency="kafka")
+                except _Stopped:
+                    break
                 now = time.monotonic()
                 if now - last_lag > 5.0 and self._update_lag():
                     last_lag = now
@@ -183,7 +310,11 @@ class Processor:
                             break
                     continue
                 last_data = now
-                handled += self.process(records)
+                try:
+                    handled += self.process(records)
+                except _Stopped:  # stopped while waiting for a dependency: nothing committed, redelivered
+                    log.warning("stopped while waiting: the batch in flight stays uncommitted (redelivered)")
+                    break
                 if max_events is not None and handled >= max_events:
                     break
             self._update_lag()
@@ -213,7 +344,8 @@ class Processor:
                     sources.append((tp, r, ev))
             offsets[tp] = OffsetAndMetadata(recs[-1].offset + 1, "", -1)
         t_apply = time.perf_counter()
-        applied = self.state.apply(events)
+        # one atomic step: retried until it succeeds, never applied again once it has (its outcomes are the batch's)
+        applied = self.retry("state apply", lambda: self.state.apply(events), dependency="redis")
         apply_s = time.perf_counter() - t_apply
         watermark = applied.clock - self.state.lateness
         for (tp, r, ev), outcome in zip(sources, applied.outcomes, strict=True):
@@ -223,22 +355,34 @@ class Processor:
                                        f"{datetime.fromtimestamp(watermark, UTC).isoformat()} "
                                        f"(allowed lateness {self.state.lateness:.0f} s)", r.value))
 
-        # properties whose windows moved on with the clock (no new event of theirs): re-push them too
-        due = [p for p in self.state.due(applied.clock) if p not in applied.engagement]
-        if due:
-            applied.engagement.update(self.state.refresh_engagement(due).engagement)
-        # absolute feature values of the touched entities -> Feast (one write per view)
-        eng = aggregates.engagement_frame(applied)
-        self.attrs.update({p: decode_attributes(h) for p, h in applied.properties.items()})
-        attrs_df = aggregates.attributes_frame(applied)
-        needed = {p for evs in applied.user_events.values() for _, _, p in evs}
-        taste_df = aggregates.taste_frame(applied, self.attrs.get(needed))
-        t_push = time.perf_counter()
-        frames_s = t_push - t_apply - apply_s
-        self.sink.push(ATTRIBUTES_PUSH, attrs_df)
-        self.sink.push(ENGAGEMENT_PUSH, eng)
-        self.sink.push(TASTE_PUSH, taste_df)
-        push_s = time.perf_counter() - t_push
+        timing: dict[str, float] = {}
+
+        def features():  # reads and absolute writes only: safe to run again after a connection error
+            t_frames = time.perf_counter()
+            # properties whose windows moved on with the clock (no new event of theirs): re-push them too
+            due = [p for p in self.state.due(applied.clock) if p not in applied.engagement]
+            engagement = dict(applied.engagement)
+            if due:
+                engagement.update(self.state.refresh_engagement(due).engagement)
+            view = Applied(applied.outcomes, applied.clock, engagement, applied.properties, applied.users,
+                           applied.histories, applied.user_events)
+            # absolute feature values of the touched entities -> Feast (one write per view)
+            eng = aggregates.engagement_frame(view)
+            self.attrs.update({p: decode_attributes(h) for p, h in applied.properties.items()})
+            attrs_df = aggregates.attributes_frame(view)
+            needed = {p for evs in applied.user_events.values() for _, _, p in evs}
+            taste_df = aggregates.taste_frame(view, self.attrs.get(needed))
+            t_push = time.perf_counter()
+            timing["frames"] = t_push - t_frames
+            self.sink.push(ATTRIBUTES_PUSH, attrs_df)
+            self.sink.push(ENGAGEMENT_PUSH, eng)
+            self.sink.push(TASTE_PUSH, taste_df)
+            timing["push"] = time.perf_counter() - t_push
+            return view, eng
+
+        applied, eng = self.retry("feature push", features, dependency="redis")
+        frames_s, push_s = timing["frames"], timing["push"]
+        t_push = time.perf_counter() - push_s
         if self.rec_cache is not None and (applied.user_events or applied.properties):
             from rentalml.cache import invalidate
 
@@ -246,7 +390,8 @@ class Processor:
                 invalidate(list(applied.user_events), list(applied.properties), cache=self.rec_cache)
             except Exception as exc:  # the cache is an optimisation: its TTL bounds staleness if Redis hiccups
                 log.warning("recommendation cache invalidation failed: %s", exc)
-        self.state.schedule({p: aggregates.next_change(h, applied.clock) for p, h in applied.engagement.items()})
+        self.retry("state schedule", lambda: self.state.schedule(
+            {p: aggregates.next_change(h, applied.clock) for p, h in applied.engagement.items()}), dependency="redis")
         metrics.PUSH_SECONDS.observe(push_s)
 
         # processed_data (at least once; one record per valid event id, redeliveries flagged) and dead_letter
@@ -255,6 +400,7 @@ class Processor:
                        eng[["property_id", *windows]].itertuples(index=False)} if len(eng) else {})
         now_iso = datetime.now(UTC).isoformat()
         counts = {"processed": 0, "duplicate": 0}
+        sends: list[tuple[str, bytes | None, bytes]] = []
         for (tp, _r, ev), outcome in zip(sources, applied.outcomes, strict=True):
             if outcome == "late":
                 continue
@@ -268,14 +414,14 @@ class Processor:
                     doc["engagement"] = eng_by_pid[ev.property_id]
             else:
                 doc["attributes"] = ev.changed()
-            self.producer.send(PROCESSED_DATA, key=ev.property_id.encode(), value=json.dumps(doc).encode())
+            sends.append((PROCESSED_DATA, ev.property_id.encode(), json.dumps(doc).encode()))
         for d in dlq:
-            self.producer.send(DEAD_LETTER, value=json.dumps(d).encode())
+            sends.append((DEAD_LETTER, None, json.dumps(d).encode()))
         t_flush = time.perf_counter()
         produce_s = t_flush - t_push - push_s
-        self.producer.flush()
+        self._send_all(sends)
         try:
-            self.consumer.commit(offsets)
+            self.retry("offset commit", lambda: self.consumer.commit(offsets, timeout_ms=5000), dependency="kafka")
         except CommitFailedError as exc:  # a rebalance took the partitions: their new owner replays (deduped)
             log.warning("commit failed after a rebalance, the batch will be redelivered: %s", exc)
         commit_s = time.perf_counter() - t_flush
