@@ -6,8 +6,16 @@ dropped so the content tower learns to stand alone (cold start).
 User tower: the user's history is encoded as the normalised sum of input-side item vectors (so a new user
 is folded in from recent interactions with no retraining), optionally concatenated with user features,
 then an MLP. Score = <user, item> + item bias.
-Loss: multinomial log-likelihood over the full catalogue with input dropout (Mult-DAE style) for
-catalogues up to `full_softmax_limit`; sampled softmax with logQ correction above it.
+Loss: multinomial log-likelihood with input dropout (Mult-DAE style), either over the full catalogue
+(`softmax="full"`, O(batch x catalogue) per step) or as a sampled softmax (`softmax="sampled"`): the
+candidates of a step are the batch's positives plus `negatives` items drawn once per step by popularity and
+shared by the whole batch, every logit corrected by -log q(item) (logQ). The sampled step touches only the
+items in it: the content MLPs run over those items' features, the ID embeddings and biases are gathered
+rows updated by a row-wise (lazy) Adam, and batches are cut from the CSR index arrays. Its cost grows with
+the batch, not the catalogue. `softmax="auto"` (default) fits both on a catalogue of up to
+`full_softmax_limit` items when a validation holdout is given and keeps the better one by validation nDCG
+(selected_params carries the choice to the refit); above the limit, or without a holdout, auto is sampled
+above the limit and full below it.
 """
 
 from __future__ import annotations
@@ -38,8 +46,12 @@ class NeuralParams:
     eval_every: int = 5
     input_dropout: float = 0.5
     id_dropout: float = 0.2
-    negatives: int = 2048
+    negatives: int = 512
     full_softmax_limit: int = 50_000
+    softmax: str = "auto"  # auto | full | sampled (see the module docstring)
+    sampled_batch_size: int = 512  # users per step of the sampled trainer
+    sampled_lr: float = 4e-3
+    sample_alpha: float = 1.0  # negatives drawn with q ∝ (popularity + 1) ** sample_alpha
     use_ids: bool = True
     use_content: bool = True
 
@@ -112,6 +124,34 @@ class TwoTowerNet(nn.Module):
             logits = u @ t_out[cand].T + self.item_bias[cand] - log_q[cand]
         return -(torch.log_softmax(logits, dim=1) * target).sum(1).mean()
 
+    def sampled_loss(self, sb: SampledBatch, feats: torch.Tensor | None, user_feats: torch.Tensor | None,
+                     rows: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Sampled-softmax loss of one step over the step's items only.
+
+        `rows` holds the gathered rows of the ID tables and the bias for `sb.items` (leaf tensors: their
+        gradients are applied row-wise by RowAdam). The input side is needed only for the positives
+        (`sb.items[:sb.n_pos]`, the only items a history can contain)."""
+        B = sb.n_users
+        parts_in, parts_out = [], []
+        if self.use_ids:
+            parts_in.append(rows["input_id"][:sb.n_pos])
+            out_id = rows["item_id"]
+            parts_out.append(out_id if sb.id_keep is None else out_id * sb.id_keep[:, None])
+        if self.use_content:
+            f = feats[sb.items]
+            parts_in.append(self.input_content(f[:sb.n_pos]))
+            parts_out.append(self.item_content(f))
+        t_in, t_out = sum(parts_in), sum(parts_out)
+        h = torch.zeros((B, t_in.shape[1]), dtype=t_in.dtype).index_add_(0, sb.in_rows, t_in[sb.in_cols])
+        cnt = torch.bincount(sb.in_rows, minlength=B).clamp(min=1).to(t_in.dtype)
+        h = h / cnt.sqrt()[:, None]
+        if self.user_feat_dim:
+            h = torch.cat([h, user_feats], dim=1)
+        u = self.user_tower(torch.tanh(h))
+        logits = u @ t_out.T + rows["item_bias"] - sb.log_q
+        lse = torch.logsumexp(logits, dim=1)
+        return -(logits[sb.pos_rows, sb.pos_cols].sum() - lse[sb.pos_rows].sum()) / B
+
 
 @dataclass
 class Batch:
@@ -144,6 +184,100 @@ def make_batch(xb: sp.csr_matrix, rng: np.random.Generator, p: NeuralParams, n_i
     return Batch(xin, _to_torch_sparse(xin), torch.from_numpy(xb[:, cand].toarray()), torch.from_numpy(cand), id_keep)
 
 
+@dataclass
+class SampledBatch:
+    """One step of the sampled trainer, in local item indices: items[:n_pos] are the batch's positives
+    (sorted), items[n_pos:] the shared negatives that are nobody's positive in the batch."""
+
+    n_users: int
+    items: torch.Tensor  # [U] catalogue indices of the step's items
+    n_pos: int
+    pos_rows: torch.Tensor  # [P] batch row of each positive (target)
+    pos_cols: torch.Tensor  # [P] local item index of each positive
+    in_rows: torch.Tensor  # [I] batch row of each kept history item (input after dropout)
+    in_cols: torch.Tensor  # [I] local item index of each kept history item
+    log_q: torch.Tensor  # [U] log probability that each item is a candidate of the step (logQ correction)
+    id_keep: torch.Tensor | None  # [U] ID dropout keep mask, None when off
+    n_interactions: int
+
+
+class BatchSampler:
+    """Builds SampledBatch-es straight from a CSR matrix's index arrays (no scipy slicing per step).
+
+    Negatives are drawn by inverse CDF from q ∝ (popularity + 1) ** alpha, precomputed once, so a step costs
+    O(batch + negatives · log n). Draw order per step: input dropout, negatives, ID dropout (seeded rng ->
+    the same batches on every run)."""
+
+    def __init__(self, x: sp.csr_matrix, p: NeuralParams, id_dropout: bool):
+        self.indptr = x.indptr.astype(np.int64)
+        self.indices = x.indices.astype(np.int64)
+        self.p, self.id_dropout = p, id_dropout
+        pop = np.diff(sp.csc_matrix(x).indptr).astype(np.float64) + 1.0
+        q = pop ** p.sample_alpha
+        q /= q.sum()
+        self.cdf = np.cumsum(q)
+        self.cdf[-1] = 1.0
+        self.log1m_q = np.log1p(-np.minimum(q, 1 - 1e-12))
+
+    def batch(self, ub: np.ndarray, rng: np.random.Generator) -> SampledBatch:
+        p = self.p
+        starts = self.indptr[ub]
+        lens = self.indptr[ub + 1] - starts
+        total = int(lens.sum())
+        rows = np.repeat(np.arange(len(ub)), lens)
+        offs = np.arange(total) - np.repeat(np.cumsum(lens) - lens, lens)
+        items = self.indices[np.repeat(starts, lens) + offs]
+        keep = rng.random(total) >= p.input_dropout
+        pos, cols = np.unique(items, return_inverse=True)
+        negs = np.searchsorted(self.cdf, rng.random(p.negatives), side="right")
+        negs = np.minimum(negs, len(self.cdf) - 1)
+        negs = np.setdiff1d(negs, pos)
+        uniq = np.concatenate([pos, negs])
+        id_keep = None
+        if self.id_dropout and p.id_dropout > 0:
+            id_keep = torch.from_numpy((rng.random(len(uniq)) >= p.id_dropout).astype(np.float32))
+        t = torch.from_numpy
+        # logQ: log of the probability that an item is among the step's candidates, with the positives
+        # (drawn by the data, ~ popularity) and the negatives as total + negatives draws from q. On a small
+        # catalogue every item is (almost) surely in, the correction vanishes and the loss is the full softmax.
+        log_q = np.log(-np.expm1((total + p.negatives) * self.log1m_q[uniq])).astype(np.float32)
+        return SampledBatch(len(ub), t(uniq), len(pos), t(rows), t(cols.astype(np.int64)), t(rows[keep]),
+                            t(cols[keep].astype(np.int64)), t(log_q), id_keep, total)
+
+
+class RowAdam:
+    """Adam over the rows of embedding tables that a step touched (lazy / row-wise Adam, as torch's
+    SparseAdam): the step costs O(rows touched x dim); untouched rows and their moments do not move.
+    Bias correction uses the global step count."""
+
+    def __init__(self, tables: dict[str, torch.Tensor], lr: float, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0):
+        self.tables = tables
+        self.lr, self.b1, self.b2, self.eps, self.wd = lr, betas[0], betas[1], eps, weight_decay
+        self.m = {k: torch.zeros_like(v) for k, v in tables.items()}
+        self.v = {k: torch.zeros_like(v) for k, v in tables.items()}
+        self.t = 0
+
+    def gather(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {k: v.detach()[idx].requires_grad_() for k, v in self.tables.items()}
+
+    @torch.no_grad()
+    def step(self, idx: torch.Tensor, rows: dict[str, torch.Tensor]) -> None:
+        self.t += 1
+        bc1, bc2 = 1 - self.b1 ** self.t, 1 - self.b2 ** self.t
+        for k, leaf in rows.items():
+            g = leaf.grad
+            if g is None:
+                continue
+            w = self.tables[k].data
+            if self.wd:
+                g = g + self.wd * leaf.detach()
+            m = self.m[k][idx].mul_(self.b1).add_(g, alpha=1 - self.b1)
+            v = self.v[k][idx].mul_(self.b2).addcmul_(g, g, value=1 - self.b2)
+            self.m[k][idx], self.v[k][idx] = m, v
+            w.index_copy_(0, idx, leaf.detach() - self.lr * (m / bc1) / ((v / bc2).sqrt() + self.eps))
+
+
 def _to_torch_sparse(m: sp.csr_matrix) -> torch.Tensor:
     coo = m.tocoo()
     idx = torch.from_numpy(np.vstack([coo.row, coo.col]).astype(np.int64, copy=True))
@@ -164,6 +298,36 @@ class TwoTower(Recommender):
 
     # -------------------------------------------------------------------------------- training
     def fit(self, data: TrainData) -> TwoTower:
+        """Train with early stopping on data.valid. softmax="auto" on a catalogue within full_softmax_limit
+        and with a holdout trains both losses from the same seed and keeps the better by validation nDCG."""
+        p = self.params
+        n_items = data.n_items
+        mode = p.softmax
+        if mode not in ("auto", "full", "sampled"):
+            raise ValueError(f"softmax must be auto, full or sampled, got {mode!r}")
+        if mode == "auto":
+            if n_items > p.full_softmax_limit:
+                mode = "sampled"
+            elif data.valid is None:
+                mode = "full"
+        if mode != "auto":
+            self._fit_mode(data, mode)
+            self.softmax_ = mode
+            return self
+        runs = {}
+        for m in ("sampled", "full"):
+            self.history_ = []
+            self._fit_mode(data, m)
+            runs[m] = (self.best_val, self.best_epoch, self.history_, copy.deepcopy(self.net.state_dict()))
+        chosen = max(runs, key=lambda m: runs[m][0])  # ties: sampled (first), the cheaper one
+        self.softmax_scores_ = {m: r[0] for m, r in runs.items()}
+        self.best_val, self.best_epoch, self.history_, state = runs[chosen]
+        self.net.load_state_dict(state)
+        self.softmax_ = chosen
+        self._freeze()
+        return self
+
+    def _fit_mode(self, data: TrainData, mode: str) -> None:
         p = self.params
         torch.manual_seed(data.seed)
         rng = np.random.default_rng(data.seed)
@@ -175,16 +339,13 @@ class TwoTower(Recommender):
         feat_dim = 0 if self.feats is None else self.feats.shape[1]
         user_dim = 0 if self.user_feats is None else self.user_feats.shape[1]
         self.net = TwoTowerNet(n_items, feat_dim, user_dim, p)
-        opt = torch.optim.Adam(self.net.parameters(), lr=p.lr, weight_decay=p.weight_decay)
         active = np.flatnonzero(np.diff(x.indptr) > 0)
-        pop = np.asarray(x.sum(0)).ravel() + 1.0
-        log_q = torch.from_numpy(np.log(pop / pop.sum()).astype(np.float32))
-        full = n_items <= p.full_softmax_limit
+        step = self._make_step(x, mode, p.lr if mode == "full" else p.sampled_lr)
         best, best_state, bad = -1.0, None, 0
         self.samples_seen = 0
-        bar = tqdm(range(p.epochs), desc=f"train {self.name}", disable=not self.progress, leave=False)
+        bar = tqdm(range(p.epochs), desc=f"train {self.name} ({mode})", disable=not self.progress, leave=False)
         for epoch in bar:
-            rec = {"epoch": epoch + 1, "loss": self._train_epoch(x, active, rng, opt, log_q, full)}
+            rec = {"epoch": epoch + 1, "loss": step(active, rng)}
             if data.valid is not None and ((epoch + 1) % p.eval_every == 0 or epoch + 1 == p.epochs):
                 rec["val_ndcg@10"] = self._validate(x, data.valid)
                 if self.on_validate is not None:
@@ -206,11 +367,53 @@ class TwoTower(Recommender):
             self.best_epoch = len(self.history_)
         self.best_val = best
         self._freeze()
-        return self
+
+    def _make_step(self, x: sp.csr_matrix, mode: str, lr: float):
+        """A callable (active users, rng) -> mean loss of one epoch, with its optimizer state."""
+        p = self.params
+        id_dropout = p.use_ids and self.net.use_content
+        if mode == "full":
+            opt = torch.optim.Adam(self.net.parameters(), lr=lr, weight_decay=p.weight_decay)
+            pop = np.asarray(x.sum(0)).ravel() + 1.0
+            log_q = torch.from_numpy(np.log(pop / pop.sum()).astype(np.float32))
+            return lambda active, rng: self._train_epoch(x, active, rng, opt, log_q, True)
+        net = self.net
+        tables = {"item_bias": net.item_bias}
+        if net.use_ids:
+            tables.update(input_id=net.input_id.weight, item_id=net.item_id.weight)
+        table_ids = {id(t) for t in tables.values()}
+        dense = [q for q in net.parameters() if id(q) not in table_ids]
+        opt = torch.optim.Adam(dense, lr=lr, weight_decay=p.weight_decay)
+        row_opt = RowAdam(tables, lr=lr, weight_decay=p.weight_decay)
+        sampler = BatchSampler(x, p, id_dropout)
+        return lambda active, rng: self._train_epoch_sampled(sampler, active, rng, opt, row_opt)
+
+    def _train_epoch_sampled(self, sampler: BatchSampler, active: np.ndarray, rng: np.random.Generator, opt,
+                             row_opt: RowAdam) -> float:
+        """One pass of the sampled trainer over the active users; returns the mean loss per user."""
+        p = self.params
+        self.net.train()
+        perm = rng.permutation(active)
+        total = 0.0
+        bs = p.sampled_batch_size
+        for s in range(0, len(perm), bs):
+            ub = perm[s:s + bs]
+            b = sampler.batch(ub, rng)
+            self.samples_seen += b.n_interactions
+            rows = row_opt.gather(b.items)
+            uf = self.user_feats[ub] if self.user_feats is not None else None
+            loss = self.net.sampled_loss(b, self.feats, uf, rows)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            row_opt.step(b.items, rows)
+            total += loss.item() * len(ub)
+        return total / max(1, len(perm))
 
     def _train_epoch(self, x: sp.csr_matrix, active: np.ndarray, rng: np.random.Generator, opt, log_q: torch.Tensor,
                      full: bool) -> float:
-        """One pass over the active users in random batches; returns the mean loss."""
+        """One pass of the full-softmax trainer (the original one) over the active users in random batches;
+        returns the mean loss."""
         p = self.params
         self.net.train()
         perm = rng.permutation(active)
@@ -231,7 +434,8 @@ class TwoTower(Recommender):
     def finetune(self, data: TrainData, epochs: int = 2, lr: float | None = None) -> TwoTower:
         """Continue training the fitted network on `data` (same catalogue; users may differ: the user tower is
         history-encoded, so rows are just histories) for a few epochs — the incremental update of
-        rentalml.training.incremental. No early stopping: the caller evaluates and registers a challenger."""
+        rentalml.training.incremental — with the loss the model was selected with. No early stopping: the
+        caller evaluates and registers a challenger."""
         p = self.params
         if data.n_items != self.net.n_items:
             raise ValueError(f"fine-tuning needs the trained catalogue ({self.net.n_items} items), got {data.n_items}")
@@ -240,13 +444,12 @@ class TwoTower(Recommender):
         x = data.binary()
         self.user_feats = (torch.from_numpy(data.user_features.astype(np.float32))
                            if data.user_features is not None else None)
-        opt = torch.optim.Adam(self.net.parameters(), lr=lr or p.lr * 0.3, weight_decay=p.weight_decay)
-        pop = np.asarray(x.sum(0)).ravel() + 1.0
-        log_q = torch.from_numpy(np.log(pop / pop.sum()).astype(np.float32))
+        mode = getattr(self, "softmax_", None) or ("full" if data.n_items <= p.full_softmax_limit else "sampled")
+        step = self._make_step(x, mode, lr or (p.lr if mode == "full" else p.sampled_lr) * 0.3)
         active = np.flatnonzero(np.diff(x.indptr) > 0)
         self.samples_seen = getattr(self, "samples_seen", 0)
         for epoch in range(epochs):
-            loss = self._train_epoch(x, active, rng, opt, log_q, data.n_items <= p.full_softmax_limit)
+            loss = step(active, rng)
             self.history_.append({"epoch": len(self.history_) + 1, "loss": loss, "finetune": epoch + 1})
         self._freeze()
         return self
@@ -256,7 +459,10 @@ class TwoTower(Recommender):
         return validation_ndcg(self, x, valid)
 
     def selected_params(self) -> dict:
-        return {"epochs": max(1, self.best_epoch)}
+        chosen = {"epochs": max(1, self.best_epoch)}
+        if getattr(self, "softmax_", None):
+            chosen["softmax"] = self.softmax_
+        return chosen
 
     def _freeze(self) -> None:
         self.net.eval()
@@ -282,7 +488,8 @@ class TwoTower(Recommender):
         return (u @ self.table_out.T + self.net.item_bias).numpy()
 
     def describe(self) -> dict:
-        return {"name": self.name, **asdict(self.params), "best_epoch": getattr(self, "best_epoch", None)}
+        return {"name": self.name, **asdict(self.params), "best_epoch": getattr(self, "best_epoch", None),
+                "softmax_selected": getattr(self, "softmax_", None)}
 
 
 def n_params(model: TwoTower) -> int:
