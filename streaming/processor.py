@@ -27,6 +27,7 @@ import logging
 import signal
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 
@@ -300,7 +301,7 @@ class Processor:
                 except _Stopped:
                     break
                 now = time.monotonic()
-                if now - last_lag > 5.0 and self._update_lag():
+                if now - last_lag > 5.0 and self._update_lag() is not None:  # every 5 s once assigned
                     last_lag = now
                 if not records:
                     if idle_exit_s is not None:
@@ -345,7 +346,8 @@ class Processor:
             offsets[tp] = OffsetAndMetadata(recs[-1].offset + 1, "", -1)
         t_apply = time.perf_counter()
         # one atomic step: retried until it succeeds, never applied again once it has (its outcomes are the batch's)
-        applied = self.retry("state apply", lambda: self.state.apply(events), dependency="redis")
+        batch = uuid.uuid4().hex  # the same id on every retry: a run whose reply was lost keeps its outcomes
+        applied = self.retry("state apply", lambda: self.state.apply(events, batch=batch), dependency="redis")
         apply_s = time.perf_counter() - t_apply
         watermark = applied.clock - self.state.lateness
         for (tp, r, ev), outcome in zip(sources, applied.outcomes, strict=True):
@@ -448,20 +450,26 @@ class Processor:
                      "batch_s": round(batch_s, 4), "totals": dict(self.totals)})
         return n
 
-    def _update_lag(self) -> bool:
+    def _update_lag(self) -> bool | None:
         """ml_stream_committed_lag per assigned partition. Tansu's end offsets (high watermarks) are unreliable,
         so the lag is max(end offset, consumer position) - committed: on a real Kafka the backlog, on Tansu at
-        least the records polled but not yet committed."""
+        least the records polled but not yet committed. None: no partitions yet; False: the broker did not answer
+        within 3 s (between batches, the one sign of a broker outage: logged as waiting)."""
         try:
             parts = list(self.consumer.assignment())
             if not parts:
-                return False
-            ends = self.consumer.end_offsets(parts)
+                return None
+            ends = self.consumer.end_offsets(parts, timeout_ms=3000)
             for tp in parts:
-                committed = self.consumer.committed(tp) or 0
+                committed = self.consumer.committed(tp, timeout_ms=3000) or 0
                 top = max(ends.get(tp) or 0, self.consumer.position(tp) or 0)
                 metrics.COMMITTED_LAG.labels(tp.topic, str(tp.partition)).set(max(top - committed, 0))
             return True
         except Exception as exc:  # metrics must never stop the stream
-            log.debug("lag update failed: %s", exc)
+            if transient(exc) == "kafka":
+                RETRIES.labels("kafka").inc()
+                log.warning("waiting for kafka: no answer to an offsets request (%s: %s); polling on",
+                            type(exc).__name__, exc)
+            else:
+                log.debug("lag update failed: %s", exc)
             return False
