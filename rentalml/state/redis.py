@@ -37,10 +37,11 @@ class RedisState(StateStore):
         self._script = self.redis.register_script(lua("apply.lua"))
         self._touch = self.redis.register_script(lua("touch.lua"))
 
-    def apply(self, events: list[dict]) -> Applied:
+    def apply(self, events: list[dict], batch: str | None = None) -> Applied:
         if not events:
             return Applied([], float(self.redis.get(f"{self.prefix}:clock") or 0.0))
-        raw = json.loads(self._script(keys=[self.prefix], args=[json.dumps(self._params(events))]))
+        params = self._params(events) | ({"batch": batch} if batch else {})
+        raw = json.loads(self._script(keys=[self.prefix], args=[json.dumps(params)]))
         outcomes = raw["outcomes"] if isinstance(raw["outcomes"], list) else []
         hist = {u: [(flat[j], float(flat[j + 1])) for j in range(0, len(flat), 2)] if isinstance(flat, list) else []
                 for u, flat in raw["hist"].items()}  # ZRANGE order: oldest -> newest

@@ -70,7 +70,7 @@ class SQLiteState(StateStore):
         if old is None or v > float(old):
             self._hset(key, f, f"{v:.6f}")
 
-    def apply(self, events: list[dict]) -> Applied:
+    def apply(self, events: list[dict], batch: str | None = None) -> Applied:  # one local transaction: no lost reply
         P, db = self.prefix, self.db
         db.execute("BEGIN IMMEDIATE")
         try:

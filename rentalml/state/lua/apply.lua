@@ -86,4 +86,11 @@ for id, changed in pairs(usr) do
   redis.call('LTRIM', lk, -uev_len, -1)
   res.uev[id] = redis.call('LRANGE', lk, 0, -1)
 end
+-- the same batch again (its caller retried after a lost reply: Redis stopped right after running it): the first
+-- run's outcomes, not "duplicate" for the batch's own events; kept one hour
+if cfg.batch then
+  local bk = P .. ':batch:' .. cfg.batch
+  local first = redis.call('GET', bk)
+  if first then res.outcomes = cjson.decode(first) else redis.call('SET', bk, cjson.encode(outcomes), 'EX', 3600) end
+end
 return cjson.encode(res)
