@@ -100,7 +100,8 @@ def register(app: typer.Typer) -> None:
             events = abm.read_outcomes_file(path)
         _echo_json(abm.report(events, metric=metric, alpha=alpha, min_impressions=min_impressions))
 
-    def _cluster(percent: int, cluster: bool | None, isvc: str | None, namespace: str | None) -> dict | None:
+    def _cluster(percent: int, cluster: bool | None, isvc: str | None, namespace: str | None,
+                 champion: str | None = None) -> dict | None:
         from rentalml.config import get_settings
 
         s = get_settings().serve
@@ -108,10 +109,12 @@ def register(app: typer.Typer) -> None:
             return None
         from rentalml.components.deploy import set_canary_traffic
 
-        return set_canary_traffic(isvc or s.isvc_name, percent, namespace=namespace or s.namespace)
+        return set_canary_traffic(isvc or s.isvc_name, percent, namespace=namespace or s.namespace,
+                                  champion=champion)
 
-    cluster_opt = typer.Option(None, "--cluster/--no-cluster", help="also patch the InferenceService's "
-                               "canaryTrafficPercent (default: RENTALML_SERVE__CLUSTER)")
+    cluster_opt = typer.Option(None, "--cluster/--no-cluster", help="also JSON-patch the InferenceService's "
+                               "transformer arms (pinned versions, challenger share; default "
+                               "RENTALML_SERVE__CLUSTER)")
     isvc_opt = typer.Option(None, "--isvc", help="InferenceService name (default serve.isvc_name)")
     ns_opt = typer.Option(None, "--namespace", help="namespace (default serve.namespace, in-cluster: own)")
 
@@ -123,7 +126,10 @@ def register(app: typer.Typer) -> None:
         except LookupError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from None
-        res["cluster"] = _cluster(percent, cluster, isvc, namespace)
+        # a new champion (promote, or a rollback that restores the previous one) is pinned as the transformer's
+        # champion arm with no challenger; stopping a canary only sets its share to 0
+        champion = res.get("champion") if action == "promote" or res.get("action") == "champion_restored" else None
+        res["cluster"] = _cluster(percent, cluster, isvc, namespace, champion=champion)
         _echo_json(res)
 
     @ab.command("promote")

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import json
 import math
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import httpx
@@ -222,25 +220,6 @@ def test_outcomes_to_kafka(bundles, kafka_bootstrap, tmp_path):
 
 
 # ---- promote / rollback on a real MLflow registry ------------------------------------------------------------
-class FakeKubeAPI(BaseHTTPRequestHandler):
-    """Stands in for the Kubernetes API server (the one mock allowed): records PATCHes of InferenceServices."""
-
-    patches: list = []
-
-    def do_PATCH(self):  # noqa: N802
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        FakeKubeAPI.patches.append((self.path, self.headers["Content-Type"], body))
-        out = json.dumps({"apiVersion": "serving.kserve.io/v1beta1", "kind": "InferenceService", **body}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(out)))
-        self.end_headers()
-        self.wfile.write(out)
-
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture
 def registry(tmp_path, bundles, monkeypatch):
     from rentalml.registry import mlflow_registry as reg
@@ -279,38 +258,39 @@ def test_promote_and_rollback_move_aliases(registry, tmp_path, monkeypatch):
     from rentalml.registry import mlflow_registry as reg
 
     reg.set_alias("challenger", "2", settings=registry)
-    # cluster mode: the same alias moves plus a PATCH of the InferenceService (stand-in API server)
-    httpd = HTTPServer(("127.0.0.1", 0), FakeKubeAPI)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(json.dumps({
-        "apiVersion": "v1", "kind": "Config", "current-context": "t",
-        "clusters": [{"name": "t", "cluster": {"server": f"http://127.0.0.1:{httpd.server_port}"}}],
-        "contexts": [{"name": "t", "context": {"cluster": "t", "user": "t"}}],
-        "users": [{"name": "t", "user": {"token": "x"}}]}))
-    import kubernetes.config.kube_config as kc
+    # cluster mode: the same alias moves plus a JSON Patch of the transformer's pinned arms, applied by a fake API
+    # server with the API server's semantics for the content type sent, on the rendered InferenceService
+    from rentalml.components import deploy as d
+    from rentalml.components import rendered as cl
+    from rentalml.components.kubefake import FakeKubeApi
 
-    monkeypatch.setattr(kc, "KUBE_CONFIG_DEFAULT_LOCATION", str(kubeconfig))
-    FakeKubeAPI.patches.clear()
-    try:
+    isvc = cl.find(cl.render("dev", workdir=tmp_path / "render"), "InferenceService", "rental-recommender")
+    with FakeKubeApi() as api:
+        api.put(isvc, "ml")
+        monkeypatch.setenv("KUBECONFIG", str(api.write_kubeconfig(tmp_path / "kubeconfig", "ml")))
+        monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+
+        def arms() -> dict:
+            live = api.get("serving.kserve.io", "ml", "inferenceservices", "rental-recommender")
+            env = {e["name"]: e.get("value") for e in live["spec"]["transformer"]["containers"][0]["env"]}
+            others = {k: v for k, v in env.items() if k not in (d.ENV_CHAMPION, d.ENV_CHALLENGER, d.ENV_PERCENT)}
+            before = {e["name"]: e.get("value") for e in isvc["spec"]["transformer"]["containers"][0]["env"]}
+            assert others == before  # every other env entry (auth included) kept
+            return {k: env.get(k) for k in (d.ENV_CHAMPION, d.ENV_CHALLENGER, d.ENV_PERCENT)}
+
         res = runner.invoke(app, ["ab", "promote", "--cluster", "--isvc", "rental-recommender", "--namespace", "ml"])
         assert res.exit_code == 0, res.output
         out = json.loads(res.output)
         assert out["champion"] == "2" and out["previous_champion"] == "1" and _aliases(registry) == ("2", None)
-        path, ctype, body = FakeKubeAPI.patches[-1]
-        assert path == "/apis/serving.kserve.io/v1beta1/namespaces/ml/inferenceservices/rental-recommender"
-        assert "merge-patch" in ctype and body == {"spec": {"transformer": {"canaryTrafficPercent": 100},
-                                                     "predictor": {"canaryTrafficPercent": 100}}}
-        # no canary left: rollback restores the previous champion (recorded at promotion); cluster canary → 0
+        assert arms() == {d.ENV_CHAMPION: "2", d.ENV_CHALLENGER: "", d.ENV_PERCENT: "0"}
+        assert all(p["content_type"].startswith("application/json-patch+json") for p in api.patches())
+        # no canary left: rollback restores the previous champion (recorded at promotion), pinned in the cluster
         res = runner.invoke(app, ["ab", "rollback", "--cluster", "--namespace", "ml"])
         assert res.exit_code == 0, res.output
         out = json.loads(res.output)
         assert out["action"] == "champion_restored" and out["champion"] == "1" and _aliases(registry) == ("1", None)
-        assert FakeKubeAPI.patches[-1][2] == {"spec": {"transformer": {"canaryTrafficPercent": 0},
-                                                         "predictor": {"canaryTrafficPercent": 0}}}
-        assert len(FakeKubeAPI.patches) == 2
-    finally:
-        httpd.shutdown()
+        assert arms() == {d.ENV_CHAMPION: "1", d.ENV_CHALLENGER: "", d.ENV_PERCENT: "0"}
+        assert len(api.patches()) == 2
     # v1 has no recorded predecessor: nothing further to roll back to
     res = runner.invoke(app, ["ab", "rollback"])
     assert res.exit_code == 2 and "nothing to roll back" in res.output
