@@ -15,6 +15,17 @@ torch.set_num_threads(1)
 #: small, fast training parameters for the tests
 FAST_PARAMS = {"epochs": 10, "neighbours": 32}
 
+#: the files whose tests run longest (each runs whole pipelines, images or outages: `make test`'s
+#: --durations, docs/architecture.md "Test time"), collected first so that pytest-xdist starts them first and the
+#: short files fill the other workers meanwhile, instead of one long test starting last
+SLOW_FIRST = ("test_local_cluster.py", "test_demo.py", "test_images.py", "test_faults.py", "test_monitoring.py",
+              "test_pipeline.py", "test_freshness.py", "test_distributed.py", "test_streaming.py", "test_rbac.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's own order is kept
+
 
 @pytest.fixture(scope="session")
 def market():
