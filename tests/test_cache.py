@@ -3,7 +3,6 @@ the stream processor's hook, and a real server using each (hit-rate metric, /adm
 
 from __future__ import annotations
 
-
 import httpx
 import numpy as np
 import pytest

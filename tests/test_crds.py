@@ -16,13 +16,12 @@ is validated against that object's own CRD.
 from __future__ import annotations
 
 import copy
-import json
 import subprocess
 
 import crd_schema
 import pytest
 import yaml
-from test_manifests import CORE_APIS, K8S_VERSION, MANIFESTS, _need, rendered  # noqa: F401
+from test_manifests import CORE_APIS, K8S_VERSION, MANIFESTS, _all_docs, _need, rendered  # noqa: F401
 
 EXPECTED_KINDS = {  # every vendored CRD, with the API version our manifests must use
     "InferenceService": "serving.kserve.io/v1beta1", "ServingRuntime": "serving.kserve.io/v1alpha1",
@@ -51,14 +50,7 @@ def jobs_rendered() -> dict[str, list[dict]]:
 
 @pytest.fixture(scope="module")
 def all_docs(rendered, jobs_rendered) -> list[tuple[str, dict]]:  # noqa: F811
-    seen, docs = set(), []
-    for target, items in {**rendered, **jobs_rendered}.items():
-        for d in items:
-            key = json.dumps(d, sort_keys=True)
-            if key not in seen:
-                seen.add(key)
-                docs.append((target, d))
-    return docs
+    return _all_docs({**rendered, **jobs_rendered})
 
 
 def _embedded(doc: dict) -> list[tuple[str, dict]]:

@@ -374,6 +374,6 @@ def test_kserve_injected_workers_fit_the_transformer_pod(rendered, serve_process
                                                                 "containers": [{"args": ["serve"]}]}}}
     assert kserve_transformer_args(bare)[-2:] == ["--workers", "32"] and serve_processes(
         kserve_transformer_args(bare)) == 33
-    assert json.dumps(kserve_transformer_args(
-        {**bare, "spec": {"transformer": {**bare["spec"]["transformer"],
-                                          "containers": [{"args": ["serve", "--workers=2"]}]}}})).count("--workers") == 1
+    given = {**bare, "spec": {"transformer": {**bare["spec"]["transformer"],
+                                              "containers": [{"args": ["serve", "--workers=2"]}]}}}
+    assert json.dumps(kserve_transformer_args(given)).count("--workers") == 1

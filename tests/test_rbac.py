@@ -336,7 +336,7 @@ def test_submit_names_the_profile_namespace_in_every_kfp_call(existing, monkeypa
     assert out["namespace"] == NS and out["run_id"] == "r1"
     reqs = [(m, p.removeprefix("/apis/v2beta1"), q, b, h) for m, p, q, b, h in kfp.requests]
     by_path = {}
-    for m, p, q, b, h in reqs:
+    for m, p, q, b, _h in reqs:
         by_path.setdefault((m, p), []).append((q, b))
     assert by_path[("GET", "/pipelines")][0][0]["namespace"] == [NS]
     if existing:

@@ -1,20 +1,6 @@
 """The bundle reader: what serving, the demo, the benchmarks and the tests load (rentalml.export.bundle writes it).
 
-Layout of a bundle directory (contracts.md):
-  bundle.json          format version, model name/version, created_at, data snapshot hash, feature views,
-                       metrics, code version, graph interface (n_items, history_len, user_feature_dim)
-  foldin.onnx          never-seen properties scored by the content tower (rentalml.runtime.live), when the
-                       model has one
-  checkpoint.pkl       the trained model (Fitted) for incremental fine-tuning; not read by serving
-  drift_reference.json per-feature and model-score distributions of the training data (rentalml.monitoring)
-  scorer.onnx          history → top-k (rentalml.export.onnx_export); scorer.int8.onnx when quantized
-  retrieval.onnx       two-stage serving, models with a two-tower part (rentalml.runtime.two_stage): history →
-  ranker.onnx          top-C candidates (or the user embedding + ann_index.npz for large catalogues) → ranked
-  users.parquet        user_id, index, history (property indices, oldest → newest), city, features (list)
-  properties.parquet   property_id, index and the raw property attributes (filters, explanations)
-  popularity.parquet   cold-start fallback: city ("*" = everywhere), property index, score, rank
-  item_vectors.npy     item embeddings of the two-tower part (explanations), when the model has one
-  encoders.json        fitted feature encoders (to encode never-seen properties/users as in training)
+The layout of a bundle directory (contracts.md) is documented once, where it is written: rentalml.export.bundle.
 
 `Bundle` only reads and answers lookups (ids, histories, the cold-start lists, one scorer call); producing a
 recommendation is rentalml.runtime.pipeline's job.
