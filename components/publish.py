@@ -125,13 +125,13 @@ def ensure_bucket(bucket: str, client=None) -> None:
 # ------------------------------------------------------------------------------------------ the step
 def live_target(isvc_name: str, namespace: str | None, api=None) -> dict:
     """storageUri and the version serving now, read from the InferenceService in the cluster."""
-    from rentalml.components import deploy as d
+    from rentalml import kserve
 
-    api = api or d._custom_objects_api()
-    ns = d._namespace(namespace)
-    doc = d.get_isvc(api, ns, isvc_name)
+    api = api or kserve.custom_objects_api()
+    ns = kserve.namespace_of(namespace)
+    doc = kserve.get_isvc(api, ns, isvc_name)
     return {"storage_uri": doc["spec"]["predictor"]["model"]["storageUri"],
-            "serving_version": (doc["metadata"].get("labels") or {}).get(d.VERSION_LABEL), "namespace": ns}
+            "serving_version": (doc["metadata"].get("labels") or {}).get(kserve.VERSION_LABEL), "namespace": ns}
 
 
 def publish(*, version: str, bundle_dir: str | Path, storage_uri: str, serving_version: str | None = None,

@@ -107,7 +107,7 @@ def register(app: typer.Typer) -> None:
         s = get_settings().serve
         if not (s.cluster if cluster is None else cluster):
             return None
-        from rentalml.components.deploy import set_canary_traffic
+        from rentalml.kserve import set_canary_traffic
 
         return set_canary_traffic(isvc or s.isvc_name, percent, namespace=namespace or s.namespace,
                                   champion=champion)

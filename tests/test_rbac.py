@@ -58,10 +58,10 @@ KSERVE, KATIB, TRAINER, KFP = "serving.kserve.io", "kubeflow.org", "trainer.kube
 #: finds unlisted call sites).
 API_CALLS = [
     # deploy/publish steps (pipeline pods) and `rentalml ab promote|rollback --cluster`
-    ApiCall(("get",), KSERVE, "inferenceservices", RUNNERS, ("components/deploy.py:get_isvc",),
+    ApiCall(("get",), KSERVE, "inferenceservices", RUNNERS, ("rentalml/kserve.py:get_isvc",),
             "deploy, publish (live_target) and ab promote/rollback read the InferenceService; deploy polls it "
             "until the predictor revision is ready"),
-    ApiCall(("patch",), KSERVE, "inferenceservices", RUNNERS, ("components/deploy.py:json_patch",),
+    ApiCall(("patch",), KSERVE, "inferenceservices", RUNNERS, ("rentalml/kserve.py:json_patch",),
             "deploy: JSON Patch of the predictor's versions and the transformer's arms; ab promote/rollback: "
             "the transformer's arms"),
     # tune step in cluster mode: a Katib Experiment; train step with num_nodes > 1: a TrainJob
