@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,11 +27,7 @@ from pathlib import Path
 
 import torch
 
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from rentalml.services import free_port
 
 
 def main() -> None:
@@ -65,8 +60,8 @@ def main() -> None:
         if n == 1:
             cmd = [sys.executable, "-m", "rentalml.training.distributed", *tail]
         else:
-            cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}", f"--master_port={_port()}",
-                   "-m", "rentalml.training.distributed", *tail]
+            cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}",
+                   f"--master_port={free_port()}", "-m", "rentalml.training.distributed", *tail]
         load0 = os.getloadavg()
         t0 = time.perf_counter()
         res = subprocess.run(cmd, env=env, capture_output=True, text=True)

@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,12 +36,6 @@ import numpy as np
 import pandas as pd
 
 MODEL = "rental-recommender"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def build_bundle(out: Path, users: int, properties: int, events: int, epochs: int) -> tuple[Path, dict]:
@@ -61,6 +54,8 @@ def build_bundle(out: Path, users: int, properties: int, events: int, epochs: in
 
 # one load generator for `rentalml loadtest` and this benchmark
 from rentalml.inference.loadtest import concurrent, friendly, grpc_v2, http_v2, sequential  # noqa: E402
+
+from rentalml.services import free_port  # noqa: E402
 
 
 def in_process(engine, k: int):

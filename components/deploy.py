@@ -28,7 +28,6 @@ import copy
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -60,6 +59,7 @@ from rentalml.kserve import (  # noqa: F401 - re-exported: the steps and tests u
     transformer_ops,
     wait_ready,
 )
+from rentalml.services import free_port
 
 
 def write_manifest(doc, path: str | Path) -> Path:
@@ -70,12 +70,6 @@ def write_manifest(doc, path: str | Path) -> Path:
     p.parent.mkdir(parents=True, exist_ok=True)
     p.write_text(yaml.safe_dump(copy.deepcopy(doc), sort_keys=False))
     return p
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _alive(pid: int) -> bool:
@@ -157,8 +151,8 @@ class LocalServer:
             (self.dir / "deployed.json").write_text(json.dumps(record, indent=2))
             return {**record, "server": "not running", "hint": f"rentalml serve --bundle {bundle}"}
         s = get_settings()
-        http_port = current["http_port"] if current else s.serve.http_port or _free_port()
-        grpc_port = current["grpc_port"] if current else s.serve.grpc_port or _free_port()
+        http_port = current["http_port"] if current else s.serve.http_port or free_port()
+        grpc_port = current["grpc_port"] if current else s.serve.grpc_port or free_port()
         if current is not None:
             self.stop(current)
         st = self.start(bundle, version, http_port, grpc_port)

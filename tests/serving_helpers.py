@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -15,6 +14,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pandas as pd
+
+from rentalml.services import free_port  # noqa: F401 - tests import it from here
 
 MODEL = "rental-recommender"
 
@@ -39,12 +40,6 @@ def make_bundle(out: Path, version: str) -> Path:
 def warm_users(bundle: Path) -> list[str]:
     users = pd.read_parquet(bundle / "users.parquet")
     return users[users["history"].map(len) > 0]["user_id"].astype(str).tolist()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:

@@ -10,7 +10,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,18 +17,13 @@ from pathlib import Path
 
 import pytest
 
+from rentalml.services import free_port
 from rentalml.training.distributed import build_parser, dist_env, shard
 from rentalml.training.search_space import SEARCH_SPACE
 
 DATA = "synthetic:300,150,6000,1"
 ARGS = ["--data", DATA, "--epochs", "6", "--eval-every", "2", "--batch-size", "64", "--threads", "1"]
 KATIB_STDOUT = re.compile(r"([\w|-]+)\s*=\s*([+-]?\d*(\.\d+)?([Ee][+-]?\d+)?)")  # Katib's default filter
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env(**extra) -> dict:
@@ -39,7 +33,7 @@ def _env(**extra) -> dict:
 
 
 def _torchrun(tmp, name: str, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_port()}",
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
             "-m", "rentalml.training.distributed", *ARGS, "--result-json", str(tmp / f"{name}.json"), *extra]
 
 
@@ -138,7 +132,7 @@ def test_kill_and_resume(work, two):
 
 def test_openmpi_variables_launch(work, two):
     """Two plain processes with OpenMPI's variables (what mpirun sets): the same run as torchrun's."""
-    port = str(_port())
+    port = str(free_port())
     procs = []
     for rank in range(2):
         env = _env(OMPI_COMM_WORLD_RANK=str(rank), OMPI_COMM_WORLD_SIZE="2", OMPI_COMM_WORLD_LOCAL_RANK=str(rank),
@@ -201,7 +195,7 @@ def object_store():
     from moto.server import ThreadedMotoServer
     from pyarrow import fs
 
-    port = _port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     creds = {"AWS_ACCESS_KEY_ID": "rentalml", "AWS_SECRET_ACCESS_KEY": "s3cret",

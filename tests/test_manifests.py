@@ -24,7 +24,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,6 +31,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from rentalml.services import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 MANIFESTS = ROOT / "manifests"
@@ -570,12 +571,6 @@ def _prom_sample_names(metric) -> set[str]:
     return {name}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def live_metrics(tmp_path_factory) -> dict[str, set[str]]:
     """Sample name → label names, scraped from a real `rentalml serve` (a small popularity bundle) after one
@@ -590,7 +585,7 @@ def live_metrics(tmp_path_factory) -> dict[str, set[str]]:
     tmp = tmp_path_factory.mktemp("live-metrics")
     ds = generate_marketplace(n_users=60, n_properties=40, n_events=800, seed=3)
     bundle = write_bundle(fit_model("popularity", ds), ds, tmp / "bundle", model_version="1")
-    http_port, grpc_port = _free_port(), _free_port()
+    http_port, grpc_port = free_port(), free_port()
     env = {**os.environ, "KSERVE_LOGLEVEL": "WARNING", "RENTALML_HOME": str(tmp / "home")}
     log = open(tmp / "server.log", "wb")  # noqa: SIM115 - closed below
     proc = subprocess.Popen([sys.executable, "-c", "from rentalml.cli import app; app()", "serve", "--bundle",
