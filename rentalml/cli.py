@@ -17,6 +17,22 @@ app = typer.Typer(help="rentalml: recommendations for rental marketplaces", no_a
                   pretty_exceptions_enable=False)
 
 
+@app.callback()
+def _settings_first() -> None:
+    """Every command starts by reading the settings, so a bad value (a typo in a selector such as
+    RENTALML_SERVE__PRECISION) stops the command at once with the setting named, not at first use."""
+    from pydantic import ValidationError
+
+    from rentalml.config import get_settings
+
+    try:
+        get_settings()
+    except ValidationError as exc:
+        lines = [f"  {'.'.join(str(x) for x in e['loc'])}: {e['msg']} (got {e.get('input')!r})" for e in exc.errors()]
+        typer.echo("error: invalid settings (RENTALML_* environment or .env):\n" + "\n".join(lines), err=True)
+        raise typer.Exit(2) from None
+
+
 #: core command groups, one module each with a `register(app)` (keeps this file from becoming a hub)
 CORE_COMMAND_MODULES = (
     "rentalml.db.cli",            # rentalml db init|seed

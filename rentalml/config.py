@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -14,8 +15,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 class KafkaSettings(BaseModel):
     bootstrap_servers: str = "127.0.0.1:9092"
-    security_protocol: str = "PLAINTEXT"
-    sasl_mechanism: str | None = None
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"] | None = None
     sasl_username: str | None = None
     sasl_password: str | None = None
     partitions: int = 3
@@ -75,9 +76,11 @@ class ServeSettings(BaseModel):
     champion_version: str = ""
     challenger_version: str = ""
     ab_salt: str = "rentalml-ab-1"
-    outcomes_sink: str = "file"  # "file" ($RENTALML_HOME/ab/outcomes.jsonl or outcomes_path) | "kafka" | "off"
+    # "file" ($RENTALML_HOME/ab/outcomes.jsonl or outcomes_path) | "kafka" (the ab_outcomes topic) | "off"
+    outcomes_sink: Literal["file", "kafka", "off"] = "file"
     outcomes_path: Path | None = None
-    log_impressions: str = "canary"  # "canary" (while a challenger is served) | "always" | "off"
+    # "canary" (while a challenger is served) | "always" | "off"
+    log_impressions: Literal["canary", "always", "off"] = "canary"
     ab_min_impressions: int = 1000
     ab_alpha: float = 0.05
     # hot reload: poll the registry aliases every N seconds (0 = only POST /admin/reload)
@@ -87,7 +90,7 @@ class ServeSettings(BaseModel):
     isvc_name: str = "rental-recommender"
     namespace: str | None = None
     # where candidate features come from: "bundle" (the bundle's property table) | "feast" (the online store)
-    feature_source: str = "bundle"
+    feature_source: Literal["bundle", "feast"] = "bundle"
     # transformer role: the v2 predictor (Triton in the cluster) that runs rental-retrieval / rental-ranker
     predictor_url: str | None = None
     # fold-in from the stream state: users' streamed interactions and never-seen listings, without retraining
@@ -97,7 +100,7 @@ class ServeSettings(BaseModel):
     fast_path: bool = True
     # which scorer graph answers: "fp32" (scorer.onnx) | "int8" (scorer.int8.onnx, dynamic quantization; check its
     # accuracy first: `rentalml optimize` marks it deployable or not, docs/benchmarks.md)
-    precision: str = "fp32"
+    precision: Literal["fp32", "int8"] = "fp32"
 
 
 class AuthSettings(BaseModel):
@@ -129,7 +132,7 @@ class MonitorSettings(BaseModel):
     ks_alpha: float = 0.01
     min_samples: int = 50
     window_days: float | None = 7.0
-    retrain: str = "local"  # local (kfp.local pipeline run) | kfp (submit to KFP_HOST) | off
+    retrain: Literal["local", "kfp", "off"] = "local"  # local (kfp.local pipeline run) | kfp (submit to KFP_HOST) | off
     retrain_source: str | None = None  # the pipeline's data source for the retraining run (default: --current)
     pushgateway_url: str | None = None
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pandas as pd
 import pytest
@@ -146,3 +149,19 @@ def test_write_report_embeds_png_plots(tmp_path):
     assert "Cold-start slice" in html and "Training curve: hybrid" in html
     assert "<td>hybrid</td><td>0.3000</td>" in html
     assert json.loads((tmp_path / "r" / "report.json").read_text()) == result
+
+
+@pytest.mark.parametrize(("env", "value", "field"), [
+    ("RENTALML_SERVE__PRECISION", "int9", "serve.precision"),
+    ("RENTALML_SERVE__FEATURE_SOURCE", "feest", "serve.feature_source"),
+    ("RENTALML_SERVE__OUTCOMES_SINK", "kafak", "serve.outcomes_sink"),
+    ("RENTALML_KAFKA__SECURITY_PROTOCOL", "SASL_PLAIN", "kafka.security_protocol"),
+    ("RENTALML_MONITOR__RETRAIN", "yes", "monitor.retrain"),
+])
+def test_a_typo_in_a_selector_stops_any_command_at_start(env, value, field):
+    """Settings selectors are Literal types: a typo fails when the command starts, naming the setting, instead of
+    at first use deep inside a server."""
+    proc = subprocess.run([sys.executable, "-m", "rentalml.cli", "serve", "--http-port", "0"],
+                          env={**os.environ, env: value}, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert field in proc.stderr and repr(value) in proc.stderr and "Traceback" not in proc.stderr
