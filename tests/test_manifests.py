@@ -808,7 +808,7 @@ def test_prod_weekly_run_trains_and_publishes_for_the_gpus(rendered):
     """The prod overlay's GPUs are used: its weekly run passes the CUDA training image and a GPU Triton export
     (KIND_GPU + TensorRT) to the pipeline, whose parameters both are; dev and root stay on the CPU."""
     # the compiled pipeline's parameters (the golden IR, held equal to the code by tests/test_pipeline.py)
-    ir = yaml.safe_load((ROOT / "pipelines" / "training_pipeline.yaml").read_text())
+    ir = next(yaml.safe_load_all((ROOT / "pipelines" / "training_pipeline.yaml").read_text()))
     assert {"training_image", "triton_gpu"} <= set(ir["root"]["inputDefinitions"]["parameters"])
     for target in TARGETS:
         cron = _by_kind(rendered[target], "CronJob")["rentalml-training-weekly"]
