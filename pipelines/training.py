@@ -107,6 +107,10 @@ def build(local: bool = False):
         tr = configure(c.train(dataset=feats.outputs["features"], model_type=model, protocol=protocol, seed=seed,
                                 params=tun.outputs["Output"], num_nodes=num_nodes, training_image=training_image,
                                 run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER), "train", OBJECT_STORE_SECRET)
+        # the step that holds the GPU runs the pipeline's training image (the prod overlay's weekly run passes the
+        # CUDA one, ghcr.io/rentalml/rentalml-gpu): a GPU under CPU-only torch would sit idle (issue 11, defect 14)
+        if not local:
+            tr.set_container_image(training_image)
         tr.set_accelerator_type(GPU).set_accelerator_limit(1)
         kubernetes.add_node_selector(tr, label_key="nvidia.com/gpu.present", label_value="true")
         kubernetes.add_toleration(tr, key=GPU, operator="Exists", effect="NoSchedule")

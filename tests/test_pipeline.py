@@ -63,7 +63,10 @@ def test_ir_carries_cluster_settings(ir):
     for name, ex in executors.items():
         res = ex["container"]["resources"]
         assert res["cpuRequest"] > 0 and res["memoryRequest"] > 0 and res["memoryLimit"] > 0, name
-        assert ex["container"]["image"] == "ghcr.io/rentalml/rentalml:0.1.0"
+        if name == "exec-train":  # the step holding the GPU runs the pipeline's training image (prod: CUDA)
+            assert ex["container"]["image"] == "{{$.inputs.parameters['pipelinechannel--training_image']}}"
+        else:
+            assert ex["container"]["image"] == "ghcr.io/rentalml/rentalml:0.1.0"
         assert "pip install" not in " ".join(ex["container"]["command"])  # the image has rentalml and kfp
     for name, task in tasks.items():
         if name != "condition-1":
