@@ -229,7 +229,8 @@ def run_outage(tmp_path: Path, tag: str, bootstrap: str, redis_url: str, stop, s
                             cwd=str(ROOT))
     try:
         deadline = time.monotonic() + 60
-        while _totals(log).get("processed", 0) < N_PROPS:  # started, listings handled: the flow is on
+        # started, listings handled, and flow events being consumed: the outage meets a processor at work
+        while _totals(log).get("processed", 0) < N_PROPS + min(1000, n_valid // 4):
             assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(0.1)
         processed_before = _totals(log).get("processed", 0)
@@ -384,8 +385,23 @@ def test_redis_restart_mid_stream_and_serving_keeps_answering(tmp_path):
     assert outage["requests"] >= 20, outage
     assert _metric(scrape, "ml_cache_errors_total") > 0
     assert "recommendation cache unavailable" in server.log.read_text(errors="replace")
-    assert "waiting for redis" in out["log"], out["log"][-3000:]
-    assert _metric(out["scrape"], "ml_stream_retries_total") > 0
+    # the processor met the outage: either it saw the error and waited (its retry loop), or a Redis client call
+    # blocked through it (the Feast online store's client retries on its own); both end with nothing lost above
+    waited = "waiting for redis" in out["log"] and _metric(out["scrape"], "ml_stream_retries_total") > 0
+    assert waited or _longest_batch_s(out["log"]) >= OUTAGE_S / 2, out["log"][-3000:]
+
+
+def _longest_batch_s(log: str) -> float:
+    """The longest batch the processor reported (its per-batch JSON log line's batch_s)."""
+    longest = 0.0
+    for line in log.splitlines():
+        i = line.find('{"committed"')
+        if i >= 0:
+            try:
+                longest = max(longest, float(json.loads(line[i:]).get("batch_s", 0.0)))
+            except ValueError:
+                continue
+    return longest
 
 
 def test_redis_cache_down_answers_misses_and_counts():
