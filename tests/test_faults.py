@@ -40,6 +40,7 @@ import httpx
 import pandas as pd
 import pytest
 import yaml
+from kafka_helpers import read_topic
 
 from rentalml import services
 from rentalml.config import Settings, get_settings
@@ -174,24 +175,7 @@ def _totals(log: Path) -> dict:
     return last
 
 
-def _read_topic(bootstrap: str, topic: str, keep) -> list[dict]:
-    """Every record of `topic` from the beginning whose decoded value passes `keep` (read until 2 s idle)."""
-    from kafka import KafkaConsumer, TopicPartition
 
-    c = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
-                      auto_offset_reset="earliest", max_poll_records=5000)
-    parts = [TopicPartition(topic, p) for p in c.partitions_for_topic(topic)]
-    c.assign(parts)
-    c.seek_to_beginning(*parts)
-    out, idle_since = [], time.monotonic()
-    while time.monotonic() - idle_since < 2.0:
-        batch = c.poll(timeout_ms=300)
-        if batch:
-            idle_since = time.monotonic()
-        for recs in batch.values():
-            out += [d for d in (json.loads(r.value) for r in recs) if keep(d)]
-    c.close()
-    return out
 
 
 def _names_tag(tag: str):
@@ -288,7 +272,7 @@ def check_stream(out: dict, tag: str, bootstrap: str, read_processed: bool = Tru
     taste = online_features(store, user_ids=users).set_index("user_id")["n_events_7d"].reindex(users)
     assert (taste.fillna(0).astype(int).to_numpy() == n7.to_numpy()).all()
 
-    dlq = _read_topic(bootstrap, "dead_letter", _names_tag(tag))
+    dlq = read_topic(bootstrap, "dead_letter", _names_tag(tag))
     got_coords = Counter((d["topic"], d["partition"], d["offset"]) for d in dlq)
     assert set(got_coords) == set(flow.bad_coords), (len(got_coords), len(flow.bad_coords))
     assert max(got_coords.values()) == 1, [c for c, n in got_coords.items() if n > 1][:5]
@@ -296,7 +280,7 @@ def check_stream(out: dict, tag: str, bootstrap: str, read_processed: bool = Tru
     if not read_processed:
         assert out["totals"]["duplicate"] == 0, out["totals"]
         return
-    processed = _read_topic(bootstrap, "processed_data", lambda d: d["event_id"].startswith(f"{tag}-e"))
+    processed = read_topic(bootstrap, "processed_data", lambda d: d["event_id"].startswith(f"{tag}-e"))
     assert {d["event_id"] for d in processed} == set(df["event_id"])
     first = [d["event_id"] for d in processed if not d["duplicate"]]
     assert len(first) == len(set(first)) == len(flow.valid)

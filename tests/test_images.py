@@ -31,6 +31,7 @@ import httpx
 import numpy as np
 import pytest
 import yaml
+from kafka_helpers import read_topic
 
 from rentalml import services
 
@@ -312,24 +313,6 @@ def _send(bootstrap: str, partitions: int, records: list[tuple[str, bytes, bytes
     prod.close()
 
 
-def _read(bootstrap: str, topic: str) -> list[dict]:
-    from kafka import KafkaConsumer, TopicPartition
-
-    c = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
-                      auto_offset_reset="earliest")
-    parts = [TopicPartition(topic, p) for p in c.partitions_for_topic(topic) or ()]
-    c.assign(parts)
-    c.seek_to_beginning(*parts)
-    out, idle = [], time.monotonic()
-    while time.monotonic() - idle < 1.5:
-        batch = c.poll(timeout_ms=300)
-        if batch:
-            idle = time.monotonic()
-        out += [json.loads(r.value) for recs in batch.values() for r in recs]
-    c.close()
-    return out
-
-
 def _samples(text: str, name: str) -> list:
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -384,9 +367,9 @@ def test_streaming_image_processes_and_dead_letters_as_the_deployment_runs(podma
         _podman(podman, "stop", "-t", "30", cid, timeout=60)  # SIGTERM: finish the batch, commit, exit 0
         state = _podman(podman, "inspect", "--format", "{{.State.ExitCode}}", cid).stdout.strip()
         assert state == "0", logs(podman, cid)
-    dlq = [d for d in _read(backends["kafka"], "dead_letter") if tag in d["payload"]]
+    dlq = [d for d in read_topic(backends["kafka"], "dead_letter", idle_s=1.5) if tag in d["payload"]]
     assert len(dlq) == 1 and dlq[0]["reason"].startswith("invalid event: field 'event_type'"), dlq
-    processed = {d["event_id"] for d in _read(backends["kafka"], "processed_data")}
+    processed = {d["event_id"] for d in read_topic(backends["kafka"], "processed_data", idle_s=1.5)}
     assert {f"{tag}-l1", f"{tag}-e0", f"{tag}-e1", f"{tag}-e2"} <= processed
     # the features it pushed, read back on the host through the same Feast store (Redis + SQL registry)
     from rentalml.config import Settings

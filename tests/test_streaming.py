@@ -22,9 +22,12 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from kafka_helpers import read_topic
 
 from rentalml.config import Settings, get_settings
 from rentalml.schema import PropertyEvent
+
+BOOTSTRAP = "RENTALML_KAFKA__BOOTSTRAP_SERVERS"  # the env entry the readers connect to
 
 ROOT = Path(__file__).resolve().parents[1]
 LATENESS_S = 3 * 86_400  # the tests' events span the last day: none of them is late
@@ -107,29 +110,6 @@ def _send(env: dict, records: list[tuple[str, bytes | None, bytes]], want_meta: 
     meta = [f.get(timeout=30) for f in futures] if want_meta else []
     prod.close()
     return meta
-
-
-def _read_topic(env: dict, topic: str, keep) -> list[dict]:
-    """Every record of a topic (from the beginning) whose decoded value passes `keep`."""
-    from kafka import KafkaConsumer, TopicPartition
-
-    c = KafkaConsumer(bootstrap_servers=env["RENTALML_KAFKA__BOOTSTRAP_SERVERS"], enable_auto_commit=False,
-                      group_id=None, auto_offset_reset="earliest", max_poll_records=5000)
-    parts = [TopicPartition(topic, p) for p in c.partitions_for_topic(topic)]
-    c.assign(parts)
-    c.seek_to_beginning(*parts)
-    out, idle_since = [], time.monotonic()
-    while time.monotonic() - idle_since < 2.0:
-        batch = c.poll(timeout_ms=300)
-        if batch:
-            idle_since = time.monotonic()
-        for recs in batch.values():
-            for r in recs:
-                doc = json.loads(r.value)
-                if keep(doc):
-                    out.append(doc)
-    c.close()
-    return out
 
 
 def _interaction(tag: str, i: int, user: str, prop: str, etype: str, ts: datetime) -> dict:
@@ -316,12 +296,12 @@ def test_duplicates_updates_late_metrics_and_sigterm(stream_env, tmp_path):
     taste = _online(store, users=[u1]).loc[u1]
     assert taste["n_events_7d"] == 2 and taste["top_city"] == "Boston" and taste["median_price"] == 1000.0
     assert recent_history(u1, _settings(env, tag)) == [p1]
-    dlq = _read_topic(env, "dead_letter", lambda d: tag in d["payload"])
+    dlq = read_topic(env[BOOTSTRAP], "dead_letter", lambda d: tag in d["payload"])
     reasons = sorted(d["reason"] for d in dlq)
     assert len(dlq) == 2, reasons
     assert reasons[0].startswith("invalid event: field 'event_type'") and "'user_id'" in reasons[0]
     assert reasons[1].startswith("late event: field 'timestamp'")
-    processed = _read_topic(env, "processed_data", lambda d: d["event_id"].startswith(tag))
+    processed = read_topic(env[BOOTSTRAP], "processed_data", lambda d: d["event_id"].startswith(tag))
     assert sorted(d["event_id"] for d in processed if not d["duplicate"]) == sorted(
         [e1["event_id"], e2["event_id"], f"{tag}-listed-{p1}", f"{tag}-listed-{p2}", f"{tag}-u1", f"{tag}-d2"])
     assert [d["event_id"] for d in processed if d["duplicate"]] == [e1["event_id"]]
@@ -411,10 +391,10 @@ def test_50k_events_sigkill_midway_exactly_once_effect(stream_env, tmp_path):
     taste = _online(store, users=users)["n_events_7d"].reindex(users)
     assert (taste.astype(int).to_numpy() == n7.to_numpy()).all()
 
-    dlq = _read_topic(env, "dead_letter", lambda d: (d["topic"], d["partition"], d["offset"]) in bad_coords)
+    dlq = read_topic(env[BOOTSTRAP], "dead_letter", lambda d: (d["topic"], d["partition"], d["offset"]) in bad_coords)
     assert {(d["topic"], d["partition"], d["offset"]) for d in dlq} == bad_coords
     assert all(d["reason"] for d in dlq)
-    processed = _read_topic(env, "processed_data", lambda d: d["event_id"].startswith(f"{tag}-e"))
+    processed = read_topic(env[BOOTSTRAP], "processed_data", lambda d: d["event_id"].startswith(f"{tag}-e"))
     assert {d["event_id"] for d in processed} == {e["event_id"] for e in valid}
     first = [d["event_id"] for d in processed if not d["duplicate"]]
     assert len(first) == len(set(first))  # no event applied twice
