@@ -15,9 +15,12 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
 
 PG_BIN_DIRS = [Path("/usr/lib/postgresql") / v / "bin" for v in ("17", "16", "15", "14", "13")]
 
@@ -45,15 +48,40 @@ def stop_process(proc: subprocess.Popen, timeout: float = 20.0) -> int | None:
         return None
 
 
-def wait_port(port: int, timeout: float = 20.0, proc: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+def wait_until(predicate: Callable[[], T], timeout: float = 20.0, *, interval: float = 0.05,
+               proc: subprocess.Popen | None = None, what: str = "condition",
+               clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> T:
+    """Poll `predicate` until it returns something truthy and return that; the one wait loop of the project.
+
+    Exceptions of `OSError` kind (a server not yet listening, a connection reset) count as "not yet". When `proc`
+    is given and exits first, a RuntimeError says so at once instead of waiting out the timeout. `clock` and
+    `sleep` are injectable so tests can drive the loop without the wall clock.
+    """
+    deadline = clock() + timeout
+    last_error: BaseException | None = None
+    while True:
         if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"service exited with code {proc.returncode} before listening on {port}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
+            raise RuntimeError(f"process exited with code {proc.returncode} while waiting for {what}")
+        try:
+            value = predicate()
+        except OSError as exc:  # includes ConnectionError and socket timeouts
+            value, last_error = None, exc
+        if value:
+            return value
+        if clock() >= deadline:
+            detail = f" (last error: {last_error!r})" if last_error is not None else ""
+            raise TimeoutError(f"{what} not met after {timeout}s{detail}")
+        sleep(interval)
+
+
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
+        return True
+    return False
+
+
+def wait_port(port: int, timeout: float = 20.0, proc: subprocess.Popen | None = None) -> None:
+    wait_until(lambda: port_open(port), timeout, proc=proc, what=f"a listener on 127.0.0.1:{port}")
 
 
 @dataclass
