@@ -38,9 +38,6 @@ KNOWN_LAYER_VIOLATIONS: set[tuple[str, str]] = set()
 
 #: edges that close a cycle today (dropping them leaves the graph acyclic)
 KNOWN_CYCLE_EDGES: set[tuple[str, str]] = {
-    # db.store reads a DB with the loaders' private helpers (_canonical, _interactions_frame) while the loaders
-    # dispatch database URLs to db.store: the helpers belong in a module both import
-    ("rentalml.db.store", "rentalml.data.loaders"),
     # model.py starts REST worker processes with server.worker_init (lazily) while server imports model and
     # fastpath imports model's constants: the KServe-shaped inference/ layout (issue 12 point 3) splits them
     ("rentalml.inference.model", "rentalml.inference.server"),

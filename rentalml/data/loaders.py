@@ -10,53 +10,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from rentalml.data.columns import canonical_names, interactions_frame, require_columns
 from rentalml.data.dataset import Dataset
 
-#: accepted headers (lower case, underscores dropped) -> canonical name
-_ALIASES = {
-    "userid": "user_id", "user": "user_id", "itemid": "item_id", "item": "item_id",
-    "movieid": "item_id", "propertyid": "item_id", "listingid": "item_id",
-}
 _ROOM_TYPES = {"entire home/apt": "entire_home", "private room": "private_room",
                "shared room": "shared_room", "hotel room": "hotel_room"}
 
 
-def _canonical(columns: pd.Index) -> dict[str, str]:
-    return {c: _ALIASES.get(str(c).strip().lower().replace("_", ""), str(c).strip()) for c in columns}
-
-
-def _require(df: pd.DataFrame, columns: list[str], source: object) -> None:
-    for col in columns:
-        if col not in df.columns:
-            raise ValueError(f"{source}: missing required column {col!r} (found {list(df.columns)})")
-
-
-def _parse_timestamp(s: pd.Series) -> pd.Series:
-    """Unix seconds (or milliseconds when the numbers are that large) or ISO-8601 strings → UTC."""
-    if pd.api.types.is_numeric_dtype(s):
-        unit = "ms" if s.abs().max() > 1e11 else "s"
-        return pd.to_datetime(s, unit=unit, utc=True)
-    try:
-        return pd.to_datetime(s, utc=True, format="ISO8601")
-    except (ValueError, TypeError):
-        return pd.to_datetime(s, utc=True, format="mixed")
-
-
-def _interactions_frame(df: pd.DataFrame, source: object) -> pd.DataFrame:
-    df = df.rename(columns=_canonical(df.columns))
-    _require(df, ["user_id", "item_id", "timestamp"], source)
-    df = df.rename(columns={"item_id": "property_id"})
-    df["user_id"] = df["user_id"].astype(str)
-    df["property_id"] = df["property_id"].astype(str)
-    df["timestamp"] = _parse_timestamp(df["timestamp"])
-    df["weight"] = pd.to_numeric(df["weight"], errors="coerce").fillna(1.0) if "weight" in df else 1.0
-    return df
-
-
 def _items_frame(path: str | Path) -> pd.DataFrame:
     items = pd.read_csv(path)
-    items = items.rename(columns=_canonical(items.columns))
-    _require(items, ["item_id"], path)
+    items = items.rename(columns=canonical_names(items.columns))
+    require_columns(items, ["item_id"], path)
     items = items.rename(columns={"item_id": "property_id"})
     items["property_id"] = items["property_id"].astype(str)
     return items.drop_duplicates("property_id").set_index("property_id")
@@ -70,7 +34,7 @@ def load_csv(interactions_csv: str | Path, item_features_csv: str | Path | None 
     not used as weight: implicit feedback). `item_features_csv` needs an item_id column.
     """
     path = Path(interactions_csv)
-    df = _interactions_frame(pd.read_csv(path), path)
+    df = interactions_frame(pd.read_csv(path), path)
     items = _items_frame(item_features_csv) if item_features_csv is not None else None
     stem = path.name.split(".")[0]
     return Dataset(df, items, name=name or stem, meta={"source": str(path)})
@@ -83,7 +47,7 @@ def load_movielens(directory: str | Path | None = None) -> Dataset:
     """
     d = Path(directory) if directory is not None else _shared("movielens-latest-small")
     ratings = pd.read_csv(d / "ratings.csv")
-    df = _interactions_frame(ratings, d / "ratings.csv")
+    df = interactions_frame(ratings, d / "ratings.csv")
     items = None
     if (d / "movies.csv").exists():
         movies = pd.read_csv(d / "movies.csv")
@@ -136,7 +100,7 @@ def load_airbnb(directory: str | Path | None = None, min_user_reviews: int = 1) 
     """
     d = Path(directory) if directory is not None else _shared("airbnb-albany")
     listings = pd.read_csv(_first(d, "listings"))
-    _require(listings, ["id", "price", "room_type", "latitude", "longitude"], d / "listings.csv.gz")
+    require_columns(listings, ["id", "price", "room_type", "latitude", "longitude"], d / "listings.csv.gz")
     price = _parse_price(listings["price"])
     room = listings["room_type"].fillna("").astype(str)
     room = room.str.lower().map(_ROOM_TYPES).fillna(room.str.lower().str.replace(r"\W+", "_", regex=True))
@@ -171,7 +135,7 @@ def load_airbnb(directory: str | Path | None = None, min_user_reviews: int = 1) 
     }).drop_duplicates("property_id").set_index("property_id")
 
     reviews = pd.read_csv(_first(d, "reviews"))
-    _require(reviews, ["listing_id", "id", "date", "reviewer_id"], d / "reviews.csv.gz")
+    require_columns(reviews, ["listing_id", "id", "date", "reviewer_id"], d / "reviews.csv.gz")
     known = reviews["listing_id"].astype(str).isin(items.index)
     reviews = reviews[known]
     counts = reviews["reviewer_id"].map(reviews["reviewer_id"].value_counts())
@@ -215,7 +179,7 @@ def load_parquet(path: str | Path, name: str | None = None) -> Dataset:
     df = pd.read_parquet(path)
     if "property_id" in df.columns and "item_id" not in df.columns:
         df = df.rename(columns={"property_id": "item_id"})
-    return Dataset(_interactions_frame(df, path), name=name or path.name.split(".")[0], meta={"source": str(path)})
+    return Dataset(interactions_frame(df, path), name=name or path.name.split(".")[0], meta={"source": str(path)})
 
 
 def load_sql(source: str = "interactions", url: str | None = None, items_table: str = "properties",

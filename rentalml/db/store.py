@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import sqlalchemy as sa
 
+from rentalml.data.columns import canonical_names, interactions_frame
 from rentalml.data.dataset import Dataset
 from rentalml.db import models as m
 
@@ -386,8 +387,6 @@ def load_from_db(url: str | sa.Engine | None = None, since: datetime | str | Non
     `properties`/`users` tables are read as feature tables when they exist. Tables with this package's schema
     give back exactly what `seed` stored (list columns as lists, UTC timestamps, `extra` as columns).
     """
-    from rentalml.data.loaders import _canonical, _interactions_frame
-
     is_query = source.lstrip().lower().startswith(("select", "with"))
     if is_query and since is not None:
         raise ValueError("since: not applicable to a SELECT source (put the condition in the query)")
@@ -413,7 +412,7 @@ def load_from_db(url: str | sa.Engine | None = None, since: datetime | str | Non
                     items = _expand(items, m.PROPERTY_FIELDS, drop=("available", "updated_at"))
                     if "listed_at" in items.columns:
                         items["listed_at"] = pd.to_datetime(items["listed_at"], utc=True)
-                items = items.rename(columns=_canonical(items.columns)).rename(columns={"item_id": "property_id"})
+                items = items.rename(columns=canonical_names(items.columns)).rename(columns={"item_id": "property_id"})
             if users_table in present:
                 t, ours = _reflect(conn, users_table, m.users)
                 users = _frame(conn, t, order=[t.c.user_id] if ours else None)
@@ -427,4 +426,4 @@ def load_from_db(url: str | sa.Engine | None = None, since: datetime | str | Non
     meta = {"source": f"{safe} {source}"}
     if since is not None:
         meta["since"] = _to_datetime(since, "since").isoformat()
-    return Dataset(_interactions_frame(df, f"sql:{source}"), items, users, name=name, meta=meta)
+    return Dataset(interactions_frame(df, f"sql:{source}"), items, users, name=name, meta=meta)
