@@ -71,9 +71,8 @@ def main() -> None:
     from rentalml.config import get_settings
 
     get_settings.cache_clear()
-    from rentalml.streaming.kafka_io import PROPERTY_DATA, ensure_topics, producer
-
     from rentalml.features.store import apply, open_store
+    from rentalml.kafka import PROPERTY_DATA, ensure_topics, producer
 
     store = open_store()
     apply(store)

@@ -18,6 +18,8 @@
   component replaced `containers` and silently dropped the env (auth off), mounts and probes; strategic merge
   is not served for custom resources.
   Kubernetes API calls (RBAC, Role rentalml-deployer): get and patch on serving.kserve.io/inferenceservices.
+  The patching itself is a core contract, `rentalml.kserve` (`deploy_version`, the JSON Patch builders, the
+  env names of the arms, `API_CALLS`), which `rentalml ab promote|rollback --cluster` uses too.
 * Local: a `rentalml serve` process started by an earlier deploy (pid and ports under
   $RENTALML_HOME/serving/local-server.json) is stopped and restarted on the new version's bundle.
 """
@@ -34,31 +36,6 @@ import time
 from pathlib import Path
 
 from rentalml.config import get_settings
-from rentalml.kserve import (  # noqa: F401 - re-exported: the steps and tests use them through deploy
-    API_CALLS,
-    CONTAINER,
-    ENV_CHALLENGER,
-    ENV_CHAMPION,
-    ENV_PERCENT,
-    ISVC_GROUP,
-    ISVC_PLURAL,
-    ISVC_VERSION,
-    JSON_PATCH,
-    SA_NAMESPACE,
-    VERSION_LABEL,
-    VERSIONS_ANNOTATION,
-    DeployError,
-    arms,
-    component_ready,
-    deploy_version,
-    env_ops,
-    get_isvc,
-    json_patch,
-    predictor_ops,
-    set_canary_traffic,
-    transformer_ops,
-    wait_ready,
-)
 from rentalml.services import free_port
 
 

@@ -280,7 +280,8 @@ def export(dataset_dir: str | Path, model_path: str | Path, bundle_dir: str | Pa
     fallback. Also measures the int8 variant against fp32 (top-k overlap, ms/batch) on a sample of users."""
     import numpy as np
 
-    from rentalml.export.bundle import Bundle, write_bundle
+    from rentalml.export.bundle import write_bundle
+    from rentalml.runtime.bundle import Bundle
 
     ds = _load(dataset_dir)
     fitted = load_fitted(model_path)
@@ -318,8 +319,8 @@ def register(bundle_dir: str | Path, report_dir: str | Path | None, *, model: st
     """MLflow run (params, metrics, lineage tags: data snapshot hash, feature views, code version, pipeline
     run; bundle and report as artifacts) and a new version of the registered model; the champion alias moves
     only when the candidate beats it by `margin` (else the version becomes the challenger)."""
-    from rentalml.export.bundle import read_meta
     from rentalml.registry import mlflow_registry as reg
+    from rentalml.runtime.bundle import read_meta
 
     s = get_settings()
     lineage = {"data_snapshot": snapshot, "dataset": dataset_name, "protocol": protocol,
@@ -370,8 +371,10 @@ def deploy(*, version: str, mode: str, canary_percent: int, isvc_name: str, name
     callers of the older signature)."""
     from rentalml.components import deploy as d
 
+    from rentalml.kserve import deploy_version
+
     if mode == "kserve":
-        res = d.deploy_version(isvc_name, version=version, canary_percent=canary_percent,
+        res = deploy_version(isvc_name, version=version, canary_percent=canary_percent,
                                namespace=namespace or None) if apply else {"applied": False}
         d.write_manifest({"mode": mode, "version": str(version), **res}, manifest_path)
         return {"mode": mode, **{k: v for k, v in res.items() if k != "patches"}}

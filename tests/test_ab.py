@@ -260,9 +260,10 @@ def test_promote_and_rollback_move_aliases(registry, tmp_path, monkeypatch):
     reg.set_alias("challenger", "2", settings=registry)
     # cluster mode: the same alias moves plus a JSON Patch of the transformer's pinned arms, applied by a fake API
     # server with the API server's semantics for the content type sent, on the rendered InferenceService
-    from rentalml.components import deploy as d
     from rentalml.components import rendered as cl
     from rentalml.components.kubefake import FakeKubeApi
+
+    from rentalml import kserve as ks
 
     isvc = cl.find(cl.render("dev", workdir=tmp_path / "render"), "InferenceService", "rental-recommender")
     with FakeKubeApi() as api:
@@ -273,23 +274,23 @@ def test_promote_and_rollback_move_aliases(registry, tmp_path, monkeypatch):
         def arms() -> dict:
             live = api.get("serving.kserve.io", "ml", "inferenceservices", "rental-recommender")
             env = {e["name"]: e.get("value") for e in live["spec"]["transformer"]["containers"][0]["env"]}
-            others = {k: v for k, v in env.items() if k not in (d.ENV_CHAMPION, d.ENV_CHALLENGER, d.ENV_PERCENT)}
+            others = {k: v for k, v in env.items() if k not in (ks.ENV_CHAMPION, ks.ENV_CHALLENGER, ks.ENV_PERCENT)}
             before = {e["name"]: e.get("value") for e in isvc["spec"]["transformer"]["containers"][0]["env"]}
             assert others == before  # every other env entry (auth included) kept
-            return {k: env.get(k) for k in (d.ENV_CHAMPION, d.ENV_CHALLENGER, d.ENV_PERCENT)}
+            return {k: env.get(k) for k in (ks.ENV_CHAMPION, ks.ENV_CHALLENGER, ks.ENV_PERCENT)}
 
         res = runner.invoke(app, ["ab", "promote", "--cluster", "--isvc", "rental-recommender", "--namespace", "ml"])
         assert res.exit_code == 0, res.output
         out = json.loads(res.output)
         assert out["champion"] == "2" and out["previous_champion"] == "1" and _aliases(registry) == ("2", None)
-        assert arms() == {d.ENV_CHAMPION: "2", d.ENV_CHALLENGER: "", d.ENV_PERCENT: "0"}
+        assert arms() == {ks.ENV_CHAMPION: "2", ks.ENV_CHALLENGER: "", ks.ENV_PERCENT: "0"}
         assert all(p["content_type"].startswith("application/json-patch+json") for p in api.patches())
         # no canary left: rollback restores the previous champion (recorded at promotion), pinned in the cluster
         res = runner.invoke(app, ["ab", "rollback", "--cluster", "--namespace", "ml"])
         assert res.exit_code == 0, res.output
         out = json.loads(res.output)
         assert out["action"] == "champion_restored" and out["champion"] == "1" and _aliases(registry) == ("1", None)
-        assert arms() == {d.ENV_CHAMPION: "1", d.ENV_CHALLENGER: "", d.ENV_PERCENT: "0"}
+        assert arms() == {ks.ENV_CHAMPION: "1", ks.ENV_CHALLENGER: "", ks.ENV_PERCENT: "0"}
         assert len(api.patches()) == 2
     # v1 has no recorded predecessor: nothing further to roll back to
     res = runner.invoke(app, ["ab", "rollback"])

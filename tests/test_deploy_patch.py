@@ -19,10 +19,11 @@ import copy
 import os
 
 import pytest
-from rentalml.components import deploy as d
 from rentalml.components import rendered as cl
 from rentalml.components import steps
 from rentalml.components.kubefake import FakeKubeApi
+
+from rentalml import kserve as ks
 
 NS = "rentalml"
 
@@ -54,7 +55,7 @@ def _without(container: dict, names: set[str]) -> dict:
     return c
 
 
-ARMS = {d.ENV_CHAMPION, d.ENV_CHALLENGER, d.ENV_PERCENT}
+ARMS = {ks.ENV_CHAMPION, ks.ENV_CHALLENGER, ks.ENV_PERCENT}
 
 
 def _deploy(version: str, tmp_path, percent: int = 10) -> dict:
@@ -80,24 +81,24 @@ def test_deploy_patch_keeps_every_env_mount_probe_and_auth(cluster, tmp_path):
     env = _env(c)
     assert env["RENTALML_AUTH__ENABLED"]["value"] == "true"
     assert env["RENTALML_AUTH__JWT_SECRET_FILE"] == _env(c0)["RENTALML_AUTH__JWT_SECRET_FILE"]
-    assert env[d.ENV_CHAMPION]["value"] == "1" and env[d.ENV_CHALLENGER]["value"] == "2"
-    assert env[d.ENV_PERCENT]["value"] == "10"
+    assert env[ks.ENV_CHAMPION]["value"] == "1" and env[ks.ENV_CHALLENGER]["value"] == "2"
+    assert env[ks.ENV_PERCENT]["value"] == "10"
     # predictor: same model, storageUri, resources; a new revision pinned to the live versions, no Knative split
     pred, pred0 = live["spec"]["predictor"], rendered["spec"]["predictor"]
     assert pred["model"] == pred0["model"]
-    assert pred["annotations"][d.VERSIONS_ANNOTATION] == "1,2" and pred["canaryTrafficPercent"] == 100
+    assert pred["annotations"][ks.VERSIONS_ANNOTATION] == "1,2" and pred["canaryTrafficPercent"] == 100
     assert {k: v for k, v in pred.items() if k not in ("annotations", "canaryTrafficPercent")} == \
         {k: v for k, v in pred0.items() if k not in ("annotations", "canaryTrafficPercent")}
-    assert live["metadata"]["labels"][d.VERSION_LABEL] == "2"
+    assert live["metadata"]["labels"][ks.VERSION_LABEL] == "2"
     assert live["metadata"]["annotations"] == rendered["metadata"]["annotations"]
     assert live["status"]["components"]["predictor"]["latestReadyRevision"].endswith("00003")
     # only JSON Patches, and only what the deployer Role allows
-    assert {p["content_type"] for p in api.patches()} == {d.JSON_PATCH}
-    assert api.api_calls() <= set(d.API_CALLS)
+    assert {p["content_type"] for p in api.patches()} == {ks.JSON_PATCH}
+    assert api.api_calls() <= set(ks.API_CALLS)
     role = cl.find(cl.render("dev", workdir=tmp_path / "r"), "Role", "rentalml-deployer")
     allowed = {(v, g, r) for rule in role["rules"] for v in rule["verbs"] for g in rule["apiGroups"]
                for r in rule["resources"]}
-    assert set(d.API_CALLS) <= allowed
+    assert set(ks.API_CALLS) <= allowed
 
 
 def test_deploy_waits_for_the_predictor_revision_before_moving_users(rendered, tmp_path, monkeypatch):
@@ -107,22 +108,22 @@ def test_deploy_waits_for_the_predictor_revision_before_moving_users(rendered, t
     with FakeKubeApi(ready=False) as api:
         api.put(isvc, NS)
         monkeypatch.setenv("KUBECONFIG", str(api.write_kubeconfig(tmp_path / "kubeconfig", NS)))
-        with pytest.raises(d.DeployError, match="predictor not ready"):
-            d.deploy_version("rental-recommender", version="7", canary_percent=10, namespace=NS, ready_timeout=0.3,
+        with pytest.raises(ks.DeployError, match="predictor not ready"):
+            ks.deploy_version("rental-recommender", version="7", canary_percent=10, namespace=NS, ready_timeout=0.3,
                              poll=0.1)
         live = api.get("serving.kserve.io", NS, "inferenceservices", "rental-recommender")
-        assert d.ENV_CHAMPION not in _env(live["spec"]["transformer"]["containers"][0])
-        assert live["spec"]["predictor"]["annotations"][d.VERSIONS_ANNOTATION] == "7"
+        assert ks.ENV_CHAMPION not in _env(live["spec"]["transformer"]["containers"][0])
+        assert live["spec"]["predictor"]["annotations"][ks.VERSIONS_ANNOTATION] == "7"
 
 
 def test_ab_rollback_patch_touches_only_the_percent(cluster, tmp_path):
     api, rendered = cluster
     _deploy("1", tmp_path)
     _deploy("2", tmp_path, percent=25)
-    d.set_canary_traffic("rental-recommender", 0, namespace=NS)
+    ks.set_canary_traffic("rental-recommender", 0, namespace=NS)
     live = api.get("serving.kserve.io", NS, "inferenceservices", "rental-recommender")
     c = live["spec"]["transformer"]["containers"][0]
-    assert _env(c)[d.ENV_PERCENT]["value"] == "0" and _env(c)[d.ENV_CHALLENGER]["value"] == "2"
+    assert _env(c)[ks.ENV_PERCENT]["value"] == "0" and _env(c)[ks.ENV_CHALLENGER]["value"] == "2"
     assert _without(c, ARMS) == rendered["spec"]["transformer"]["containers"][0]
 
 
@@ -130,7 +131,7 @@ def test_missing_inference_service_is_an_error_not_a_bare_create(rendered, tmp_p
     """Deploy never creates the object from a spec of its own (that one had no auth, mounts or probes)."""
     with FakeKubeApi() as api:
         monkeypatch.setenv("KUBECONFIG", str(api.write_kubeconfig(tmp_path / "kubeconfig", NS)))
-        with pytest.raises(d.DeployError, match="apply the manifests first"):
+        with pytest.raises(ks.DeployError, match="apply the manifests first"):
             _deploy("1", tmp_path)
         assert not [r for r in api.requests if r["method"] != "GET"]
 
@@ -144,12 +145,12 @@ def test_fake_api_applies_the_api_servers_patch_semantics(cluster):
     config.load_kube_config(config_file=os.environ["KUBECONFIG"])
     objs = client.CustomObjectsApi()
     spec = {"containers": [{"name": "kserve-container", "image": "x", "args": ["serve"]}]}
-    objs.patch_namespaced_custom_object(d.ISVC_GROUP, d.ISVC_VERSION, NS, d.ISVC_PLURAL, "rental-recommender",
+    objs.patch_namespaced_custom_object(ks.ISVC_GROUP, ks.ISVC_VERSION, NS, ks.ISVC_PLURAL, "rental-recommender",
                                         {"spec": {"transformer": spec}})
     assert api.patches()[-1]["content_type"] == "application/merge-patch+json"
     live = api.get("serving.kserve.io", NS, "inferenceservices", "rental-recommender")
     assert "env" not in live["spec"]["transformer"]["containers"][0]
     assert live["spec"]["transformer"]["volumes"] == rendered["spec"]["transformer"]["volumes"]  # maps merge
-    code, body = api.handle("PATCH", f"/apis/{d.ISVC_GROUP}/{d.ISVC_VERSION}/namespaces/{NS}/{d.ISVC_PLURAL}/"
+    code, body = api.handle("PATCH", f"/apis/{ks.ISVC_GROUP}/{ks.ISVC_VERSION}/namespaces/{NS}/{ks.ISVC_PLURAL}/"
                             "rental-recommender", "application/strategic-merge-patch+json", b"{}")
     assert code == 415

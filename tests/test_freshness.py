@@ -49,9 +49,8 @@ def world(kafka_bootstrap, redis_url, market, fit, tmp_path_factory):
         import redis as redis_lib
 
         redis_lib.Redis.from_url(redis).flushdb()
-        from rentalml.streaming.kafka_io import ensure_topics
-
         from rentalml.features.store import apply, open_store
+        from rentalml.kafka import ensure_topics
 
         apply(open_store())
         ensure_topics()

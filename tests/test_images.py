@@ -301,9 +301,8 @@ def test_training_image_runs_a_local_pipeline_as_the_cronjob_runs(podman, render
 
 # --- the streaming image: the stream-processor Deployment against Tansu -----------------------------------------
 def _send(bootstrap: str, partitions: int, records: list[tuple[str, bytes, bytes]]) -> None:
-    from rentalml.streaming.kafka_io import ensure_topics, producer
-
     from rentalml.config import Settings
+    from rentalml.kafka import ensure_topics, producer
 
     s = Settings(kafka={"bootstrap_servers": bootstrap, "partitions": partitions})
     ensure_topics(s)  # Strimzi's KafkaTopics in the cluster
@@ -433,9 +432,9 @@ def test_serving_image_is_the_inferenceservice_transformer(podman, rendered, bac
     from tritonclient.utils import InferenceServerException
 
     from rentalml.config import Settings
-    from rentalml.export.bundle import Bundle
     from rentalml.features.store import apply, open_store
     from rentalml.recommend import recommend
+    from rentalml.runtime.bundle import Bundle
 
     isvc = _obj(rendered, "InferenceService", "rental-recommender")
     spec = isvc["spec"]["transformer"]

@@ -16,9 +16,10 @@ from __future__ import annotations
 import copy
 
 import pytest
-from rentalml.components import deploy as d
 
-ARMS = {d.ENV_CHAMPION, d.ENV_CHALLENGER, d.ENV_PERCENT}
+from rentalml import kserve as ks
+
+ARMS = {ks.ENV_CHAMPION, ks.ENV_CHALLENGER, ks.ENV_PERCENT}
 
 
 def _need():
@@ -60,8 +61,8 @@ def test_local_cluster_retrain_publish_deploy_canary(tmp_path):
     assert live["predictor"]["model"] == rendered["predictor"]["model"]
     env = {e["name"]: e.get("value") for e in live["transformer"]["containers"][0]["env"]}
     assert env["RENTALML_AUTH__ENABLED"] == "true"
-    assert (env[d.ENV_CHAMPION], env[d.ENV_CHALLENGER], env[d.ENV_PERCENT]) == (v1, v2, "50")
-    assert live["predictor"]["annotations"][d.VERSIONS_ANNOTATION] == f"{v1},{v2}"
+    assert (env[ks.ENV_CHAMPION], env[ks.ENV_CHALLENGER], env[ks.ENV_PERCENT]) == (v1, v2, "50")
+    assert live["predictor"]["annotations"][ks.VERSIONS_ANNOTATION] == f"{v1},{v2}"
     # sticky per user over HTTP and gRPC, both arms used, never mixed
     seen = {}
     for user, answers in rep["answers"].items():

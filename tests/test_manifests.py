@@ -356,9 +356,8 @@ def test_inference_service_transformer_and_triton_predictor(rendered):
         assert isvc["predictor"]["canaryTrafficPercent"] == 100, target
     # the pipeline's deploy step patches this object (tests/test_deploy_patch.py): same name, and the deployer
     # Role allows every call it makes
-    from rentalml.components.deploy import API_CALLS
-
     from rentalml.config import get_settings
+    from rentalml.kserve import API_CALLS
 
     assert getattr(get_settings().serve, "isvc_name", "rental-recommender") == "rental-recommender"
     role = _by_kind(rendered["root"], "Role")["rentalml-deployer"]

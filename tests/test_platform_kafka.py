@@ -264,9 +264,10 @@ def _run_outcomes(settings):
 def test_every_kafka_call_of_the_code_is_allowed_by_its_kafkauser(rendered, target, fake_kafka, monkeypatch):  # noqa: F811
     """Runs the processor's startup (topic check, consumer group join, producer) and the serving outcome log's
     Kafka write against the rendered cluster's ACLs: nothing may be denied and everything must complete."""
-    from rentalml.streaming import kafka_io, processor
+    from rentalml.streaming import processor
 
     from inference import outcomes
+    from rentalml.kafka import processor_access
 
     docs = rendered[target]
     broker = fake_kafka(docs)
@@ -276,7 +277,7 @@ def test_every_kafka_call_of_the_code_is_allowed_by_its_kafkauser(rendered, targ
     principal = settings.kafka.sasl_username
     assert principal in broker.users, f"no KafkaUser {principal} for the stream processor"
     proc = _run_processor(settings)
-    access = kafka_io.processor_access(settings)
+    access = processor_access(settings)
     assert proc.consumer is not None, f"the processor never got its topics: denied {broker.denied}"
     assert set(proc.consumer.topics) == set(access.consumes) and proc.consumer.group == access.group
     assert {processor.PROCESSED_DATA, processor.DEAD_LETTER} == set(access.produces)  # what process() sends to
@@ -304,12 +305,11 @@ def test_every_kafka_call_of_the_code_is_allowed_by_its_kafkauser(rendered, targ
 
 
 def test_every_topic_the_code_touches_is_a_kafkatopic(rendered):  # noqa: F811
-    from rentalml.streaming import kafka_io
-
     from inference import outcomes
     from rentalml.config import Settings
+    from rentalml.kafka import TOPICS, processor_access
 
-    touched = set(kafka_io.TOPICS) | set(kafka_io.processor_access(Settings()).topics) | {outcomes.TOPIC}
+    touched = set(TOPICS) | set(processor_access(Settings()).topics) | {outcomes.TOPIC}
     for target, docs in rendered.items():
         topics = {t["spec"].get("topicName", t["metadata"]["name"]) for t in docs if t["kind"] == "KafkaTopic"}
         assert touched <= topics, (target, touched - topics)
@@ -334,9 +334,8 @@ def test_the_processor_waits_with_a_clear_error_where_a_topic_is_hidden(rendered
 
 
 def test_topics_unavailable_from_ensure_topics(rendered, fake_kafka):  # noqa: F811
-    from rentalml.streaming.kafka_io import TopicsUnavailable, ensure_topics
-
     from rentalml.config import Settings
+    from rentalml.kafka import TopicsUnavailable, ensure_topics
 
     fake_kafka(rendered["root"])
     settings = Settings(kafka={"sasl_username": "rentalml-serving", "sasl_mechanism": "SCRAM-SHA-512",

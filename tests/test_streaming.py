@@ -45,9 +45,8 @@ def stream_env(kafka_bootstrap, redis_url, tmp_path_factory):
         for k, v in env.items():
             mp.setenv(k, v)
         get_settings.cache_clear()
-        from rentalml.streaming.kafka_io import ensure_topics
-
         from rentalml.features.store import apply, open_store
+        from rentalml.kafka import ensure_topics
 
         store = open_store()
         apply(store)
@@ -101,7 +100,7 @@ def _run(env: dict, tag: str, log: Path, idle: float = 4.0, timeout: float = 120
 
 
 def _send(env: dict, records: list[tuple[str, bytes | None, bytes]], want_meta: bool = False) -> list:
-    from rentalml.streaming.kafka_io import producer
+    from rentalml.kafka import producer
 
     s = Settings(kafka={"bootstrap_servers": env["RENTALML_KAFKA__BOOTSTRAP_SERVERS"]})
     prod = producer(s, max_in_flight_requests_per_connection=5, linger_ms=20, batch_size=512 * 1024)
@@ -165,7 +164,8 @@ def test_validation_reasons_name_the_field():
 
 def test_client_config_passes_sasl_and_tls_to_every_client():
     from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
-    from rentalml.streaming.kafka_io import client_config
+
+    from rentalml.kafka import client_config
 
     s = Settings(kafka={"bootstrap_servers": "k-0:9093, k-1:9093", "security_protocol": "SASL_SSL",
                         "sasl_mechanism": "SCRAM-SHA-512", "sasl_username": "rentalml-stream", "sasl_password": "pw",
@@ -182,7 +182,9 @@ def test_client_config_passes_sasl_and_tls_to_every_client():
 @pytest.mark.parametrize("backend", ["redis", "sqlite"])
 def test_state_store_dedupes_rejects_late_and_orders_attributes(backend, redis_url, tmp_path):
     from rentalml.streaming.aggregates import engagement_frame
-    from rentalml.streaming.state import RedisState, SQLiteState
+
+    from rentalml.state.redis import RedisState
+    from rentalml.state.sqlite import SQLiteState
 
     tag = _tag()
     s = Settings(home=tmp_path, stream={"key_prefix": f"u:{tag}", "allowed_lateness_s": 3600, "history_len": 3})
@@ -247,9 +249,9 @@ def test_duplicates_updates_late_metrics_and_sigterm(stream_env, tmp_path):
     delisting change the online attributes; late and malformed records go to dead_letter with the reason;
     (d) SIGTERM: the processor finishes, commits and exits 0 (a restart re-reads nothing it handled)."""
     import httpx
-    from rentalml.streaming.state import recent_history
 
     from rentalml.services import free_port
+    from rentalml.state import recent_history
 
     env, store = stream_env
     tag = _tag()

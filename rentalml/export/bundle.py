@@ -31,9 +31,7 @@ import pandas as pd
 
 from rentalml import __version__
 from rentalml.export.onnx_export import export_scorer
-
-# the reader's names, for callers that still import them from here (new code: rentalml.runtime.bundle)
-from rentalml.runtime.bundle import FALLBACK_PER_CITY, FORMAT_VERSION, HISTORY_LEN, Bundle, read_meta  # noqa: F401
+from rentalml.runtime.bundle import FALLBACK_PER_CITY, FORMAT_VERSION, HISTORY_LEN
 
 
 def code_version() -> str:
