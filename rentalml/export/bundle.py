@@ -16,6 +16,9 @@ module only writes. Layout of a bundle directory:
   popularity.parquet   cold-start fallback: city ("*" = everywhere), property index, score, rank
   item_vectors.npy     item embeddings of the two-tower part (explanations), when the model has one
   encoders.json        fitted feature encoders (to encode never-seen properties/users as in training)
+  checksums.json       sha256 and size of every other file, and of bundle.json's content less the keys the
+                       registry stamps (model_version, registry); written last, checked by the reader
+                       (rentalml.runtime.bundle.verify_bundle) before it reads anything
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import pandas as pd
 
 from rentalml import __version__
 from rentalml.export.onnx_export import export_scorer
-from rentalml.runtime.bundle import FALLBACK_PER_CITY, FORMAT_VERSION, HISTORY_LEN
+from rentalml.runtime.bundle import CHECKSUMS, FALLBACK_PER_CITY, FORMAT_VERSION, HISTORY_LEN, bundle_checksums
 
 
 def code_version() -> str:
@@ -137,5 +140,10 @@ def write_bundle(fitted, dataset, out_dir: str | Path, *, model_name: str = "ren
     if drift_reference:
         from rentalml.monitoring.drift import write_reference
 
+        # the drift reference loads the bundle (a verified read): the digests of the files so far first
+        (out / CHECKSUMS).write_text(json.dumps(bundle_checksums(out), indent=2))
+
         write_reference(out, dataset)  # the training snapshot that `rentalml monitor drift` compares against
+    # last: the digests of everything above (a reader refuses a bundle whose files differ from them)
+    (out / CHECKSUMS).write_text(json.dumps(bundle_checksums(out), indent=2))
     return out

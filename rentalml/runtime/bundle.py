@@ -4,11 +4,18 @@ The layout of a bundle directory (contracts.md) is documented once, where it is 
 
 `Bundle` only reads and answers lookups (ids, histories, the cold-start lists, one scorer call); producing a
 recommendation is rentalml.runtime.pipeline's job.
+
+Integrity: the writer records a sha256 of every file in checksums.json (`bundle_checksums`), and of bundle.json's
+content less the keys the registry stamps later (`REGISTRY_KEYS`). `Bundle` checks them before it reads anything
+(`verify_bundle`): a truncated or swapped file, or an edited bundle.json, raises BundleIntegrityError (a
+ValueError) naming the file and both digests, and is logged as an error; a server keeps the version it serves.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -20,6 +27,16 @@ from rentalml.runtime.history import pad_histories, trim_padding
 FORMAT_VERSION = 1
 HISTORY_LEN = 256
 FALLBACK_PER_CITY = 200
+#: the integrity manifest beside bundle.json (written last by rentalml.export.bundle.write_bundle)
+CHECKSUMS = "checksums.json"
+#: bundle.json keys stamped after training (rentalml.registry.mlflow_registry.fetch_bundle): not in its digest
+REGISTRY_KEYS = ("model_version", "registry")
+
+log = logging.getLogger(__name__)
+
+
+class BundleIntegrityError(ValueError):
+    """A bundle's files or bundle.json differ from its checksums.json (truncated, swapped or edited)."""
 
 
 def read_meta(bundle_dir: str | Path) -> dict:
@@ -27,15 +44,83 @@ def read_meta(bundle_dir: str | Path) -> dict:
     return json.loads((Path(bundle_dir) / "bundle.json").read_text())
 
 
+def file_sha256(path: str | Path) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def meta_sha256(meta: dict) -> str:
+    """sha256 of bundle.json's content (canonical JSON) without REGISTRY_KEYS."""
+    body = {k: v for k, v in meta.items() if k not in REGISTRY_KEYS}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                                     default=str).encode()).hexdigest()
+
+
+def bundle_checksums(bundle_dir: str | Path) -> dict:
+    """The manifest of a written bundle: sha256 and size of every file but bundle.json and checksums.json, and
+    the digest of bundle.json's content (`meta_sha256`)."""
+    root = Path(bundle_dir)
+    files = {p.relative_to(root).as_posix(): {"sha256": file_sha256(p), "bytes": p.stat().st_size}
+             for p in sorted(root.rglob("*")) if p.is_file() and p.name not in (CHECKSUMS, "bundle.json")}
+    return {"algorithm": "sha256", "files": files,
+            "bundle.json": {"sha256": meta_sha256(read_meta(root)), "excludes": list(REGISTRY_KEYS)}}
+
+
+def verify_bundle(bundle_dir: str | Path, meta: dict | None = None) -> bool:
+    """Check a bundle against its checksums.json. True when verified, False when the bundle has no manifest (one
+    written before manifests existed: logged as a warning, served). Raises BundleIntegrityError naming every file
+    that differs, with the expected and actual sha256 (each also logged as an error)."""
+    root = Path(bundle_dir)
+    manifest_path = root / CHECKSUMS
+    if not manifest_path.is_file():
+        log.warning("bundle %s has no %s: its files cannot be verified (written before checksums existed)",
+                    root, CHECKSUMS)
+        return False
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files, meta_entry = manifest["files"], manifest["bundle.json"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise BundleIntegrityError(f"bundle {root}: {CHECKSUMS} is unreadable ({exc})") from None
+    problems = []
+    for name, want in files.items():
+        path = root / name
+        if not path.is_file():
+            problems.append(f"{name}: missing (expected sha256 {want['sha256']}, {want['bytes']} bytes)")
+            continue
+        got = file_sha256(path)
+        size = path.stat().st_size
+        if got != want["sha256"] or size != want["bytes"]:
+            problems.append(f"{name}: sha256 mismatch: expected {want['sha256']} ({want['bytes']} bytes), "
+                            f"actual {got} ({size} bytes)")
+    try:
+        got = meta_sha256(read_meta(root) if meta is None else meta)
+    except ValueError as exc:
+        got = f"unreadable ({exc})"
+    if got != meta_entry["sha256"]:
+        problems.append(f"bundle.json: content sha256 mismatch (keys {', '.join(REGISTRY_KEYS)} excluded): "
+                        f"expected {meta_entry['sha256']}, actual {got}")
+    if problems:
+        for p in problems:
+            log.error("bundle %s refused: %s", root, p)
+        raise BundleIntegrityError(f"bundle {root} is corrupt or mismatched: " + "; ".join(problems))
+    return True
+
+
 class Bundle:
     """A loaded bundle: ONNX Runtime session + id maps + cold-start fallback. Picklable (for --workers)."""
 
-    def __init__(self, path: str | Path, int8: bool = False, threads: int = 1):
+    def __init__(self, path: str | Path, int8: bool = False, threads: int = 1, verify: bool = True):
+        """`verify`: check the files against checksums.json first (BundleIntegrityError when they differ)."""
         self.path = Path(path)
         self.int8 = int8
         self.threads = threads
         t0 = time.perf_counter()
-        self.meta = read_meta(self.path)
+        try:
+            self.meta = read_meta(self.path)
+        except ValueError as exc:  # JSONDecodeError: a truncated or hand-broken bundle.json
+            log.error("bundle %s refused: bundle.json is not JSON (%s)", self.path, exc)
+            raise BundleIntegrityError(f"bundle {self.path}: bundle.json is not JSON ({exc})") from None
+        self.verified = verify_bundle(self.path, self.meta) if verify else False
         g = self.meta["graph"]
         self.n_items = int(g["n_items"])
         self.history_len = int(g["history_len"])
