@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import crd_schema
 import pytest
 
 from rentalml.services import free_port
@@ -182,7 +183,7 @@ def test_every_search_space_parameter_is_an_option():
 # ------------------------------------------------------------------------------------------ the pipeline steps
 # Katib and Trainer inside the pipeline: in the cluster the tune step creates a Katib Experiment and the train
 # step (num_nodes > 1) a TrainJob, both over the step's dataset artifact in the object store. Here the object
-# store is moto's S3 server and the cluster a fake Kubernetes API (tests/fake_k8s.py) that the real
+# store is moto's S3 server and the cluster a fake Kubernetes API (rentalml.components.kubefake) that the real
 # `kubernetes` client talks to: it validates what is created against the vendored upstream CRDs and moves the
 # status as the operators do; its TrainJob controller runs the trainer's command with the TrainJob's env.
 BUCKET = "rentalml-pipelines"
@@ -247,8 +248,8 @@ def test_tune_step_in_the_cluster_runs_a_katib_experiment(features):
     """tune(cluster) → POST an Experiment (valid against Katib v0.19.0's CRD) whose TrainJob trials read the
     dataset artifact's URI with the object-store Secret; Created → Running → Succeeded; the step returns the
     best trial of status.currentOptimalTrial, typed as the search space."""
-    from fake_k8s import FakeKubernetes, set_condition
     from rentalml.components import steps
+    from rentalml.components.kubefake import FakeKubeApi, set_condition
 
     from rentalml.training import jobs
 
@@ -272,7 +273,7 @@ def test_tune_step_in_the_cluster_runs_a_katib_experiment(features):
                 "observation": {"metrics": [{"name": "ndcg_at_10", "latest": "0.29", "max": "0.31", "min": "0.1"}]}})
             set_condition(exp, "Succeeded", "ExperimentMaxTrialsReached")
 
-    with FakeKubernetes({"experiments": katib_controller}) as k8s:
+    with FakeKubeApi(controllers={"experiments": katib_controller}, validate=crd_schema.errors) as k8s:
         res = steps.tune(local, "hybrid", "random-75-25", 42, 6, {"epochs": 2}, dataset_uri=uri, run_name=RUN,
                          cluster=True, api=k8s.api(), poll_s=0.01)
         calls = list(k8s.calls)
@@ -293,14 +294,15 @@ def test_tune_step_in_the_cluster_runs_a_katib_experiment(features):
 
 
 def test_tune_step_fails_with_the_experiment(features):
-    from fake_k8s import FakeKubernetes, set_condition
     from rentalml.components import steps
+    from rentalml.components.kubefake import FakeKubeApi, set_condition
 
     from rentalml.training import jobs
 
     local, uri = features
-    with FakeKubernetes({"experiments": lambda e: set_condition(e, "Failed", "ExperimentFailed", "3 trials failed")}) \
-            as k8s, pytest.raises(jobs.JobFailed, match="3 trials failed"):
+    failed = {"experiments": lambda e: set_condition(e, "Failed", "ExperimentFailed", "3 trials failed")}
+    with FakeKubeApi(controllers=failed, validate=crd_schema.errors) as k8s, \
+            pytest.raises(jobs.JobFailed, match="3 trials failed"):
         steps.tune(local, "hybrid", "random-75-25", 42, 6, {}, dataset_uri=uri, run_name=RUN, cluster=True,
                    api=k8s.api(), poll_s=0.01)
 
@@ -311,8 +313,8 @@ def test_train_step_in_the_cluster_submits_a_trainjob(work, features, object_sto
     TrainJob's env, where the object-store credentials come from the Secret, then reports Complete; the step
     copies the split fit and the all-data refit the job wrote to the store into its outputs, which the
     evaluate step scores."""
-    from fake_k8s import FakeKubernetes, set_condition
     from rentalml.components import steps
+    from rentalml.components.kubefake import FakeKubeApi, set_condition
 
     from rentalml.training import jobs
     from rentalml.training.trainer import Fitted
@@ -342,7 +344,7 @@ def test_train_step_in_the_cluster_submits_a_trainjob(work, features, object_sto
         set_condition(tj, "Complete" if res.returncode == 0 else "Failed", "JobsCompleted", res.stderr[-500:])
 
     out_uri = f"s3://{BUCKET}/v2/artifacts/rentalml-training/{RUN}/train/trainjob"
-    with FakeKubernetes({"trainjobs": trainer_controller}) as k8s:
+    with FakeKubeApi(controllers={"trainjobs": trainer_controller}, validate=crd_schema.errors) as k8s:
         res = steps.train(local, "hybrid", "random-75-25", 42, FAST, work / "eval.pkl", work / "model.pkl",
                           num_nodes=2, dataset_uri=uri, output_uri=out_uri, run_name=RUN, cluster=True,
                           api=k8s.api(), poll_s=0.01)
@@ -375,8 +377,8 @@ def test_train_step_locally_runs_torchrun(work, features):
 def test_fake_api_refuses_what_the_cluster_refuses():
     """The fake is strict where the API server and Trainer's webhook are: an unknown field (the CRD) and a
     manager without a domain (the webhook) are refused, so a passing create above means an admitted one."""
-    from fake_k8s import FakeKubernetes
     from kubernetes.client.exceptions import ApiException
+    from rentalml.components.kubefake import FakeKubeApi
 
     from rentalml.training import jobs
 
@@ -384,7 +386,7 @@ def test_fake_api_refuses_what_the_cluster_refuses():
     typo["spec"]["trainer"]["numNode"] = 2
     old = jobs.trainjob("t2")
     old["spec"]["runtimePatches"][0]["manager"] = "rentalml"
-    with FakeKubernetes() as k8s:
+    with FakeKubeApi(validate=crd_schema.errors) as k8s:
         api = k8s.api()
         for body, code, text in ((typo, 422, "numNode"), (old, 403, "domain-prefixed")):
             with pytest.raises(ApiException) as err:

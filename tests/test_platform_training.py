@@ -14,9 +14,9 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import crd_schema
 import pytest
 import yaml
-from fake_k8s import crd_errors
 
 from rentalml.training import jobs, katib
 
@@ -372,20 +372,20 @@ def test_cluster_objects_validate_against_the_vendored_crds(rendered):
     (tests/crds/vendor.py names the tag and path of each)."""
     errors = []
     for doc in [d for _, d in _training_objects(rendered)] + _pipeline_objects():
-        errors += [f"{doc['kind']}/{doc['metadata'].get('name')}: {e}" for e in crd_errors(doc)]
+        errors += [f"{doc['kind']}/{doc['metadata'].get('name')}: {e}" for e in crd_schema.errors(doc)]
         for _, mpi in _mpijobs(doc):
             if mpi is not doc:
-                errors += [f"trial MPIJob: {e}" for e in crd_errors({**mpi, "metadata": {"name": "t"}})]
+                errors += [f"trial MPIJob: {e}" for e in crd_schema.errors({**mpi, "metadata": {"name": "t"}})]
         for tj in _trainjobs(doc):
             if tj is not doc:
-                errors += [f"trial TrainJob: {e}" for e in crd_errors({**tj, "metadata": {"name": "t"}})]
+                errors += [f"trial TrainJob: {e}" for e in crd_schema.errors({**tj, "metadata": {"name": "t"}})]
     assert not errors, "\n".join(errors)
 
 
 def test_crd_check_catches_a_typo():
     doc = copy.deepcopy(jobs.trainjob())
     doc["spec"]["trainer"]["numNode"] = doc["spec"]["trainer"].pop("numNodes")
-    assert any("numNode" in e for e in crd_errors(doc))
+    assert any("numNode" in e for e in crd_schema.errors(doc))
 
 
 def test_pipeline_tune_and_train_can_reach_their_dataset_artifact(tmp_path):
