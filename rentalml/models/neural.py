@@ -138,19 +138,28 @@ class TwoTowerNet(nn.Module):
             out_id = rows["item_id"]
             parts_out.append(out_id if sb.id_keep is None else out_id * sb.id_keep[:, None])
         if self.use_content:
-            f = feats[sb.items]
+            f = feats.index_select(0, sb.items)
             parts_in.append(self.input_content(f[:sb.n_pos]))
             parts_out.append(self.item_content(f))
         t_in, t_out = sum(parts_in), sum(parts_out)
-        h = torch.zeros((B, t_in.shape[1]), dtype=t_in.dtype).index_add_(0, sb.in_rows, t_in[sb.in_cols])
-        cnt = torch.bincount(sb.in_rows, minlength=B).clamp(min=1).to(t_in.dtype)
-        h = h / cnt.sqrt()[:, None]
+        h = torch.zeros((B, t_in.shape[1]), dtype=t_in.dtype).index_add_(0, sb.in_rows,
+                                                                           t_in.index_select(0, sb.in_cols))
+        h = h * sb.in_norm[:, None]
         if self.user_feat_dim:
             h = torch.cat([h, user_feats], dim=1)
         u = self.user_tower(torch.tanh(h))
-        logits = u @ t_out.T + rows["item_bias"] - sb.log_q
-        lse = torch.logsumexp(logits, dim=1)
-        return -(logits[sb.pos_rows, sb.pos_cols].sum() - lse[sb.pos_rows].sum()) / B
+        off = rows["item_bias"] - sb.log_q  # [U] bias with the logQ correction
+        # shared negatives: one [B, N] product; the user's own positives: P row-wise dot products
+        ln = torch.addmm(off.index_select(0, sb.neg), u, t_out.index_select(0, sb.neg).T)
+        if len(sb.hit_rows):  # a negative that is the user's own positive counts once, as a positive
+            ln = ln.index_put((sb.hit_rows, sb.hit_cols), torch.tensor(-math.inf))
+        lp = ((u.index_select(0, sb.pos_rows) * t_out.index_select(0, sb.pos_cols)).sum(1)
+              + off.index_select(0, sb.pos_cols))
+        with torch.no_grad():
+            mx = ln.max(1).values.scatter_reduce(0, sb.pos_rows, lp, "amax")
+        s = torch.exp(ln - mx[:, None]).sum(1).index_add(0, sb.pos_rows,
+                                                         torch.exp(lp - mx.index_select(0, sb.pos_rows)))
+        return -(lp.sum() - ((torch.log(s) + mx) * sb.pos_count).sum()) / B
 
 
 @dataclass
@@ -187,15 +196,22 @@ def make_batch(xb: sp.csr_matrix, rng: np.random.Generator, p: NeuralParams, n_i
 @dataclass
 class SampledBatch:
     """One step of the sampled trainer, in local item indices: items[:n_pos] are the batch's positives
-    (sorted), items[n_pos:] the shared negatives that are nobody's positive in the batch."""
+    (sorted), items[n_pos:] the shared negatives that are nobody's positive in the batch. Each user's softmax
+    runs over its own positives and the shared negatives `neg` (a negative that is the user's own positive,
+    an accidental hit, is masked at (hit_rows, hit_cols) of the [B, len(neg)] negative logits)."""
 
     n_users: int
     items: torch.Tensor  # [U] catalogue indices of the step's items
     n_pos: int
     pos_rows: torch.Tensor  # [P] batch row of each positive (target)
     pos_cols: torch.Tensor  # [P] local item index of each positive
+    pos_count: torch.Tensor  # [B] number of positives of each user (float)
     in_rows: torch.Tensor  # [I] batch row of each kept history item (input after dropout)
     in_cols: torch.Tensor  # [I] local item index of each kept history item
+    in_norm: torch.Tensor  # [B] 1 / sqrt(number of kept history items), 1 for an empty input
+    neg: torch.Tensor  # [N] local item index of each (distinct) shared negative
+    hit_rows: torch.Tensor  # [H] accidental hits: batch row ...
+    hit_cols: torch.Tensor  # [H] ... and column in neg
     log_q: torch.Tensor  # [U] log probability that each item is a candidate of the step (logQ correction)
     id_keep: torch.Tensor | None  # [U] ID dropout keep mask, None when off
     n_interactions: int
@@ -230,19 +246,32 @@ class BatchSampler:
         keep = rng.random(total) >= p.input_dropout
         pos, cols = np.unique(items, return_inverse=True)
         negs = np.searchsorted(self.cdf, rng.random(p.negatives), side="right")
-        negs = np.minimum(negs, len(self.cdf) - 1)
-        negs = np.setdiff1d(negs, pos)
-        uniq = np.concatenate([pos, negs])
+        negs = np.unique(np.minimum(negs, len(self.cdf) - 1))
+        at = np.searchsorted(pos, negs)
+        is_pos = at < len(pos)
+        is_pos[is_pos] = pos[at[is_pos]] == negs[is_pos]
+        extra = negs[~is_pos]
+        uniq = np.concatenate([pos, extra])
+        neg = np.empty(len(negs), dtype=np.int64)  # local index of each negative
+        neg[is_pos] = at[is_pos]
+        neg[~is_pos] = len(pos) + np.arange(len(extra))
+        neg_col = np.full(len(uniq), -1, dtype=np.int64)  # local item -> column among the negatives
+        neg_col[neg] = np.arange(len(neg))
+        hit = neg_col[cols] >= 0
         id_keep = None
         if self.id_dropout and p.id_dropout > 0:
             id_keep = torch.from_numpy((rng.random(len(uniq)) >= p.id_dropout).astype(np.float32))
         t = torch.from_numpy
-        # logQ: log of the probability that an item is among the step's candidates, with the positives
-        # (drawn by the data, ~ popularity) and the negatives as total + negatives draws from q. On a small
-        # catalogue every item is (almost) surely in, the correction vanishes and the loss is the full softmax.
-        log_q = np.log(-np.expm1((total + p.negatives) * self.log1m_q[uniq])).astype(np.float32)
-        return SampledBatch(len(ub), t(uniq), len(pos), t(rows), t(cols.astype(np.int64)), t(rows[keep]),
-                            t(cols[keep].astype(np.int64)), t(log_q), id_keep, total)
+        # logQ: log of the probability that an item is among the step's negatives (p.negatives draws from q),
+        # subtracted from every logit, the positives' included (as TF's sampled_softmax_loss). On a small
+        # catalogue every item is (almost) surely drawn, the correction vanishes and the loss is the full
+        # softmax.
+        log_q = np.log(-np.expm1(p.negatives * self.log1m_q[uniq])).astype(np.float32)
+        n_in = np.bincount(rows[keep], minlength=len(ub))
+        in_norm = (1.0 / np.sqrt(np.maximum(n_in, 1))).astype(np.float32)
+        cols = cols.astype(np.int64)
+        return SampledBatch(len(ub), t(uniq), len(pos), t(rows), t(cols), t(lens.astype(np.float32)), t(rows[keep]), t(cols[keep]),
+                            t(in_norm), t(neg), t(rows[hit]), t(neg_col[cols[hit]]), t(log_q), id_keep, total)
 
 
 class RowAdam:
@@ -259,7 +288,7 @@ class RowAdam:
         self.t = 0
 
     def gather(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {k: v.detach()[idx].requires_grad_() for k, v in self.tables.items()}
+        return {k: v.detach().index_select(0, idx).requires_grad_() for k, v in self.tables.items()}
 
     @torch.no_grad()
     def step(self, idx: torch.Tensor, rows: dict[str, torch.Tensor]) -> None:
@@ -272,9 +301,10 @@ class RowAdam:
             w = self.tables[k].data
             if self.wd:
                 g = g + self.wd * leaf.detach()
-            m = self.m[k][idx].mul_(self.b1).add_(g, alpha=1 - self.b1)
-            v = self.v[k][idx].mul_(self.b2).addcmul_(g, g, value=1 - self.b2)
-            self.m[k][idx], self.v[k][idx] = m, v
+            m = self.m[k].index_select(0, idx).mul_(self.b1).add_(g, alpha=1 - self.b1)
+            v = self.v[k].index_select(0, idx).mul_(self.b2).addcmul_(g, g, value=1 - self.b2)
+            self.m[k].index_copy_(0, idx, m)
+            self.v[k].index_copy_(0, idx, v)
             w.index_copy_(0, idx, leaf.detach() - self.lr * (m / bc1) / ((v / bc2).sqrt() + self.eps))
 
 
@@ -401,7 +431,7 @@ class TwoTower(Recommender):
             b = sampler.batch(ub, rng)
             self.samples_seen += b.n_interactions
             rows = row_opt.gather(b.items)
-            uf = self.user_feats[ub] if self.user_feats is not None else None
+            uf = self.user_feats.index_select(0, torch.from_numpy(ub)) if self.user_feats is not None else None
             loss = self.net.sampled_loss(b, self.feats, uf, rows)
             opt.zero_grad()
             loss.backward()
