@@ -102,6 +102,8 @@ def benchmark(
     item_features: Path | None = typer.Option(None, help="optional item-features CSV (item_id, ...)"),
     protocol: str = typer.Option("random-75-25", help="random-75-25 | temporal-leave-last-n | cold-start-items"),
     seed: int = 42,
+    seeds: str = typer.Option("", help="comma-separated seeds, e.g. 1,2,3,4,5: one split and fit per seed, "
+                              "mean ± std per model (--seed is then ignored; no --report)"),
     k: int = 10,
     models: str = typer.Option("popularity,collaborative,content,hybrid", help="comma-separated; baselines "
                                "ease, itemknn, als are measured by the same harness"),
@@ -123,6 +125,24 @@ def benchmark(
     if min_user_interactions > 1:
         counts = ds.interactions.groupby("user_id")["property_id"].transform("nunique")
         ds = ds.subset(ds.interactions[counts >= min_user_interactions])
+    if seeds:
+        from rentalml.evaluation.benchmark import format_seeds_table, run_seeds
+
+        try:
+            seed_list = [int(x) for x in seeds.split(",") if x.strip()]
+        except ValueError:
+            raise typer.BadParameter(f"seeds must be integers separated by commas, got {seeds!r}",
+                                     param_hint="--seeds") from None
+        def write(res: dict) -> None:
+            if json_out:
+                json_out.parent.mkdir(parents=True, exist_ok=True)
+                json_out.write_text(json.dumps(res, indent=2))
+
+        res = run_seeds(ds, seed_list, protocol, k, [m.strip() for m in models.split(",") if m.strip()],
+                        tune_trials=tune_trials, progress=progress, log=lambda m: typer.echo(m, err=True),
+                        on_seed=write)
+        typer.echo(format_seeds_table(res))
+        return
     result = run_benchmark(ds, protocol, seed, k, [m.strip() for m in models.split(",") if m.strip()],
                            tune_trials=tune_trials, progress=progress, log=lambda m: typer.echo(m, err=True))
     curves = result.pop("_curves", {})
