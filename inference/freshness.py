@@ -18,7 +18,7 @@ import time
 import pandas as pd
 
 from rentalml.config import Settings, get_settings
-from rentalml.export.foldin import LiveCatalogue
+from rentalml.runtime.live import LiveCatalogue
 
 log = logging.getLogger("rentalml.inference")
 

@@ -10,7 +10,8 @@ ASGI middleware, gRPC by a server interceptor.
 KServe 0.21 builds its REST app from the module-level FastAPI object `kserve.model_server:app` (imported by
 string in every REST worker), so extra routes go on that object before `ModelServer.start`. With `--workers N`
 the REST workers are *spawned* processes that unpickle the model; the model re-installs these routes there
-(RecommenderModel.__setstate__), because a spawned worker re-imports a pristine `kserve.model_server`.
+(`RecommenderModel.worker_init`, set to `worker_init` here), because a spawned worker re-imports a pristine
+`kserve.model_server`. The routes themselves live in api/ (friendly JSON) and protocol/ (v2 fast paths).
 """
 
 
@@ -19,7 +20,6 @@ import logging
 import os
 import sys
 import time
-import uuid
 from pathlib import Path
 
 from rentalml.config import get_settings
@@ -79,266 +79,39 @@ def configure_logging() -> None:
 
 
 def worker_init(model) -> None:
-    """Runs in every spawned REST worker (`--workers N`) when it unpickles the model."""
+    """Runs in every spawned REST worker (`--workers N`) when it unpickles the model (RecommenderModel.worker_init)."""
     configure_logging()
-    install_routes(model)
+    install_rest(model)
 
 
-def _error(field: str, msg: str, status: int = 422, detail: list | None = None):
-    """FastAPI-style validation error naming the field, plus a one-line `error` like KServe's."""
-    from fastapi.responses import JSONResponse
-
-    return JSONResponse(status_code=status, content={
-        "error": f"{field}: {msg}", "detail": detail or [{"loc": ["body", field], "msg": msg, "type": "value_error"}]})
-
-
-class JSONInferContentType:
-    """ASGI middleware. Quirk (KServe 0.21): a v2 REST infer body that is not sent as `application/json` and has
-    no `Inference-Header-Content-Length` is taken for binary tensor data and refused (400 "received byte inputs,
-    but the 'inference-header-content-length' header is missing"). tritonclient.http sends exactly that when every
-    input is JSON (binary_data=False), and so does `curl -d` (form content type). Without that header the body
-    can only be JSON, so say so."""
-
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"].endswith("/infer"):
-            headers = scope["headers"]
-            if not any(k.lower() == b"inference-header-content-length" for k, _ in headers):
-                json_ct = (b"content-type", b"application/json")
-                scope = dict(scope, headers=[*(h for h in headers if h[0].lower() != b"content-type"), json_ct])
-        await self.app(scope, receive, send)
-
-
-def install_routes(model, app=None) -> None:
-    """Add POST /predict, POST /feedback, GET /health, POST /admin/reload, POST /admin/invalidate, the JWT
-    middleware (settings.auth), the 504 timeout answer and JSONInferContentType to KServe's app (idempotent)."""
-    import asyncio
-    from datetime import datetime
-    from typing import Literal
-
-    import orjson
-    from fastapi import Request
-    from fastapi.responses import JSONResponse, Response
-    from pydantic import BaseModel, ConfigDict, Field, ValidationError
-
-    from . import metrics as m
+def install_rest(model, app=None) -> None:
+    """Our parts of KServe's REST app (idempotent): the friendly API and /docs (api/), the 504 timeout answer,
+    the v2 content-type fix and the v2 infer fast path (protocol/rest.py), and the JWT middleware outermost
+    (settings.auth)."""
+    from .api import routes as api
     from .auth import JWTMiddleware, Verifier
-    from .model import RequestTimeout
+    from .protocol.rest import FastV2Infer, JSONInferContentType
 
     if app is None:
         from kserve.model_server import app
     if getattr(app.state, "rentalml_routes", False):
         return
     app.state.rentalml_routes = True
-
-    class PredictRequest(BaseModel):
-        model_config = ConfigDict(extra="ignore")
-        user_id: str
-        num_recommendations: int = model.default_k
-        model_type: str | None = None
-        include_explanations: bool = False
-        # business rules for this request: budget, budget_band [lo, hi], city, min_bedrooms, available_only
-        filters: dict | None = None
-
-    class ExplainRequest(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-        user_id: str = Field(min_length=1)
-        property_id: str = Field(min_length=1)
-
-    class FeedbackRequest(BaseModel):
-        model_config = ConfigDict(extra="ignore")
-        user_id: str = Field(min_length=1)
-        property_id: str = Field(min_length=1)
-        outcome: Literal["click", "save", "inquiry"]
-        request_id: str | None = None
-        variant: str | None = None
-        model_version: str | None = None
-        timestamp: datetime | None = None
-
-    class ReloadRequest(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-        champion: str | None = None
-        challenger: str | None = None
-        challenger_percent: float | None = Field(default=None, ge=0, le=100)
-
-    class InvalidateRequest(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-        user_ids: list[str] = []
-        property_ids: list[str] = []
-
-    async def parse(request: Request, schema):
-        """(validated body, None) or (None, 4xx response naming the field)."""
-        try:
-            body = orjson.loads(await request.body())
-        except orjson.JSONDecodeError:
-            body = None
-        if not isinstance(body, dict):
-            return None, _error("body", "the request body must be a JSON object", 400)
-        try:
-            return schema.model_validate(body), None
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            field = ".".join(str(p) for p in first["loc"]) or "body"
-            return None, _error(field, first["msg"], detail=[
-                {"loc": ["body", *e["loc"]], "msg": e["msg"], "type": e["type"]} for e in exc.errors()])
-
-    async def predict(request: Request):
-        t0 = time.perf_counter()
-        status = m.FAILED
-        variant = model.variant
-        try:
-            req, bad = await parse(request, PredictRequest)
-            if bad is not None:
-                status = m.REJECTED
-                return bad
-            if not req.user_id:
-                status = m.REJECTED
-                return _error("user_id", "must be a non-empty string")
-            problem = model.k_problem(req.num_recommendations)
-            if problem:
-                status = m.REJECTED
-                return _error("num_recommendations", problem)
-            k = req.num_recommendations
-            if req.model_type and req.model_type != model.model_type:
-                status = m.REJECTED
-                return _error("model_type", f"'{req.model_type}' is not served here; this server serves "
-                                            f"'{model.model_type}' (send null for the served model)")
-            try:
-                filters = model.parse_filters(req.filters)
-            except ValueError as exc:
-                status = m.REJECTED
-                field, _, msg = str(exc).partition(": ")
-                return _error(f"filters.{field}", msg or str(exc))
-            if req.filters and filters is None:
-                status = m.REJECTED
-                return _error("filters", f"unknown rule(s) {sorted(req.filters)}; rules: budget, budget_band, city, "
-                                         "min_bedrooms, available_only")
-            rec = await model.arecommend([req.user_id], k, filters)
-            arm, variant, version = rec.arms[0], rec.variants[0], rec.versions[0]
-            items = []
-            for rank, (pid, score) in enumerate(zip(rec.property_ids[0], rec.scores[0], strict=True), start=1):
-                if not pid:  # padding past the end of a short cold-start list
-                    break
-                item = {"property_id": pid, "score": float(score), "rank": rank}
-                if req.include_explanations:
-                    item["explanation"] = arm.engine.explain(req.user_id, pid)
-                items.append(item)
-            request_id = uuid.uuid4().hex
-            model.log_impressions(request_id, [req.user_id], rec)
-            status = m.SUCCESS
-            return Response(orjson.dumps(
-                {"user_id": req.user_id, "recommendations": items, "model_version": version,
-                 "model_type": arm.model_type, "variant": variant, "source": rec.sources[0],
-                 "request_id": request_id}), media_type="application/json",
-                headers={"x-model-version": version, "x-variant": variant})
-        finally:
-            m.requests(model.name, variant, status).inc()
-            if status != m.REJECTED:
-                m.duration(model.name, variant, m.JSON).observe(time.perf_counter() - t0)
-
-    async def explain(request: Request):
-        """Why (user, property) would be recommended, with the property's current attributes (Feast online
-        features when serve.feature_source=feast) and the user's streamed history."""
-        req, bad = await parse(request, ExplainRequest)
-        if bad is not None:
-            return bad
-        arm = model.arm_for(req.user_id)
-        text = await asyncio.get_running_loop().run_in_executor(
-            None, arm.engine.explain, req.user_id, req.property_id)
-        return JSONResponse({"user_id": req.user_id, "property_id": req.property_id, "explanation": text,
-                             "variant": arm.label, "model_version": arm.model_version})
-
-    async def feedback(request: Request):
-        req, bad = await parse(request, FeedbackRequest)
-        if bad is not None:
-            return bad
-        arm = model.arm_for(req.user_id)
-        event = model.outcomes.outcome(
-            request_id=req.request_id, user_id=req.user_id, property_id=req.property_id,
-            variant=req.variant or arm.label, model_version=req.model_version or arm.model_version,
-            outcome=req.outcome, timestamp=req.timestamp)
-        return JSONResponse(event, status_code=202)
-
-    async def reload(request: Request):
-        body = None
-        if (await request.body()).strip():
-            body, bad = await parse(request, ReloadRequest)
-            if bad is not None:
-                return bad
-        body = body or ReloadRequest()
-        for field in ("champion", "challenger"):
-            path = getattr(body, field)
-            if path is not None and not (Path(path) / "bundle.json").exists():
-                return _error(field, f"{path} is not a model bundle (no bundle.json)", 400)
-        try:
-            # in the background: requests keep being answered by the current version meanwhile
-            result = await asyncio.get_running_loop().run_in_executor(
-                None, lambda: model.reload(body.champion, body.challenger, body.challenger_percent))
-        except (FileNotFoundError, LookupError, ValueError) as exc:
-            return _error("reload", str(exc), 409)
-        await model.settled()  # requests that began on the old version are answered before this one
-        return JSONResponse(result)
-
-    async def invalidate(request: Request):
-        body, bad = await parse(request, InvalidateRequest)
-        if bad is not None:
-            return bad
-        from rentalml.cache import invalidate as drop
-
-        n = await asyncio.get_running_loop().run_in_executor(
-            None, lambda: drop(body.user_ids, body.property_ids, cache=model.cache))
-        return JSONResponse({"invalidated": n, "backend": model.cache.backend})
-
-    async def health():
-        routing = model.routing.describe() if model.routing is not None else None
-        body = {"status": "ok" if model.ready else "loading", "model": model.name,
-                "model_version": model.model_version, "model_type": model.model_type, "variant": model.variant,
-                "routing": routing, "cache": {"backend": model.cache.backend, "hit_rate": model.cache.hit_rate},
-                "auth_enabled": verifier.enabled}
-        return JSONResponse(body, status_code=200 if model.ready else 503)
-
-    async def on_timeout(request: Request, exc: RequestTimeout):
-        return JSONResponse({"error": str(exc)}, status_code=504)
-
-    app.add_exception_handler(RequestTimeout, on_timeout)
+    verifier = Verifier()
+    api.install(app, model, auth_enabled=verifier.enabled)
     app.add_middleware(JSONInferContentType)
     # outermost layers, around the stack Starlette builds on the first request (after KServe added its own):
-    # JWT for every path, then the v2 REST infer fast path (fastpath.py)
-    verifier = Verifier()
+    # JWT for every path, then the v2 REST infer fast path
     fast = get_settings().serve.fast_path
     build_stack = app.build_middleware_stack
 
     def build_middleware_stack():
         stack = build_stack()
         if fast:
-            from .fastpath import FastV2Infer
-
             stack = FastV2Infer(stack, model, lambda: app.exception_handlers)
         return JWTMiddleware(stack, verifier) if verifier.enabled else stack
 
-    def body(schema: type[BaseModel], required: bool = True) -> dict:
-        """The request schema for /openapi.json and /docs: the handlers parse the body themselves (a 4xx naming
-        the field, counted as `rejected`), so FastAPI cannot infer it from their signature."""
-        return {"requestBody": {"required": required, "content": {"application/json": {
-            "schema": schema.model_json_schema(ref_template="#/components/schemas/{model}")}}}}
-
     app.build_middleware_stack = build_middleware_stack
-    app.add_api_route("/predict", predict, methods=["POST"], tags=["rentalml"], openapi_extra=body(PredictRequest),
-                      summary="Recommendations for one user (friendly JSON)")
-    app.add_api_route("/explain", explain, methods=["POST"], tags=["rentalml"], openapi_extra=body(ExplainRequest),
-                      summary="Explanation of one (user, property) pair with current attributes")
-    app.add_api_route("/feedback", feedback, methods=["POST"], tags=["rentalml"], status_code=202,
-                      openapi_extra=body(FeedbackRequest),
-                      summary="A/B outcome of a served recommendation: click, save or inquiry")
-    app.add_api_route("/admin/reload", reload, methods=["POST"], tags=["rentalml"],
-                      openapi_extra=body(ReloadRequest, required=False),
-                      summary="Hot reload: load the new version(s), then swap (no request dropped)")
-    app.add_api_route("/admin/invalidate", invalidate, methods=["POST"], tags=["rentalml"],
-                      openapi_extra=body(InvalidateRequest),
-                      summary="Drop cached recommendations of users / listing properties")
-    app.add_api_route("/health", health, methods=["GET"], tags=["rentalml"], summary="Service health")
 
 
 def resolve_bundle(bundle: Path | None, alias: str) -> Path:
@@ -346,7 +119,7 @@ def resolve_bundle(bundle: Path | None, alias: str) -> Path:
         if not (Path(bundle) / "bundle.json").exists():
             raise FileNotFoundError(f"{bundle} is not a model bundle (no bundle.json)")
         return Path(bundle)
-    from .model import resolve_alias
+    from .loading import resolve_alias
 
     return resolve_alias(alias)[0]
 
@@ -375,18 +148,18 @@ def serve(bundle: Path | None = None, *, alias: str = "champion", variant: str |
     from .auth import Verifier, grpc_interceptor
     from .auth import log_state as log_auth_state
     from .model import RecommenderModel
+    from .protocol import grpc as v2_grpc
 
     model = RecommenderModel(bundle, name=model_name or MODEL_NAME, variant=variant or alias, challenger=challenger,
                              challenger_percent=challenger_percent, predictor_url=predictor_url)
     model.load()
     log.info("loaded %s in %.2fs: %s", model.name, model.load_seconds, model.routing.describe())
-    install_routes(model)
-    _install_docs()
-    model.install_routes_on_unpickle = workers > 1
+    install_rest(model)
+    if workers > 1:  # spawned REST workers unpickle the model, then install their routes with this
+        model.worker_init = worker_init
     verifier = Verifier()
     log_auth_state(verifier)  # a WARNING when auth is off
-    _install_grpc_server(grpc_interceptor(verifier) if verifier.enabled else None,
-                         model if settings.fast_path else None)
+    v2_grpc.install(grpc_interceptor(verifier) if verifier.enabled else None, model if settings.fast_path else None)
     server = _model_server_class()(
         http_port=http_port, grpc_port=grpc_port, workers=workers, max_threads=grpc_threads, enable_docs_url=False,
         enable_latency_logging=logging.getLogger("kserve.trace").isEnabledFor(logging.INFO))
@@ -397,72 +170,14 @@ def serve(bundle: Path | None = None, *, alias: str = "champion", variant: str |
         _reap_rest_workers(server)
 
 
-def _install_docs() -> None:
-    """/docs: Swagger UI over /openapi.json (the friendly API's schemas and KServe's v2 routes). KServe builds its
-    FastAPI app at import from its own argv flag `--enable_docs_url`, so the page is added to that app here."""
-    import kserve.model_server as ms
-    from fastapi.openapi.docs import get_swagger_ui_html
-
-    app = ms.app
-    if app.docs_url or any(getattr(r, "path", None) == "/docs" for r in app.routes):
-        return
-
-    async def docs():
-        return get_swagger_ui_html(openapi_url=app.openapi_url, title="rentalml serve — API")
-
-    app.add_api_route("/docs", docs, methods=["GET"], include_in_schema=False)
-
-
-GRPC_MAX_METADATA_BYTES = 64 * 1024
-
-
-def _install_grpc_server(interceptor=None, fast_model=None) -> None:
-    """KServe 0.21 builds its grpc.aio server with fixed interceptors and servicer (GRPCServer.start): swap in a
-    subclass whose server runs `interceptor` first (JWT on every method but ServerLive/ServerReady/ModelReady)
-    and, with `fast_model`, answers that model's ModelInfer without KServe's dataplane
-    (fastpath.fast_servicer_class). Neither: KServe's own server."""
-    if interceptor is None and fast_model is None:
-        return
-    from concurrent import futures
-
-    import kserve.model_server as ms
-    from grpc import aio
-    from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
-    from kserve.protocol.grpc.interceptors import ExceptionToStatusInterceptor, LoggingInterceptor
-    from kserve.protocol.grpc.server import GRPCServer
-    from kserve.protocol.grpc.servicer import InferenceServicer
-
-    from .fastpath import fast_servicer_class
-
-    servicer_class = InferenceServicer if fast_model is None else fast_servicer_class(fast_model)
-    interceptors = (*((interceptor,) if interceptor is not None else ()), LoggingInterceptor(),
-                    ExceptionToStatusInterceptor())
-
-    class RentalGRPCServer(GRPCServer):
-        async def start(self, max_workers):
-            servicer = servicer_class(self._data_plane, self._model_repository_extension)
-            self._server = aio.server(
-                futures.ThreadPoolExecutor(max_workers=max_workers), interceptors=interceptors,
-                options=[("grpc.max_send_message_length", self._kwargs.get("grpc_max_send_message_length")),
-                         ("grpc.max_receive_message_length", self._kwargs.get("grpc_max_receive_message_length")),
-                         # request metadata up to 64 KiB reaches the JWT interceptor, which refuses a token over
-                         # auth.max_token_bytes (8 KiB) as UNAUTHENTICATED; gRPC's default soft limit (8 KiB)
-                         # would answer RESOURCE_EXHAUSTED first. Over 64 KiB: RESOURCE_EXHAUSTED, always.
-                         ("grpc.max_metadata_size", GRPC_MAX_METADATA_BYTES),
-                         ("grpc.absolute_max_metadata_size", GRPC_MAX_METADATA_BYTES)])
-            grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, self._server)
-            self._server.add_insecure_port(f"[::]:{self._port}")
-            await self._server.start()
-            await self._server.wait_for_termination()
-
-    ms.GRPCServer = RentalGRPCServer
-
-
 def _model_server_class():
     import asyncio
+    import math
     import signal
 
     from kserve import ModelServer
+
+    from rentalml.services import wait_until
 
     class RentalModelServer(ModelServer):
         """KServe's ModelServer with signal handling that is safe during start-up.
@@ -490,13 +205,20 @@ def _model_server_class():
 
         async def _serve(self):
             tasks = [asyncio.ensure_future(s) for s in self.servers]
-            while not self._started and not any(t.done() for t in tasks):
-                if await self._startup_complete():
-                    self._started = True
-                    log.info("serving %s on http :%s, grpc :%s", ", ".join(self.registered_models.get_models()),
-                             self.http_port, self.grpc_port if self.enable_grpc else "-")
-                else:
-                    await asyncio.sleep(0.05)
+            loop = asyncio.get_running_loop()
+
+            async def state() -> str | None:
+                if any(t.done() for t in tasks):
+                    return "ended"
+                return "started" if await self._startup_complete() else None
+
+            # the one wait loop (rentalml.services.wait_until), in a thread: each check runs on this loop
+            outcome = await asyncio.to_thread(
+                wait_until, lambda: asyncio.run_coroutine_threadsafe(state(), loop).result(), math.inf,
+                interval=0.05, what="the REST and gRPC servers to start")
+            if outcome == "started":
+                log.info("serving %s on http :%s, grpc :%s", ", ".join(self.registered_models.get_models()),
+                         self.http_port, self.grpc_port if self.enable_grpc else "-")
             self._started = True
             if self._pending_signal is not None:
                 self.stop(self._pending_signal)

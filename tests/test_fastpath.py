@@ -1,5 +1,5 @@
-"""The v2 REST fast path (rentalml.inference.fastpath) answers exactly as KServe's own stack does, and the
-in-loop batcher (inference.model.run_missing / _LoopBatcher) gives every request the rows it would get alone.
+"""The v2 REST fast path (rentalml.inference.protocol.rest) answers exactly as KServe's own stack does, and the
+batching (inference.batching.run_missing / LoopBatcher) gives every request the rows it would get alone.
 
 Two real `rentalml serve` processes on one bundle, one with `serve.fast_path=false`, fed the same bytes."""
 
@@ -112,7 +112,7 @@ def _requests(users: list[str]) -> dict[str, tuple[bytes, dict]]:
     for name, doc in bad.items():
         cases[f"malformed: {name}"] = (json.dumps(doc).encode(), {"content-type": "application/json"})
     cases["malformed: not JSON"] = (b"{not json", {"content-type": "application/json"})
-    # binary requests at the edges of the common-case decoder (fastpath.FastV2Infer._common)
+    # binary requests at the edges of the common-case decoder (protocol.decode.everyday)
     body, n = _binary_body(u[:2], {"property_id": True, "score": True}, k=3)
     doc = json.loads(body[:n])
     doc["id"] = "req-7"
@@ -247,8 +247,9 @@ def _ids(client, users: list[str], k: int) -> list[list[str]]:
 RUN_MISSING = r"""
 import sys
 import numpy as np
-from rentalml.inference.model import RecommenderModel, _Batch, run_missing
-from rentalml.recommend import Filters
+from rentalml.inference.batching import Rows, run_missing
+from rentalml.inference.model import RecommenderModel
+from rentalml.runtime.features import Filters
 
 model = RecommenderModel(sys.argv[1], cache_size=0)
 model.load()
@@ -256,9 +257,9 @@ users = sys.argv[2].split(",")
 rules = Filters.from_request({"min_bedrooms": 2})
 asks = [(users[0:1], 10, None), (users[1:3], 10, None), (users[3:4], 4, None), (users[4:5], 10, rules),
         (users[5:6] + ["nobody"], 10, None)]
-alone = [model.recommend(us, k, filters=f) for us, k, f in asks]
-batches = [_Batch(model, model.routing, us, k, f) for us, k, f in asks]
-assert run_missing(model, batches) == [None] * len(asks)
+alone = [model.batcher.recommend(model.routing, us, k, f) for us, k, f in asks]
+batches = [Rows(model.batcher, model.routing, us, k, f) for us, k, f in asks]
+assert run_missing(model.batcher, batches) == [None] * len(asks)
 for b, ref in zip(batches, alone):
     got = b.result()
     assert (got.property_ids == ref.property_ids).all(), (got.property_ids, ref.property_ids)
@@ -269,7 +270,7 @@ calls = []
 engine = model.routing.champion.engine
 orig = engine.recommend
 engine.recommend = lambda u, k, f=None: calls.append((list(u), k, f)) or orig(u, k, f)
-run_missing(model, [_Batch(model, model.routing, us, k, f) for us, k, f in asks])
+run_missing(model.batcher, [Rows(model.batcher, model.routing, us, k, f) for us, k, f in asks])
 assert sorted(len(u) for u, _, _ in calls) == [1, 1, 5], calls
 print("ok")
 """

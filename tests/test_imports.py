@@ -37,11 +37,9 @@ KNOWN_LAYER_VIOLATIONS: set[tuple[str, str]] = set()
 # inference.cli -> components.deploy (InferenceService patching is rentalml.kserve).
 
 #: edges that close a cycle today (dropping them leaves the graph acyclic)
-KNOWN_CYCLE_EDGES: set[tuple[str, str]] = {
-    # model.py starts REST worker processes with server.worker_init (lazily) while server imports model and
-    # fastpath imports model's constants: the KServe-shaped inference/ layout (issue 12 point 3) splits them
-    ("rentalml.inference.model", "rentalml.inference.server"),
-}
+KNOWN_CYCLE_EDGES: set[tuple[str, str]] = set()
+# Removed (issue 12, KServe-shaped inference/): inference.model -> inference.server (a spawned REST worker runs
+# the server's worker_init through the model's `worker_init` attribute, a function pickled by name).
 
 
 def _modules() -> dict[str, tuple[Path, bool]]:

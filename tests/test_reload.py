@@ -241,3 +241,39 @@ def test_request_timeout(registry, tmp_path):
         assert _metric(srv, "ml_inference_timeouts_total", model="rental-recommender") == 3
     finally:
         assert srv.stop() == 0, srv.log.read_text()[-3000:]
+
+
+def test_registry_watcher_reloads_on_a_move_and_keeps_serving_through_errors(caplog):
+    """RegistryWatcher (inference/loading.py) checks every interval through rentalml.services.wait_until: a
+    registry that cannot answer and a reload that fails are logged and the served version stays; a moved alias
+    reloads. Driven by an injected sleep: no thread, no wall clock."""
+    from rentalml.inference.loading import RegistryWatcher
+
+    answers: list = [RuntimeError("registry down"), ("1", None), ("2", None), ("2", None), ("3", None), ("3", None)]
+    served, last, reloads, sleeps = ["1"], [None], [], []
+
+    def latest():
+        a = answers.pop(0)
+        if isinstance(a, Exception):
+            raise a
+        last[0] = a
+        return a
+
+    def reload():
+        reloads.append(last[0][0])
+        if len(reloads) == 1:
+            raise ValueError("bundle unreadable")
+        served[0] = last[0][0]
+
+    def sleep(s):
+        sleeps.append(s)
+        if not answers:
+            watcher.stop()
+
+    watcher = RegistryWatcher(lambda: (served[0], None), latest, reload, 7.0, clock=lambda: 0.0, sleep=sleep)
+    with caplog.at_level("WARNING", logger="rentalml.inference"):
+        watcher.run()  # returns once stopped
+    assert reloads == ["2", "2", "3"] and served == ["3"]
+    assert set(sleeps) == {7.0} and len(sleeps) == 7
+    warnings = [r.getMessage() for r in caplog.records]
+    assert any("registry down" in w for w in warnings) and any("bundle unreadable" in w for w in warnings)

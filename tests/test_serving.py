@@ -263,11 +263,11 @@ users = sys.argv[2].split(",")
 model = RecommenderModel(sys.argv[1], cache_size=100, cache_ttl_s=60)
 model.load()
 assert model.ready
-first = model.recommend(users, 5)
+first = model.batcher.recommend(model.routing, users, 5)
 clone = pickle.loads(pickle.dumps(model))
-again = clone.recommend(users, 5)
+again = clone.batcher.recommend(clone.routing, users, 5)
 assert (first.property_ids == again.property_ids).all() and first.sources == again.sources
-clone.recommend(users, 5)
+clone.batcher.recommend(clone.routing, users, 5)
 assert clone.cache.hits == len(users) and abs(clone.cache.hit_rate - 0.5) < 1e-9, clone.cache.hit_rate
 print("ok")
 """
