@@ -96,7 +96,7 @@ class ServeSettings(BaseModel):
     # fold-in from the stream state: users' streamed interactions and never-seen listings, without retraining
     fold_in: bool = False
     live_refresh_s: float = 1.0
-    # v2 REST infer answered in front of KServe's FastAPI stack (rentalml.inference.fastpath); same wire format
+    # v2 REST infer answered in front of KServe's FastAPI stack (rentalml.inference.protocol.rest); same wire format
     fast_path: bool = True
     # which scorer graph answers: "fp32" (scorer.onnx) | "int8" (scorer.int8.onnx, dynamic quantization; check its
     # accuracy first: `rentalml optimize` marks it deployable or not, docs/benchmarks.md)
