@@ -32,7 +32,9 @@ class StreamSettings(BaseModel):
     """`rentalml stream run` (docs/architecture.md "Streaming")."""
 
     group_id: str = "rentalml-stream"
-    batch_size: int = 2000
+    #: most records one poll hands to a batch (max_poll_records); batches are this large only while catching up
+    #: (backlog): per-entity costs (features, pushes, cache drops) are paid once per batch, not once per event
+    batch_size: int = 10000
     poll_timeout_ms: int = 100
     #: how long the broker may hold a fetch waiting for data (kafka-python default 500 ms adds to freshness)
     fetch_max_wait_ms: int = 50

@@ -1,4 +1,5 @@
-"""Feature rows (the Feast push contract) from the state store's absolute snapshots.
+"""Feature rows (the Feast push contract) from the state store's absolute snapshots: `*_rows` give plain Python
+rows (what the processor writes to the online store), `*_frame` the same rows as typed DataFrames.
 
 Windows are event-time windows ending at the stream clock T (the max event time seen): a window of length W
 sums the buckets b with b > floor(T / size) - W / size, i.e. the W/size most recent buckets including the
@@ -10,7 +11,7 @@ this path, the batch tables and both state stores to it).
 from __future__ import annotations
 
 import math
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pandas as pd
 
@@ -25,15 +26,11 @@ from rentalml.features.formulas import (
 )
 from rentalml.state import Applied, decode_attributes
 
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
 __all__ = ["ATTRIBUTE_FEATURES", "ENGAGEMENT_WINDOWS", "TASTE_FEATURES", "TASTE_WINDOW_S", "WEIGHT_OF_CODE",
-           "attributes_frame", "engagement_frame", "next_change", "taste", "taste_frame", "window_sums"]
-
-
-def _ts(value: float, unit: str = "us") -> pd.Timestamp:
-    """A state-store time (version in microseconds, event times in seconds) as a UTC timestamp."""
-    if unit == "us":
-        return pd.Timestamp(int(value), unit="us", tz="UTC")
-    return pd.Timestamp(datetime.fromtimestamp(value, UTC))
+           "attributes_frame", "attributes_rows", "engagement_frame", "engagement_rows", "next_change", "taste",
+           "taste_frame", "taste_rows", "version_time", "window_sums"]
 
 
 def window_sums(h: dict[str, str], clock: float) -> dict[str, int]:
@@ -60,22 +57,76 @@ def next_change(h: dict[str, str], clock: float) -> float | None:
     return out
 
 
-def engagement_frame(applied: Applied) -> pd.DataFrame:
+def version_time(v: str | float) -> datetime:
+    """A state-store version (integer microseconds) as an exact UTC datetime (the Feast event_timestamp)."""
+    return EPOCH + timedelta(microseconds=int(v))
+
+
+def _float(v) -> float | None:
+    if v is None:
+        return None
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(f) else f
+
+
+def _int(v) -> int | None:
+    f = _float(v)
+    return None if f is None else round(f)
+
+
+def _str(v) -> str | None:
+    return None if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)
+
+
+#: the Python type of each pushed feature column (rentalml.features.formulas; feature_repo/features.py dtypes)
+ATTRIBUTE_TYPES = {"price": _float, "bedrooms": _int, "bathrooms": _float, "city": _str, "lat": _float,
+                   "lon": _float, "available": _int, "property_type": _str}
+TASTE_TYPES = {"n_events_7d": int, "median_price": _float, "pref_bedrooms": _float, "top_city": _str,
+               "pref_lat": _float, "pref_lon": _float}
+
+
+def engagement_rows(applied: Applied) -> list[dict]:
+    """property_engagement rows (plain Python values) of the touched properties: the push contract."""
     rows = []
     for pid, h in applied.engagement.items():
-        row = {"property_id": pid, "event_timestamp": _ts(float(h["_v"])), **window_sums(h, applied.clock)}
-        row["last_event_ts"] = _ts(float(h["last"]), "s") if "last" in h else pd.NaT
+        row = {"property_id": pid, "event_timestamp": version_time(h["_v"]), **window_sums(h, applied.clock)}
+        row["last_event_ts"] = datetime.fromtimestamp(float(h["last"]), UTC) if "last" in h else None
         rows.append(row)
-    return pd.DataFrame(rows)
+    return rows
 
 
-def attributes_frame(applied: Applied) -> pd.DataFrame:
+def attributes_rows(applied: Applied) -> list[dict]:
     rows = []
     for pid, h in applied.properties.items():
         a = decode_attributes(h)
-        rows.append({"property_id": pid, "event_timestamp": _ts(float(h["_v"])),
-                     **{f: a.get(f) for f in ATTRIBUTE_FEATURES}})
-    df = pd.DataFrame(rows, columns=["property_id", "event_timestamp", *ATTRIBUTE_FEATURES])
+        rows.append({"property_id": pid, "event_timestamp": version_time(h["_v"]),
+                     **{f: ATTRIBUTE_TYPES[f](a.get(f)) for f in ATTRIBUTE_FEATURES}})
+    return rows
+
+
+def taste_rows(applied: Applied, attrs: dict[str, dict]) -> list[dict]:
+    rows = []
+    for uid, h in applied.users.items():
+        t = taste(applied.user_events.get(uid, []), attrs, h, applied.clock)
+        rows.append({"user_id": uid, "event_timestamp": version_time(h["_v"]),
+                     **{f: TASTE_TYPES[f](t[f]) for f in TASTE_FEATURES}})
+    return rows
+
+
+def engagement_frame(applied: Applied) -> pd.DataFrame:
+    df = pd.DataFrame(engagement_rows(applied))
+    if len(df):
+        df["event_timestamp"] = pd.to_datetime(df["event_timestamp"], utc=True)
+        df["last_event_ts"] = pd.to_datetime(df["last_event_ts"], utc=True)
+    return df
+
+
+def attributes_frame(applied: Applied) -> pd.DataFrame:
+    df = pd.DataFrame(attributes_rows(applied), columns=["property_id", "event_timestamp", *ATTRIBUTE_FEATURES])
+    df["event_timestamp"] = pd.to_datetime(df["event_timestamp"], utc=True)
     for col in ("price", "bathrooms", "lat", "lon"):
         df[col] = pd.to_numeric(df[col], errors="coerce").astype(float)
     for col in ("bedrooms", "available"):
@@ -93,11 +144,8 @@ def taste(events: list[tuple[float, str, str]], attrs: dict[str, dict], counts: 
 
 
 def taste_frame(applied: Applied, attrs: dict[str, dict]) -> pd.DataFrame:
-    rows = []
-    for uid, h in applied.users.items():
-        rows.append({"user_id": uid, "event_timestamp": _ts(float(h["_v"])),
-                     **taste(applied.user_events.get(uid, []), attrs, h, applied.clock)})
-    df = pd.DataFrame(rows, columns=["user_id", "event_timestamp", *TASTE_FEATURES])
+    df = pd.DataFrame(taste_rows(applied, attrs), columns=["user_id", "event_timestamp", *TASTE_FEATURES])
+    df["event_timestamp"] = pd.to_datetime(df["event_timestamp"], utc=True)
     for col in ("median_price", "pref_bedrooms", "pref_lat", "pref_lon"):
         df[col] = pd.to_numeric(df[col], errors="coerce").astype(float)
     df["n_events_7d"] = df["n_events_7d"].astype("int64")

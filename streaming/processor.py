@@ -24,6 +24,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import math
 import signal
 import threading
 import time
@@ -31,6 +32,7 @@ import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 
+import orjson
 import pandas as pd
 from prometheus_client import Counter
 
@@ -44,6 +46,7 @@ from rentalml.kafka import (
     processor_access,
     producer,
 )
+from rentalml.services import wait_until
 from rentalml.state import Applied, StateStore, decode_attributes, encode_event, open_state
 
 from . import aggregates, metrics
@@ -64,7 +67,16 @@ TASTE_PUSH = "user_taste_push"
 
 
 class FeastSink:
-    """The one place the stream touches Feast: rentalml.features.store (open_store, apply, push)."""
+    """The one place the stream touches Feast: rentalml.features.store (open_store, apply, push).
+
+    `write(source, rows)` is the stream's path: the rows (plain Python values, streaming.aggregates.*_rows) become
+    Feast's value protos here and go to the provider's `online_write_batch`, the call `FeatureStore.push` ends in
+    (Feast's own Redis layout and its older-never-overwrites-newer check on `event_timestamp`), without the
+    DataFrame → Arrow → proto conversions of `push`, which cost more than the write itself. With
+    `stream.push_offline` the rows take `push` (online and offline)."""
+
+    VIEWS = {ENGAGEMENT_PUSH: "property_engagement", ATTRIBUTES_PUSH: "property_attributes",
+             TASTE_PUSH: "user_taste"}
 
     def __init__(self, settings: Settings, store=None):
         from rentalml.features import store as fs
@@ -73,15 +85,60 @@ class FeastSink:
         self.store = store if store is not None else fs.open_store(settings)
         self.to = "online_and_offline" if settings.stream.push_offline else "online"
         try:
-            for view in ("property_engagement", "property_attributes", "user_taste"):
+            for view in self.VIEWS.values():
                 self.store.get_feature_view(view)
         except Exception:  # a fresh home: register the definitions first
             log.info("feature views not registered yet: applying the feature repo")
             fs.apply(self.store)
+        self._plans: dict[str, tuple[float, object, str, list]] = {}
 
     def push(self, source: str, df: pd.DataFrame) -> None:
         if len(df):
             self._fs.push(self.store, source, df, to=self.to, fill_missing=False)
+
+    def _plan(self, source: str):
+        """(feature view, join key, [(feature, to-proto)]) of a push source's view, re-read from the registry
+        (its cache) once a minute."""
+        now = time.monotonic()
+        plan = self._plans.get(source)
+        if plan is None or now - plan[0] > 60.0:
+            from feast.protos.feast.types.Value_pb2 import Value
+            from feast.type_map import NULL_TIMESTAMP_INT_VALUE
+            from feast.value_type import ValueType
+
+            fv = self.store.get_feature_view(self.VIEWS[source])
+            empty = Value()
+            kinds = {ValueType.DOUBLE: ("double_val", float), ValueType.FLOAT: ("float_val", float),
+                     ValueType.INT64: ("int64_val", int), ValueType.INT32: ("int32_val", int),
+                     ValueType.STRING: ("string_val", str), ValueType.BOOL: ("bool_val", bool),
+                     ValueType.UNIX_TIMESTAMP: ("unix_timestamp_val", lambda d: int(d.timestamp()))}
+
+            def conv(vt):
+                field, cast = kinds[vt]
+                # a missing timestamp is Feast's NULL_TIMESTAMP_INT_VALUE (what `push` writes for NaT), any
+                # other missing value an empty Value: byte for byte what `push` writes
+                none = (Value(unix_timestamp_val=NULL_TIMESTAMP_INT_VALUE) if vt == ValueType.UNIX_TIMESTAMP
+                        else empty)
+                return lambda v: none if v is None else Value(**{field: cast(v)})
+
+            feats = [(f.name, conv(f.dtype.to_value_type())) for f in fv.features]
+            plan = (now, fv, fv.entity_columns[0].name, feats)
+            self._plans[source] = plan
+        return plan[1:]
+
+    def write(self, source: str, rows: list[dict]) -> None:
+        if not rows:
+            return
+        if self.to != "online":
+            self.push(source, pd.DataFrame(rows))
+            return
+        from feast.protos.feast.types.EntityKey_pb2 import EntityKey
+        from feast.protos.feast.types.Value_pb2 import Value
+
+        fv, key, feats = self._plan(source)
+        data = [(EntityKey(join_keys=[key], entity_values=[Value(string_val=r[key])]),
+                 {name: conv(r[name]) for name, conv in feats}, r["event_timestamp"], None) for r in rows]
+        self.store._get_provider().online_write_batch(self.store.config, fv, data, progress=None)
 
 
 class _Stopped(Exception):
@@ -165,30 +222,40 @@ class Processor:
         # only the processor's own topics: a topic it does not use (ab_outcomes) needs no ACL. Where they are
         # missing or hidden (Strimzi: KafkaTopic not Ready yet, or no Describe ACL), wait and say why, once a
         # minute, instead of exiting into a crash loop
-        waited = None
-        while not self.stopping:
+        logged, next_check = [-math.inf], [-math.inf]
+
+        def topics_ready() -> bool:
+            if self.stopping:
+                return True
+            if time.monotonic() < next_check[0]:
+                return False
             try:
                 self.retry("topic check", lambda: ensure_topics(self.settings, access.topics, timeout_s=5.0),
                            dependency="kafka")
-                break
             except _Stopped:
-                break
+                pass
             except TopicsUnavailable as exc:
-                if waited is None or time.monotonic() - waited > 60:
+                if time.monotonic() - logged[0] > 60:
                     log.error("%s Retrying every %.0f s.", exc, self.topic_retry_s)
-                    waited = time.monotonic()
-                deadline = time.monotonic() + self.topic_retry_s
-                while not self.stopping and time.monotonic() < deadline:
-                    time.sleep(0.2)
+                    logged[0] = time.monotonic()
+                next_check[0] = time.monotonic() + self.topic_retry_s
+                return False
+            return True
+
+        wait_until(topics_ready, timeout=math.inf, interval=min(0.2, self.topic_retry_s), what="the Kafka topics")
         if self.stopping:
             return
         self.consumer = KafkaConsumer(
             *access.consumes, **client_config(self.settings), group_id=access.group, enable_auto_commit=False,
             auto_offset_reset="earliest", session_timeout_ms=6000, heartbeat_interval_ms=1500,
             max_poll_records=s.batch_size, max_poll_interval_ms=300_000, fetch_max_wait_ms=s.fetch_max_wait_ms,
+            max_partition_fetch_bytes=4 * 1024 * 1024, receive_buffer_bytes=4 * 1024 * 1024,
             client_id="rentalml-stream")
-        self.producer = producer(self.settings, linger_ms=2, batch_size=256 * 1024,
+        # every batch ends in flush(), which sends at once: a long linger keeps kafka-python's sender thread
+        # asleep while the batch's records are appended (waking it per record-batch halved the append rate)
+        self.producer = producer(self.settings, linger_ms=1000, batch_size=1024 * 1024,
                                  max_in_flight_requests_per_connection=5)
+        self._partitions: dict = {}  # topic -> partition count, (topic, key) -> partition
 
     def retry(self, what: str, fn: Callable, *, dependency: str | None = None):
         """fn() until it succeeds; a connection-level error (`transient`) waits with exponential backoff and
@@ -217,11 +284,28 @@ class Processor:
                 return result
 
     def _sleep(self, seconds: float) -> None:
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            if self.stopping:
-                raise _Stopped()
-            time.sleep(min(0.1, max(deadline - time.monotonic(), 0)))
+        """Wait `seconds`, or raise _Stopped as soon as request_stop() is called."""
+        try:
+            wait_until(lambda: self.stopping, timeout=seconds, interval=min(0.1, seconds), what="stop request")
+        except TimeoutError:
+            return
+        raise _Stopped()
+
+    def _partition(self, topic: str, key: bytes) -> int:
+        """kafka-python's DefaultPartitioner (murmur2 of the key over all partitions), remembered per key (a
+        pure-Python murmur2 per record cost more than the send), with the partition count looked up once per
+        topic: the same partition per key as the producer would choose."""
+        part = self._partitions.get((topic, key))
+        if part is None:
+            from kafka.partitioner.default import murmur2
+
+            n = self._partitions.get(topic)
+            if n is None:
+                n = self._partitions[topic] = len(self.producer.partitions_for(topic))
+            if len(self._partitions) > 200_000:  # bounded: entity ids are many but finite
+                self._partitions = {topic: n}
+            part = self._partitions[(topic, key)] = (murmur2(key) & 0x7FFFFFFF) % n
+        return part
 
     def _send_all(self, sends: list[tuple[str, bytes | None, bytes]]) -> None:
         """Produce `sends` (topic, key, value) and wait until the broker acknowledged every one of them; the ones
@@ -234,7 +318,9 @@ class Processor:
             futures = []
             for topic, key, value in pending:
                 try:
-                    futures.append(((topic, key, value), self.producer.send(topic, key=key, value=value)))
+                    part = None if key is None else self._partition(topic, key)
+                    futures.append(((topic, key, value), self.producer.send(topic, key=key, value=value,
+                                                                            partition=part)))
                 except KafkaTimeoutError as exc:  # no metadata (broker away): keep it for the next round
                     futures.append(((topic, key, value), exc))
             waited = False
@@ -291,6 +377,7 @@ class Processor:
         gc.collect()
         gc.freeze()  # the long-lived imports (Feast, pandas) stay out of every later full collection
         last_data = time.monotonic()
+        seen_group: tuple = (None, frozenset())
         last_lag = 0.0
         handled = 0
         try:
@@ -305,8 +392,11 @@ class Processor:
                     last_lag = now
                 if not records:
                     if idle_exit_s is not None:
-                        if not self.consumer.assignment():  # the idle clock starts at the group join
-                            last_data = now
+                        # the idle clock starts at the group join and again after every rebalance (a member
+                        # joining stops the group for seconds: that is not the end of the backlog)
+                        group = self._group_state()
+                        if not group[1] or group != seen_group:
+                            seen_group, last_data = group, now
                         elif now - last_data > idle_exit_s:
                             break
                     continue
@@ -369,16 +459,16 @@ class Processor:
             view = Applied(applied.outcomes, applied.clock, engagement, applied.properties, applied.users,
                            applied.histories, applied.user_events)
             # absolute feature values of the touched entities -> Feast (one write per view)
-            eng = aggregates.engagement_frame(view)
+            eng = aggregates.engagement_rows(view)
             self.attrs.update({p: decode_attributes(h) for p, h in applied.properties.items()})
-            attrs_df = aggregates.attributes_frame(view)
+            attrs_rows = aggregates.attributes_rows(view)
             needed = {p for evs in applied.user_events.values() for _, _, p in evs}
-            taste_df = aggregates.taste_frame(view, self.attrs.get(needed))
+            taste_rows = aggregates.taste_rows(view, self.attrs.get(needed))
             t_push = time.perf_counter()
             timing["frames"] = t_push - t_frames
-            self.sink.push(ATTRIBUTES_PUSH, attrs_df)
-            self.sink.push(ENGAGEMENT_PUSH, eng)
-            self.sink.push(TASTE_PUSH, taste_df)
+            self.sink.write(ATTRIBUTES_PUSH, attrs_rows)
+            self.sink.write(ENGAGEMENT_PUSH, eng)
+            self.sink.write(TASTE_PUSH, taste_rows)
             timing["push"] = time.perf_counter() - t_push
             return view, eng
 
@@ -398,8 +488,7 @@ class Processor:
 
         # processed_data (at least once; one record per valid event id, redeliveries flagged) and dead_letter
         windows = list(aggregates.ENGAGEMENT_WINDOWS)
-        eng_by_pid = ({pid: dict(zip(windows, map(int, vals), strict=True)) for pid, *vals in
-                       eng[["property_id", *windows]].itertuples(index=False)} if len(eng) else {})
+        eng_by_pid = {row["property_id"]: {w: row[w] for w in windows} for row in eng}
         now_iso = datetime.now(UTC).isoformat()
         counts = {"processed": 0, "duplicate": 0}
         sends: list[tuple[str, bytes | None, bytes]] = []
@@ -416,9 +505,9 @@ class Processor:
                     doc["engagement"] = eng_by_pid[ev.property_id]
             else:
                 doc["attributes"] = ev.changed()
-            sends.append((PROCESSED_DATA, ev.property_id.encode(), json.dumps(doc).encode()))
+            sends.append((PROCESSED_DATA, ev.property_id.encode(), orjson.dumps(doc)))
         for d in dlq:
-            sends.append((DEAD_LETTER, None, json.dumps(d).encode()))
+            sends.append((DEAD_LETTER, None, orjson.dumps(d)))
         t_flush = time.perf_counter()
         produce_s = t_flush - t_push - push_s
         self._send_all(sends)
@@ -449,6 +538,18 @@ class Processor:
                      "push_s": round(push_s, 4), "flush_commit_s": round(commit_s, 4),
                      "batch_s": round(batch_s, 4), "totals": dict(self.totals)})
         return n
+
+    def _group_state(self) -> tuple:
+        """(generation id, assigned partitions) of this member; the generation is None while it rebalances."""
+        gen = None
+        coordinator = getattr(self.consumer, "_coordinator", None)  # kafka-python's; absent in test doubles
+        if coordinator is not None:
+            try:
+                stable = coordinator.generation_if_stable()
+                gen = stable.generation_id if stable is not None else None
+            except Exception:  # noqa: BLE001 - an introspection aid only
+                gen = None
+        return gen, frozenset(self.consumer.assignment())
 
     def _update_lag(self) -> bool | None:
         """ml_stream_committed_lag per assigned partition. Tansu's end offsets (high watermarks) are unreliable,

@@ -32,7 +32,21 @@ def _reason(exc: ValidationError) -> str:
 
 
 def parse(topic: str, value: bytes | None) -> Interaction | PropertyEvent:
-    """The validated event of a record value, or InvalidEvent."""
+    """The validated event of a record value, or InvalidEvent.
+
+    The common case (a valid event) is one `model_validate_json` call, pydantic-core parsing the bytes without
+    a Python dict in between; a record it refuses takes the step-by-step path below, which names the reason
+    (not UTF-8, malformed JSON, not an object, the field), so both accept and refuse the same records."""
+    model = MODELS.get(topic)
+    if model is not None and value:
+        try:
+            return model.model_validate_json(value)
+        except ValidationError:
+            pass
+    return _parse_slow(topic, value)
+
+
+def _parse_slow(topic: str, value: bytes | None) -> Interaction | PropertyEvent:
     if value is None:
         raise InvalidEvent("empty record (null value)")
     try:

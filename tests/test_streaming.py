@@ -383,7 +383,8 @@ def test_50k_events_sigkill_midway_exactly_once_effect(stream_env, tmp_path):
     totals = _run(env, tag, tmp_path / "rerun.log", idle=3, timeout=180)
     # the restart resumes from the last commit: it re-reads at most the batch in flight at the kill (applied to
     # the state store or not: its redeliveries count as duplicates and change nothing)
-    assert totals["processed"] + totals["duplicate"] <= n_valid + len(listings) - killed_at["processed"] + 2000
+    assert (totals["processed"] + totals["duplicate"]
+            <= n_valid + len(listings) - killed_at["processed"] + get_settings().stream.batch_size)
 
     ref, n7 = _reference(valid)
     on = _online(store, props=list(ref.index))

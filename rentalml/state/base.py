@@ -59,6 +59,8 @@ class Applied:
     engagement: dict[str, dict[str, str]] = field(default_factory=dict)
     properties: dict[str, dict[str, str]] = field(default_factory=dict)
     users: dict[str, dict[str, str]] = field(default_factory=dict)
+    #: per touched user: (property id, time) oldest -> newest; SQLite only (Redis leaves it empty: nothing reads
+    #: it per batch, and `recent_history` is the reader's call)
     histories: dict[str, list[tuple[str, float]]] = field(default_factory=dict)
     #: per touched user: recent interactions (event time, event type letter, property id), arrival order
     user_events: dict[str, list[tuple[float, str, str]]] = field(default_factory=dict)

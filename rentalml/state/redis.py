@@ -8,6 +8,8 @@ import re
 from functools import cache
 from importlib import resources
 
+import orjson
+
 from rentalml.config import Settings
 
 from .base import Applied, StateStore, decode_attributes, user_event
@@ -37,24 +39,35 @@ class RedisState(StateStore):
         self._script = self.redis.register_script(lua("apply.lua"))
         self._touch = self.redis.register_script(lua("touch.lua"))
 
+    #: events per Lua run. A script blocks Redis while it runs, and the Feast online store and the recommendation
+    #: cache share this Redis with serving: a large batch runs as several atomic steps of at most this many events
+    #: (pipelined, one round trip), so serving waits at most one step (~50 ms), not the whole batch. Each event's
+    #: step is atomic (dedupe + counters), which is what the exactly-once effect needs.
+    chunk = 2000
+
     def apply(self, events: list[dict], batch: str | None = None) -> Applied:
         if not events:
             return Applied([], float(self.redis.get(f"{self.prefix}:clock") or 0.0))
-        params = self._params(events) | ({"batch": batch} if batch else {})
-        raw = json.loads(self._script(keys=[self.prefix], args=[json.dumps(params)]))
-        outcomes = raw["outcomes"] if isinstance(raw["outcomes"], list) else []
-        hist = {u: [(flat[j], float(flat[j + 1])) for j in range(0, len(flat), 2)] if isinstance(flat, list) else []
-                for u, flat in raw["hist"].items()}  # ZRANGE order: oldest -> newest
-        uev = {u: [user_event(x) for x in flat] if isinstance(flat, list) else [] for u, flat in raw["uev"].items()}
-        return Applied(outcomes, float(raw["clock"]),
-                       {k: _pairs(v) for k, v in raw["eng"].items()},
-                       {k: _pairs(v) for k, v in raw["prop"].items()},
-                       {k: _pairs(v) for k, v in raw["usr"].items()}, hist, uev)
+        pipe = self.redis.pipeline(transaction=False)
+        for n, i in enumerate(range(0, len(events), self.chunk)):
+            params = self._params(events[i:i + self.chunk]) | ({"batch": f"{batch}:{n}"} if batch else {})
+            self._script(keys=[self.prefix], args=[orjson.dumps(params)], client=pipe)
+        out = Applied([], 0.0)
+        for text in pipe.execute():  # in order: a later step's snapshot of an entity supersedes an earlier one
+            raw = orjson.loads(text)
+            out.outcomes += raw["outcomes"] if isinstance(raw["outcomes"], list) else []
+            out.clock = float(raw["clock"])
+            out.engagement.update((k, _pairs(v)) for k, v in raw["eng"].items())
+            out.properties.update((k, _pairs(v)) for k, v in raw["prop"].items())
+            out.users.update((k, _pairs(v)) for k, v in raw["usr"].items())
+            out.user_events.update((u, [user_event(x) for x in flat] if isinstance(flat, list) else [])
+                                   for u, flat in raw["uev"].items())
+        return out
 
     def refresh_engagement(self, property_ids: list[str]) -> Applied:
         if not property_ids:
             return Applied([], float(self.redis.get(f"{self.prefix}:clock") or 0.0))
-        raw = json.loads(self._touch(keys=[self.prefix], args=[json.dumps(self._buckets()), *property_ids]))
+        raw = orjson.loads(self._touch(keys=[self.prefix], args=[orjson.dumps(self._buckets()), *property_ids]))
         return Applied([], float(raw["clock"]), {k: _pairs(v) for k, v in raw["eng"].items()})
 
     def due(self, clock: float, limit: int = 5000) -> list[str]:

@@ -14,18 +14,23 @@ local function maxfield(key, f, v)
   local old = tonumber(redis.call('HGET', key, f) or '-1')
   if v > old then redis.call('HSET', key, f, string.format('%.6f', v)) end
 end
+local dd_hours = {}                   -- the hours whose dedupe set this batch added to
 for i, e in ipairs(cfg.events) do
   local h = math.floor(e.ts / HOUR)
   local ddk = P .. ':dd:' .. h
-  if redis.call('SISMEMBER', ddk, e.id) == 1 then
+  -- a redelivery is recognised first, then a late event; otherwise the id is recorded. An event that may be
+  -- late asks SISMEMBER; any other records its id at once (SADD answers 0 where it was there: a duplicate)
+  local late = e.k == 'i' and e.ts < clock - lateness
+  local seen
+  if late then seen = redis.call('SISMEMBER', ddk, e.id) == 1 else seen = redis.call('SADD', ddk, e.id) == 0 end
+  if seen then
     outcomes[i] = 'duplicate'
     if e.k == 'i' then touch(eng, e.p, false); touch(usr, e.u, false) else touch(prop, e.p, false) end
-  elseif e.k == 'i' and e.ts < clock - lateness then
+  elseif late then
     outcomes[i] = 'late'
   else
     outcomes[i] = 'processed'
-    redis.call('SADD', ddk, e.id)
-    redis.call('ZADD', P .. ':dd_hours', h, h)
+    if not dd_hours[h] then dd_hours[h] = true; redis.call('ZADD', P .. ':dd_hours', h, h) end
     if e.ts > clock then clock = e.ts end
     if e.k == 'i' then
       local ek = P .. ':eng:' .. e.p
@@ -69,8 +74,8 @@ end
 local min_h = math.floor(clock / HOUR) - keep_h
 local min_m = math.floor(clock / FINE) - fine_keep
 --#include prune.lua
-local res = {outcomes = outcomes, clock = string.format('%.6f', clock), eng = {}, prop = {}, usr = {}, hist = {},
-             uev = {}}
+-- (the users' histories are trimmed here and read by recent_history(), not returned: nothing reads them per batch)
+local res = {outcomes = outcomes, clock = string.format('%.6f', clock), eng = {}, prop = {}, usr = {}, uev = {}}
 for id, changed in pairs(eng) do
   local k = P .. ':eng:' .. id; version(k, changed); res.eng[id] = prune(k)
 end
@@ -81,7 +86,6 @@ for id, changed in pairs(usr) do
   local k = P .. ':user:' .. id; version(k, changed); res.usr[id] = prune(k)
   local hk = P .. ':hist:' .. id
   redis.call('ZREMRANGEBYRANK', hk, 0, -(hist_len + 1))
-  res.hist[id] = redis.call('ZRANGE', hk, 0, -1, 'WITHSCORES')
   local lk = P .. ':uev:' .. id
   redis.call('LTRIM', lk, -uev_len, -1)
   res.uev[id] = redis.call('LRANGE', lk, 0, -1)
