@@ -29,8 +29,8 @@ from rentalml.evaluation.metrics import ranking_metrics
 from rentalml.evaluation.protocols import temporal_leave_last_n
 from rentalml.export.bundle import write_bundle
 from rentalml.export.optimize import holdout_from_dataset, optimize_bundle
-from rentalml.runtime.ann import recall_at_n
 from rentalml.runtime.bundle import Bundle
+from rentalml.runtime.retrieval import recall_at_n
 from rentalml.runtime.two_stage import two_stage_topk
 from rentalml.training.trainer import fit_model
 
@@ -93,15 +93,17 @@ def main() -> None:
             "two_stage_b64": round(_median_ms(lambda: two_stage_topk(b, h64, 10, None, f64), args.repeats), 3),
         },
     }
-    # the same fitted model with the ANN retrieval (IVF over its trained item vectors) instead of brute force
+    # the same fitted model with the ANN retrieval (the default backend over its trained item vectors)
     adir = write_bundle(fitted, ds, work / "bundle_ann", quantize=False, drift_reference=False, ann_min_items=0)
     ab = Bundle(adir)
-    ann = {"n_lists": ab.meta["two_stage"]["n_lists"], "default_nprobe": ab.meta["two_stage"]["nprobe"]}
-    for nprobe in (4, 8, ann["default_nprobe"]):
-        top = np.vstack([two_stage_topk(ab, hold.histories[s:s + 256], 10, None, feats[s:s + 256], nprobe)[0]
-                         for s in range(0, len(hold.histories), 256)])
-        ann[f"recall_at_10_vs_scorer_nprobe_{nprobe}"] = round(recall_at_n(top, sc_idx), 4)
-        ann[f"ndcg_at_10_nprobe_{nprobe}"] = round(float(
+    rec = ab.meta["two_stage"]["ann"]
+    ann = {"backend": rec["backend"], "params": rec["params"]}
+    knob = "nprobe" if "nprobe" in rec["params"] else "ef_search"
+    for value in sorted({*((4, 8) if knob == "nprobe" else (50, 100)), rec["params"][knob]}):
+        top = np.vstack([two_stage_topk(ab, hold.histories[s:s + 256], 10, None, feats[s:s + 256],
+                                        {knob: value})[0] for s in range(0, len(hold.histories), 256)])
+        ann[f"recall_at_10_vs_scorer_{knob}_{value}"] = round(recall_at_n(top, sc_idx), 4)
+        ann[f"ndcg_at_10_{knob}_{value}"] = round(float(
             ranking_metrics(top[has], hold.relevant[has], 10)["ndcg"].mean()), 5)
     ann["two_stage_ms_b1"] = round(_median_ms(lambda: two_stage_topk(ab, h1, 10, None, f1), args.repeats), 3)
     ann["two_stage_ms_b64"] = round(_median_ms(lambda: two_stage_topk(ab, h64, 10, None, f64), args.repeats), 3)

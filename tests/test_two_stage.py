@@ -1,4 +1,5 @@
-"""Two-stage serving graphs (retrieval.onnx → [IVF index] → ranker.onnx) against the one-graph scorer."""
+"""Two-stage serving graphs (retrieval.onnx → [ANN index] → ranker.onnx) against the one-graph scorer.
+The ANN index on its own: tests/test_retrieval.py."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ import onnxruntime as ort
 import pytest
 
 from rentalml.export.bundle import write_bundle
-from rentalml.runtime.ann import IVFIndex, brute_force, recall_at_n
 from rentalml.runtime.bundle import Bundle, read_meta
+from rentalml.runtime.retrieval import DEFAULT_BACKEND, recall_at_n
 from rentalml.runtime.two_stage import TwoStage, two_stage_topk
 
 N_USERS = 100
@@ -21,9 +22,9 @@ def _scorer_topk(b: Bundle, users: np.ndarray, k: int):
     return b.score_histories([b.user_history[u] for u in users], k, feats)
 
 
-def _two_stage(b: Bundle, users: np.ndarray, k: int, n_candidates=None, nprobe=None):
+def _two_stage(b: Bundle, users: np.ndarray, k: int, n_candidates=None, search=None):
     feats = b.user_features[users] if b.user_feature_dim else None
-    return two_stage_topk(b, [b.user_history[u] for u in users], k, n_candidates, feats, nprobe)
+    return two_stage_topk(b, [b.user_history[u] for u in users], k, n_candidates, feats, search)
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +54,8 @@ def test_graph_interfaces(bundles):
     assert [i.name for i in rank.get_inputs()] == ["history", "candidates", "user_features"]
     assert [o.name for o in rank.get_outputs()] == ["indices", "scores"]
     ann = read_meta(bundles["ann"])["two_stage"]
-    assert ann["mode"] == "ann" and (bundles["ann"] / "ann_index.npz").exists()
+    assert ann["mode"] == "ann" and ann["ann"]["backend"] == DEFAULT_BACKEND
+    assert ann["ann_index"] == ann["ann"]["files"][0] and (bundles["ann"] / ann["ann_index"]).exists()
     ret = ort.InferenceSession(str(bundles["ann"] / "retrieval.onnx"), providers=["CPUExecutionProvider"])
     assert [o.name for o in ret.get_outputs()] == ["user_embedding"]
     # models without a two-tower part keep the one-graph scorer only
@@ -64,12 +66,11 @@ def test_graph_interfaces(bundles):
 @pytest.mark.parametrize("key", ["full", "collaborative", "ann"])
 def test_candidates_covering_the_catalogue_give_the_scorer_topk(bundles, key):
     """N ≥ catalogue: retrieval + ranker == scorer.onnx (the ranker re-scores with tower + beta · item-item).
-    In ANN mode with every list probed the IVF search is exact, so the same holds."""
+    In ANN mode with an exhaustive search (every list probed) the index is exact, so the same holds."""
     b = Bundle(bundles[key])
     users = np.arange(N_USERS)
     ref_idx, ref_sc = _scorer_topk(b, users, 10)
-    nprobe = 10**6 if key == "ann" else None
-    idx, sc = _two_stage(b, users, 10, nprobe=nprobe)
+    idx, sc = _two_stage(b, users, 10, search="exhaustive" if key == "ann" else None)
     assert idx.shape == sc.shape == (N_USERS, 10) and idx.dtype == np.int64 and sc.dtype == np.float32
     np.testing.assert_allclose(sc, ref_sc, rtol=1e-4, atol=1e-4)
     np.testing.assert_array_equal(idx, ref_idx)
@@ -99,7 +100,7 @@ def test_ann_default_probe_recall(bundles):
     ref_idx, _ = _scorer_topk(b, users, 10)
     idx, _ = _two_stage(b, users, 10)
     r = recall_at_n(idx, ref_idx)
-    print(f"\nANN-mode two-stage recall@10 vs full scorer at the default nprobe: {r:.3f}")
+    print(f"\nANN-mode two-stage recall@10 vs full scorer at the default search setting: {r:.3f}")
     assert r >= 0.5
 
 
@@ -118,25 +119,3 @@ def test_two_stage_pickle_and_bad_input(bundles):
         TwoStage(bundles["full"]).topk(hist, 10, n_candidates=b.n_items + 1)
     with pytest.raises(ValueError, match="two-stage"):
         TwoStage(bundles["itemitem"])
-
-
-def test_ivf_recall_on_20k_items():
-    """IVF over 20k clustered item vectors with biases: recall@100 against brute force."""
-    rng = np.random.default_rng(0)
-    d, n = 32, 20_000
-    centres = rng.normal(size=(200, d)).astype(np.float32)
-    items = (centres[rng.integers(0, 200, n)] + 0.5 * rng.normal(size=(n, d))).astype(np.float32)
-    bias = (0.3 * rng.normal(size=n)).astype(np.float32)
-    users = (centres[rng.integers(0, 200, 200)] + 0.5 * rng.normal(size=(200, d))).astype(np.float32)
-    index = IVFIndex.build(items, bias, seed=0)
-    exact = brute_force(users, items, bias, 100)
-    q = np.hstack([users, np.ones((len(users), 1), np.float32)])
-    approx, scores = index.search(q, 100)
-    r = recall_at_n(approx, exact)
-    full, _ = index.search(q, 100, nprobe=index.n_lists)
-    print(f"\nIVF 20k items: {index.n_lists} lists, nprobe {index.default_nprobe}: recall@100 {r:.3f}")
-    assert recall_at_n(full, exact) == 1.0
-    assert r >= 0.9
-    assert (np.diff(scores, axis=1) <= 0).all()
-    with pytest.raises(ValueError, match="dim"):
-        index.search(users, 10)

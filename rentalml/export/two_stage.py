@@ -6,8 +6,9 @@
   outputs  brute-force mode (catalogue < export.ann_min_items):
            candidates         INT64 [N, C]  the tower's top-C property indices (history excluded), best first
            candidate_scores   FP32  [N, C]  the tower's scores of those
-           ANN mode (catalogue ≥ export.ann_min_items): the catalogue scan is left to an IVF index
-           (`ann_index.npz`, rentalml.runtime.ann) searched outside the graph:
+           ANN mode (catalogue ≥ export.ann_min_items): the catalogue scan is left to an ANN index
+           (`ann_index.*`, the rentalml.runtime.retrieval backend `export.ann_backend`, faiss IVF-Flat by
+           default; bundle.json two_stage.ann records backend, parameters and files) searched outside the graph:
            user_embedding     FP32  [N, D]  D = item-vector dim + 1 (a trailing 1 that meets the item bias)
 `ranker.onnx`:
   inputs   history            INT64 [N, L]
@@ -140,9 +141,12 @@ def export_ranker(fitted, path: str | Path, history_len: int, n_candidates: int)
 
 
 def export_two_stage(fitted, out_dir: str | Path, history_len: int, n_candidates: int = DEFAULT_CANDIDATES,
-                     ann_min_items: int = 100_000, n_lists: int | None = None, seed: int = 0) -> dict | None:
-    """Write retrieval.onnx, ranker.onnx (and ann_index.npz for large catalogues); the bundle.json section."""
-    from rentalml.runtime.ann import IVFIndex
+                     ann_min_items: int = 100_000, ann_backend: str | None = None,
+                     ann_params: dict | None = None) -> dict | None:
+    """Write retrieval.onnx, ranker.onnx (and the ANN index for large catalogues); the bundle.json section.
+    The index is `ann_backend` (default: export.ann_backend) at its default parameters unless `ann_params`
+    (default: export.ann_params) sets them, built over the item vectors with the bias as a last column."""
+    from rentalml.runtime import retrieval
 
     tower = tower_of(fitted.model)
     if tower is None:
@@ -157,8 +161,12 @@ def export_two_stage(fitted, out_dir: str | Path, history_len: int, n_candidates
             "mode": "ann" if ann else "brute_force", "embedding_dim": int(tower.table_out.shape[1]) + 1,
             "ann_index": None}
     if ann:
-        index = IVFIndex.build(tower.table_out.numpy(), tower.net.item_bias.detach().numpy(), n_lists=n_lists,
-                               seed=seed)
-        index.save(out / "ann_index.npz")
-        meta.update(ann_index="ann_index.npz", n_lists=index.n_lists, nprobe=index.default_nprobe)
+        from rentalml.config import get_settings
+
+        exp = get_settings().export
+        x = np.hstack([tower.table_out.numpy(), tower.net.item_bias.detach().numpy()[:, None]]).astype(np.float32)
+        index = retrieval.make(ann_backend or exp.ann_backend,
+                               **(exp.ann_params if ann_params is None else ann_params)).index(x)
+        record = index.save(out)
+        meta.update(ann_index=record["files"][0], ann=record)
     return meta

@@ -5,8 +5,8 @@
     interfaces  Stages, FeatureSource, Retriever (ABCs); Recommendations  rentalml.runtime.interfaces
     features    Filters (business rules), LocalFeatures, FeastFeatures    rentalml.runtime.features
     stages      LocalStages (the bundle's graphs in ONNX Runtime)         rentalml.runtime.stages
-    two_stage   TwoStage: retrieval → IVF search → ranker                 rentalml.runtime.two_stage
-    ann         IVFIndex (numpy IVF for large catalogues)                 rentalml.runtime.ann
+    two_stage   TwoStage: retrieval → ANN search → ranker                 rentalml.runtime.two_stage
+    retrieval   TopK (one interface; brute, faiss IVF / HNSW backends)    rentalml.runtime.retrieval
     live        LiveCatalogue: never-seen properties via foldin.onnx      rentalml.runtime.live
     pipeline    Pipeline (the named steps) and Engine (what a server holds) rentalml.runtime.pipeline
 
@@ -24,7 +24,7 @@ _EXPORTS = {
     "Recommendations": "interfaces", "Stages": "interfaces", "FeatureSource": "interfaces",
     "Retriever": "interfaces",
     "Filters": "features", "LocalFeatures": "features", "FeastFeatures": "features",
-    "LocalStages": "stages", "TwoStage": "two_stage", "IVFIndex": "ann", "LiveCatalogue": "live",
+    "LocalStages": "stages", "TwoStage": "two_stage", "TopK": "retrieval", "LiveCatalogue": "live",
     "Pipeline": "pipeline", "Engine": "pipeline",
 }
 

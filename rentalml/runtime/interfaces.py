@@ -6,8 +6,9 @@ found by reading the pipeline. They are ABCs (an implementation subclasses them 
 method) and carry the few facts the pipeline used to find by type or attribute probing (`exact`,
 `in_process`, `any_history_width`, `unavailable()`): what a caller needs to know is asked, never guessed.
 
-* `Retriever` — stage 1 on its own: histories → candidate indices (TFRS's `TopK` idea: a query → top-n
-  interface with the index behind it; here the two-stage graphs + IVF, rentalml.runtime.two_stage).
+* `Retriever` — stage 1 on its own: histories → candidate indices (the two-stage graphs + the ANN index,
+  rentalml.runtime.two_stage). The index itself is a `rentalml.runtime.retrieval.TopK` (TFRS's `TopK`:
+  index(candidates, identifiers), query → (scores, identifiers)), one module per backend.
 * `Stages` — the numeric half of a recommendation: retrieval and ranking over padded histories.
   `rentalml.runtime.stages.LocalStages` runs the bundle's graphs in process (ONNX Runtime);
   `rentalml.inference.predictor.RemoteStages` calls them on a KServe v2 predictor (Triton).
@@ -36,13 +37,14 @@ class Recommendations:
 
 class Retriever(ABC):
     """Stage 1: padded histories [N, L] (+ user features) → candidate property indices [N, n], best first,
-    padded with n_items where fewer qualify. The user's own history is never a candidate."""
+    padded with n_items where fewer qualify. The user's own history is never a candidate. `search` overrides
+    the ANN index's search parameters for the call ({"nprobe": 64}, {"ef_search": 400}, "exhaustive")."""
 
     n_items: int
 
     @abstractmethod
     def candidates(self, history: np.ndarray, user_features: np.ndarray | None, n_candidates: int,
-                   nprobe: int | None = None) -> np.ndarray: ...
+                   search: dict | str | None = None) -> np.ndarray: ...
 
 
 class Stages(ABC):

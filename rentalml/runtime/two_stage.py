@@ -1,8 +1,9 @@
-"""The two-stage retrieval runtime: a bundle's retrieval.onnx → (IVF search) → ranker.onnx with ONNX Runtime.
+"""The two-stage retrieval runtime: a bundle's retrieval.onnx → (ANN search) → ranker.onnx with ONNX Runtime.
 
 The graphs and their interface are written by rentalml.export.two_stage (see its docstring); this module
-only runs them. `TwoStage` is the in-process `Retriever` (stage 1: history → candidates, through the IVF
-index of rentalml.runtime.ann for large catalogues) plus the ranker.
+only runs them. `TwoStage` is the in-process `Retriever` (stage 1: history → candidates, through the ANN
+index for large catalogues: the `rentalml.runtime.retrieval` backend and parameters bundle.json records
+under two_stage.ann) plus the ranker.
 """
 
 from __future__ import annotations
@@ -52,14 +53,20 @@ class TwoStage(Retriever):
 
     @property
     def index(self):
+        """The bundle's ANN index (a rentalml.runtime.retrieval.TopK), loaded on first use; None in brute-force
+        mode (the retrieval graph scans the catalogue itself)."""
         if self._index is None and self.ann:
-            from rentalml.runtime.ann import IVFIndex
+            from rentalml.runtime import retrieval
 
-            self._index = IVFIndex.load(self.path / self.meta["ann_index"])
+            record = self.meta.get("ann")
+            if not record:
+                raise ValueError(f"bundle {self.path} has an ANN index ({self.meta.get('ann_index')}) from before "
+                                 "the retrieval backends (the numpy IVF): re-export it")
+            self._index = retrieval.load(self.path, record, threads=self.threads)
         return self._index
 
     def candidates(self, history: np.ndarray, user_features: np.ndarray | None, n_candidates: int,
-                   nprobe: int | None = None) -> np.ndarray:
+                   search: dict | str | None = None) -> np.ndarray:
         """Stage 1: [N, n_candidates] candidate indices (padding n_items where an ANN probe found too few)."""
         feed = {"history": history}
         if self.user_feature_dim:
@@ -70,7 +77,7 @@ class TwoStage(Retriever):
             return cand[:, :n_candidates]
         (emb,) = self._session("retrieval").run(None, feed)
         extra = int((history < self.n_items).sum(1).max(initial=0))  # history items are dropped after the search
-        idx, _ = self.index.search(emb, n_candidates + extra, nprobe=nprobe)
+        _, idx = self.index.query(emb, n_candidates + extra, search)
         out = np.full((len(history), n_candidates), self.n_items, dtype=np.int64)
         for r in range(len(history)):
             row = idx[r][(idx[r] >= 0) & ~np.isin(idx[r], history[r])][:n_candidates]
@@ -78,8 +85,10 @@ class TwoStage(Retriever):
         return out
 
     def topk(self, histories: list[np.ndarray], k: int, n_candidates: int | None = None,
-             user_features: np.ndarray | None = None, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k property indices and scores for histories (index arrays, oldest → newest)."""
+             user_features: np.ndarray | None = None, search: dict | str | None = None
+             ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k property indices and scores for histories (index arrays, oldest → newest); `search` overrides
+        the ANN index's search parameters (ANN bundles only)."""
         c = self.n_candidates if n_candidates is None else int(n_candidates)
         if not 1 <= c <= self.n_candidates:
             raise ValueError(f"n_candidates must be in [1, {self.n_candidates}] (the bundle's retrieval size), "
@@ -88,7 +97,7 @@ class TwoStage(Retriever):
         hist = pad_histories(histories, self.n_items, self.history_len)
         if self.user_feature_dim and user_features is None:
             user_features = np.zeros((len(histories), self.user_feature_dim), np.float32)
-        cand = self.candidates(hist, user_features, c, nprobe)
+        cand = self.candidates(hist, user_features, c, search)
         idx, scores = self.rank(hist, cand, user_features)
         return idx[:, :k], scores[:, :k]
 
@@ -108,13 +117,13 @@ _CACHE: dict[tuple[Path, int], TwoStage] = {}
 
 def two_stage_topk(bundle: Bundle | TwoStage | str | Path, history: list[np.ndarray], k: int,
                    n_candidates: int | None = None, user_features: np.ndarray | None = None,
-                   nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+                   search: dict | str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Two-stage top-k for a bundle (a Bundle, its directory or a TwoStage): (indices [N, k], scores [N, k])."""
     if isinstance(bundle, TwoStage):
-        return bundle.topk(history, k, n_candidates, user_features, nprobe)
+        return bundle.topk(history, k, n_candidates, user_features, search)
     path, threads = (bundle.path, bundle.threads) if isinstance(bundle, Bundle) else (Path(bundle), 1)
     path = Path(path).resolve()
     key = (path, (path / "bundle.json").stat().st_mtime_ns)  # a rewritten bundle gets new sessions
     if key not in _CACHE:
         _CACHE[key] = TwoStage(path, threads=threads)
-    return _CACHE[key].topk(history, k, n_candidates, user_features, nprobe)
+    return _CACHE[key].topk(history, k, n_candidates, user_features, search)
