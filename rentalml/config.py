@@ -59,6 +59,10 @@ class FeastSettings(BaseModel):
     registry_url: str | None = None
     #: "sqlite" | "redis"; unset: redis when redis_url is set, else SQLite at $RENTALML_HOME/feast/online.db
     online_store: str | None = None
+    #: the online store's own Redis (redis://host:port/db), when it is not redis_url (the cache's and the stream's)
+    redis_url: str | None = None
+    #: socket timeout of the online store's Redis connections (0 = none): a stalled server fails a read, never hangs
+    redis_socket_timeout_s: float = 5.0
     #: the pipeline's features step takes the property attributes from Feast (point in time) and records the views
     training: bool = False
 
@@ -93,6 +97,9 @@ class ServeSettings(BaseModel):
     namespace: str | None = None
     # where candidate features come from: "bundle" (the bundle's property table) | "feast" (the online store)
     feature_source: Literal["bundle", "feast"] = "bundle"
+    # deadline of one request's online feature fetch (feature_source=feast); past it, or on an error, the request is
+    # answered with the bundle's own features and ml_feature_fallback_total{reason=timeout|error} counts it
+    feature_timeout_s: float = 0.05
     # transformer role: the v2 predictor (Triton in the cluster) that runs rental-retrieval / rental-ranker
     predictor_url: str | None = None
     # fold-in from the stream state: users' streamed interactions and never-seen listings, without retraining

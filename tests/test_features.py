@@ -47,7 +47,8 @@ def test_generated_config_follows_settings(tmp_path):
                  feast={"registry_url": "postgresql+psycopg://feast:pw@db:5432/feast"})
     cfg = fs.store_config(s)
     assert cfg["project"] == "rentalml" and cfg["offline_store"] == {"type": "duckdb"}
-    assert cfg["online_store"] == {"type": "redis", "connection_string": "127.0.0.1:6390,db=2,password=s3cret"}
+    assert cfg["online_store"] == {"type": "redis", "connection_string": "127.0.0.1:6390,socket_timeout=5.0,"
+                                                    "socket_connect_timeout=5.0,retry=null,db=2,password=s3cret"}
     assert cfg["registry"]["registry_type"] == "sql" and cfg["entity_key_serialization_version"] == 3
     local = fs.store_config(Settings(home=tmp_path))
     assert local["online_store"] == {"type": "sqlite", "path": str(tmp_path.resolve() / "feast" / "online.db")}

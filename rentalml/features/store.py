@@ -81,12 +81,18 @@ def redis_connection_string(redis_url: str) -> str:
     return ",".join(parts)
 
 
+def online_redis_url(settings: Settings | None = None) -> str | None:
+    """The online store's Redis: feast.redis_url, else redis_url (one Redis for state, cache and features)."""
+    s = settings or get_settings()
+    return s.feast.redis_url or s.redis_url
+
+
 def online_store_kind(settings: Settings | None = None) -> str:
     s = settings or get_settings()
-    kind = s.feast.online_store or ("redis" if s.redis_url else "sqlite")
+    kind = s.feast.online_store or ("redis" if online_redis_url(s) else "sqlite")
     if kind not in ("sqlite", "redis"):
         raise ValueError(f"feast.online_store must be 'sqlite' or 'redis' (got {kind!r})")
-    if kind == "redis" and not s.redis_url:
+    if kind == "redis" and not online_redis_url(s):
         raise ValueError("feast.online_store is 'redis' but redis_url is not set (RENTALML_REDIS_URL)")
     return kind
 
@@ -101,7 +107,15 @@ def store_config(settings: Settings | None = None) -> dict:
     else:
         registry = {"registry_type": "file", "path": str(home / "registry.db"), "cache_ttl_seconds": 10}
     if online_store_kind(s) == "redis":
-        online = {"type": "redis", "connection_string": redis_connection_string(s.redis_url)}
+        # fail fast (Feast passes the string's key=value pairs, JSON-decoded, to redis.Redis): socket timeouts, and
+        # retry=null (one immediate retry) instead of redis-py's default 3 retries backing off 1-10 s, longer than
+        # any request's feature deadline; the stream processor retries failed pushes itself, with backoff
+        conn = redis_connection_string(online_redis_url(s))
+        t = float(s.feast.redis_socket_timeout_s)
+        host, _, rest = conn.partition(",")
+        timeouts = f"socket_timeout={t},socket_connect_timeout={t}," if t > 0 else ""
+        conn = f"{host},{timeouts}retry=null,{rest}"
+        online = {"type": "redis", "connection_string": conn}
     else:
         online = {"type": "sqlite", "path": str(home / "online.db")}
     return {"project": s.feast.project, "provider": "local", "registry": registry, "online_store": online,

@@ -2,10 +2,20 @@
 
 `LocalFeatures` answers from the bundle's property table with live overrides (price changes, delistings,
 never-seen properties); `FeastFeatures` from the Feast online store, falling back to the bundle's table.
+
+A request never waits on the online store longer than serve.feature_timeout_s: past that deadline, or when the
+store fails, `FeastFeatures` answers that request from the bundle's table and ml_feature_fallback_total counts
+it by reason (timeout | error). Fetches run on a few worker threads; while all of them are still waiting on a
+stalled store, a request does not queue behind them (reason timeout at once).
 """
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -20,6 +30,22 @@ if TYPE_CHECKING:
 
 #: property attributes the filters and explanations need, in the names of the property schema / Feast view
 FILTER_COLUMNS = ["price", "bedrooms", "city", "available"]
+
+log = logging.getLogger(__name__)
+
+
+def _fallback_counter():
+    """ml_feature_fallback_total in prometheus_client's default registry (serving's /metrics), created once."""
+    from prometheus_client import REGISTRY, Counter
+
+    existing = REGISTRY._names_to_collectors.get("ml_feature_fallback_total")
+    if existing is not None:
+        return existing
+    return Counter("ml_feature_fallback_total", "Online feature fetches answered from the bundle's own features "
+                   "instead: the store ran past serve.feature_timeout_s (timeout) or failed (error).", ["reason"])
+
+
+FEATURE_FALLBACKS = _fallback_counter()
 
 
 @dataclass
@@ -145,26 +171,79 @@ class LocalFeatures(FeatureSource):
 
 class FeastFeatures(FeatureSource):
     """Candidate and user features from the Feast online store (kept fresh by `rentalml stream run`); the
-    bundle's table answers for properties the store does not know yet."""
+    bundle's table answers for properties the store does not know yet, and for the whole request when the store
+    is slower than `timeout_s` (default serve.feature_timeout_s) or fails."""
 
-    def __init__(self, store, fallback: LocalFeatures | None = None):
+    def __init__(self, store, fallback: LocalFeatures | None = None, timeout_s: float | None = None,
+                 workers: int = 4):
+        if timeout_s is None:
+            from rentalml.config import get_settings
+
+            timeout_s = get_settings().serve.feature_timeout_s
+        if not timeout_s > 0:
+            raise ValueError(f"serve.feature_timeout_s must be > 0, got {timeout_s!r}")
         self.store = store
         self.fallback = fallback
+        self.timeout_s = float(timeout_s)
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="feature-fetch")
+        self._free = threading.BoundedSemaphore(workers)  # fetch threads not stuck on the store
+        self._last_warning = -float("inf")
 
-    def properties(self, ids: list[str]) -> pd.DataFrame:
+    def _fetch(self, fn, *args):
+        """fn(*args) on a fetch thread within the deadline; None (counted, logged) when it ran past it or failed."""
+        if not self._free.acquire(blocking=False):  # every fetch thread still waits on the store
+            return self._fell_back("timeout", "every fetch thread is still waiting on the online store")
+        try:
+            fut = self._pool.submit(fn, *args)
+        except RuntimeError as exc:  # the pool is shut down (interpreter exit)
+            self._free.release()
+            return self._fell_back("error", str(exc))
+        fut.add_done_callback(lambda _: self._free.release())
+        try:
+            return fut.result(timeout=self.timeout_s)
+        except FutureTimeout:
+            return self._fell_back("timeout", f"no answer within serve.feature_timeout_s={self.timeout_s}")
+        except Exception as exc:  # noqa: BLE001 - any store failure: the bundle answers, the metric counts
+            return self._fell_back("error", f"{type(exc).__name__}: {exc}")
+
+    def _fell_back(self, reason: str, why: str) -> None:
+        FEATURE_FALLBACKS.labels(reason).inc()
+        now = time.monotonic()
+        if now - self._last_warning >= 10.0:  # one line per 10 s: an outage must not flood the log
+            self._last_warning = now
+            log.warning("online features: %s; answering from the bundle's features (ml_feature_fallback_total"
+                        "{reason=%s})", why, reason)
+        return None
+
+    def _local(self, ids: list[str]) -> pd.DataFrame:
+        if self.fallback is None:
+            return pd.DataFrame(index=pd.Index(ids, name="property_id"), columns=FILTER_COLUMNS)
+        return self.fallback.properties(ids).reindex(columns=FILTER_COLUMNS)
+
+    def _online_properties(self, ids: list[str]) -> pd.DataFrame:
         from rentalml.features.store import online_features
 
-        df = online_features(self.store, property_ids=ids, features=["property_attributes"]).set_index("property_id")
+        return online_features(self.store, property_ids=ids, features=["property_attributes"]).set_index(
+            "property_id")
+
+    def properties(self, ids: list[str]) -> pd.DataFrame:
+        df = self._fetch(self._online_properties, ids)
+        if df is None:
+            return self._local(ids)
         df = df.reindex(columns=FILTER_COLUMNS)
         if self.fallback is not None:
             missing = df.isna().all(axis=1).to_numpy()
             if missing.any():
-                df.loc[missing] = self.fallback.properties(list(df.index[missing])).reindex(
-                    columns=FILTER_COLUMNS).to_numpy()
+                df.loc[missing] = self._local(list(df.index[missing])).to_numpy()
         return df
 
-    def user(self, user_id: str) -> dict:
+    def _online_user(self, user_id: str) -> dict:
         from rentalml.features.store import online_features
 
-        row = online_features(self.store, user_ids=[user_id]).iloc[0].to_dict()
+        return online_features(self.store, user_ids=[user_id]).iloc[0].to_dict()
+
+    def user(self, user_id: str) -> dict:
+        row = self._fetch(self._online_user, user_id)
+        if row is None:
+            return self.fallback.user(user_id) if self.fallback is not None else {}
         return {k: v for k, v in row.items() if v is not None and not (isinstance(v, float) and np.isnan(v))}
