@@ -14,6 +14,10 @@ backend) goes to `<parent>/python-twin/<basename>` beside the storageUri: not `<
 kserve-storage lists objects with `Prefix=<path>` (no trailing slash, kserve_storage.py `_download_s3`), which
 would pull that sibling into /mnt/models too.
 
+Integrity: the bundles are checked against their checksums.json as the repository is written, and every version
+folder of both repositories against the digests in its marker right before the upload (`verify_triton_checksums`):
+a truncated or changed file stops the publish with PublishError naming it, before any object is written.
+
 Object-store rules from kserve-storage 0.21.0 (`Storage._download_s3`): zero-byte objects and keys ending in `/`
 are skipped, so a folder that must exist (an ensemble's version folder) carries a non-empty marker file.
 
@@ -86,6 +90,16 @@ def build_repos(bundles: dict[str, Path], work: Path, gpu: bool | None = None) -
     return {"cluster": cluster, "twin": twin}
 
 
+def check_repos(repos: dict[str, Path], kinds: list[str]) -> None:
+    """PublishError naming every file of these repositories that differs from its version folder's checksums."""
+    from rentalml.export.triton import verify_triton_checksums
+
+    errors = [f"{kind}: {e}" for kind in kinds for e in verify_triton_checksums(repos[kind])]
+    if errors:
+        raise PublishError("refusing to publish: the Triton repository does not match its checksums: "
+                           + "; ".join(errors))
+
+
 # ------------------------------------------------------------------------------------------ upload
 def upload_tree(local: Path, uri: str, client=None) -> dict:
     """Mirror `local` to the s3 prefix `uri`: version folders first, config.pbtxt files next, then the objects
@@ -153,8 +167,14 @@ def publish(*, version: str, bundle_dir: str | Path, storage_uri: str, serving_v
     out: dict = {"versions": sorted(bundles, key=int), "storage_uri": storage_uri}
     work = Path(tempfile.mkdtemp(prefix="rentalml-publish-"))
     try:
-        repos = build_repos(bundles, work, gpu)
+        from rentalml.runtime.bundle import BundleIntegrityError
+
+        try:
+            repos = build_repos(bundles, work, gpu)
+        except BundleIntegrityError as exc:
+            raise PublishError(f"refusing to publish: {exc}") from None
         targets = [("cluster", storage_uri)] + ([("twin", twin_uri(storage_uri))] if twin else [])
+        check_repos(repos, [kind for kind, _ in targets])
         for kind, uri in targets:
             ensure_bucket(split_s3(uri)[0], client)
             out[kind] = upload_tree(repos[kind], uri, client)

@@ -138,3 +138,63 @@ def test_reload_refuses_a_corrupt_bundle_and_keeps_serving(bundles, tmp_path):
         assert srv.stop() == 0, srv.log.read_text()[-3000:]
     log = srv.log.read_text()
     assert f"scorer.onnx: sha256 mismatch: expected {expected}" in log and actual in log, log[-3000:]
+
+
+# ------------------------------------------------------------------------------------------ Triton repositories
+def test_a_triton_repository_is_written_only_from_an_intact_bundle(bundles, tmp_path):
+    from rentalml.export.triton import verify_triton_checksums, write_triton_repo
+
+    bad = _copy(bundles["1"], tmp_path / "bad")
+    expected, actual = truncate(bad, "ranker.onnx")
+    with pytest.raises(BundleIntegrityError, match="ranker.onnx") as err:
+        write_triton_repo(bad, tmp_path / "repo")
+    assert expected in str(err.value) and actual in str(err.value)
+    assert not (tmp_path / "repo").exists()
+    repo = write_triton_repo(bundles["1"], tmp_path / "repo")
+    assert verify_triton_checksums(repo) == []
+    model = repo / "rental-ranker" / "1" / "model.onnx"
+    want = file_sha256(model)
+    model.write_bytes(model.read_bytes()[:-100])  # truncated after it was written
+    errors = verify_triton_checksums(repo)
+    assert len(errors) == 1 and errors[0].startswith("rental-ranker/1/model.onnx: sha256 mismatch") and \
+        want in errors[0] and file_sha256(model) in errors[0], errors
+
+
+@pytest.fixture
+def s3(monkeypatch):
+    """moto's S3 server on loopback, its endpoint and keys in the environment (as the publish step gets them)."""
+    from moto.server import ThreadedMotoServer
+
+    from rentalml.services import free_port
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    for key, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+                       "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}.items():
+        monkeypatch.setenv(key, value)
+    yield
+    server.stop()
+
+
+def test_publish_refuses_a_corrupt_version_before_any_upload(bundles, tmp_path, s3):
+    from rentalml.components import publish as p
+
+    uri = "s3://rentalml-models/triton/rental-recommender/champion"
+    serving = _copy(bundles["1"], tmp_path / "serving")  # the serving version, as fetched from the registry
+    expected, _ = truncate(serving)
+    with pytest.raises(p.PublishError, match="refusing to publish") as err:
+        p.publish(version="2", bundle_dir=bundles["2"], storage_uri=uri, serving_version="1",
+                  fetch_bundle=lambda v: serving)
+    assert "scorer.onnx" in str(err.value) and expected in str(err.value)
+    assert p.s3_client().list_buckets()["Buckets"] == []  # nothing was written, not even the bucket
+    # the repositories are checked again right before the upload: a file changed after it was written
+    repos = p.build_repos({"1": bundles["1"], "2": bundles["2"]}, tmp_path / "work")
+    p.check_repos(repos, ["cluster", "twin"])
+    twin_model = next((repos["twin"] / "rental-retrieval" / "2").glob("model.onnx"))
+    twin_model.write_bytes(twin_model.read_bytes()[:-1])
+    with pytest.raises(p.PublishError, match="twin: rental-retrieval/2/model.onnx: sha256 mismatch"):
+        p.check_repos(repos, ["cluster", "twin"])
+    # intact bundles publish
+    assert p.publish(version="2", bundle_dir=bundles["2"], storage_uri=uri, serving_version="1",
+                     fetch_bundle=lambda v: bundles["1"])["versions"] == ["1", "2"]

@@ -5,7 +5,9 @@ registered-model version numbers, so the transformer can pin each A/B arm to its
 
     DIR/<model>/config.pbtxt          version_policy { all {} }: every version folder present is served
     DIR/<model>/<V>/model.onnx        V = triton_version(bundle) (the MLflow version, or `--version V`)
-    DIR/<model>/<V>/rentalml-version.json   marker: object stores drop empty folders (the ensemble's is empty)
+    DIR/<model>/<V>/rentalml-version.json   marker: object stores drop empty folders (the ensemble's is empty);
+                                      it records the sha256 and size of the folder's files (`files`), which
+                                      `verify_triton_checksums` checks (the publish step, before any upload)
 
 Models (numeric models carry the names of their ONNX files, contracts.md):
   rental-scorer      scorer.onnx with k baked in (settings.export.triton_k): inputs history [L]
@@ -27,6 +29,9 @@ fp16). `write_python_twin` writes the python-backend twin of a repository (same 
 versions; a generated model.py runs the same model.onnx with ONNX Runtime) for the only Triton binary that runs
 without a GPU image: the nvidia-pytriton wheel's, which has the python backend only (rentalml.services.start_triton).
 Configs are built as Triton's ModelConfig protobuf and written with the protobuf text format.
+
+A repository is only written from a bundle that matches its checksums (rentalml.runtime.bundle.verify_bundle):
+a truncated or edited bundle raises BundleIntegrityError before anything is copied.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from rentalml.runtime.bundle import read_meta
+from rentalml.runtime.bundle import file_sha256, read_meta, verify_bundle
 
 ONNX_TO_TRITON = {TensorProto.INT64: "TYPE_INT64", TensorProto.FLOAT: "TYPE_FP32", TensorProto.INT32: "TYPE_INT32",
                   TensorProto.FLOAT16: "TYPE_FP16"}
@@ -221,9 +226,39 @@ def versions(model_dir: str | Path) -> list[int]:
 
 
 def _marker(folder: Path, model: str, version: int, meta: dict) -> None:
+    """The version folder's marker, with the digests of the files already in the folder."""
+    files = {p.name: {"sha256": file_sha256(p), "bytes": p.stat().st_size}
+             for p in sorted(folder.iterdir()) if p.is_file() and p.name != MARKER}
     (folder / MARKER).write_text(json.dumps({
         "model": model, "version": version, "bundle_model_version": str(meta.get("model_version", "")),
-        "model_type": meta.get("model_type"), "registry": meta.get("registry")}, indent=2) + "\n")
+        "model_type": meta.get("model_type"), "registry": meta.get("registry"), "files": files}, indent=2) + "\n")
+
+
+def verify_triton_checksums(repo: str | Path) -> list[str]:
+    """Errors (empty = every version folder matches its marker's digests): a file truncated or changed since it
+    was written, a listed file missing, a model file the marker does not list, a marker without digests."""
+    repo = Path(repo)
+    errors: list[str] = []
+    for d in sorted(p for p in repo.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for v in versions(d):
+            folder, where = d / str(v), f"{d.name}/{v}"
+            try:
+                files = json.loads((folder / MARKER).read_text())["files"]
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                errors.append(f"{where}/{MARKER}: no file checksums to verify against ({type(exc).__name__}: {exc})")
+                continue
+            for name, want in sorted(files.items()):
+                path = folder / name
+                if not path.is_file():
+                    errors.append(f"{where}/{name}: missing (expected sha256 {want['sha256']})")
+                    continue
+                got, size = file_sha256(path), path.stat().st_size
+                if got != want["sha256"] or size != want["bytes"]:
+                    errors.append(f"{where}/{name}: sha256 mismatch: expected {want['sha256']} ({want['bytes']} "
+                                  f"bytes), actual {got} ({size} bytes)")
+            errors += [f"{where}/{p.name}: not in {MARKER}'s checksums" for p in sorted(folder.glob("*.onnx"))
+                       if p.name not in files]
+    return errors
 
 
 def write_triton_repo(bundle_dir: str | Path, out_dir: str | Path, *, version: int | str | None = None,
@@ -237,6 +272,7 @@ def write_triton_repo(bundle_dir: str | Path, out_dir: str | Path, *, version: i
 
     bundle = Path(bundle_dir)
     meta = read_meta(bundle)
+    verify_bundle(bundle, meta)  # BundleIntegrityError: a corrupt bundle never reaches a repository
     g = meta["graph"]
     n, hist_len = int(g["n_items"]), int(g["history_len"])
     if max_batch_size < 1:
