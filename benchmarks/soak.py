@@ -11,9 +11,10 @@ load for --duration seconds (default 600) at --load (default 0.8) of the capacit
    clients, send them. A request's latency counts from the time it was due (wrk2's way: a stalled server cannot
    hide behind a stalled client). The mix: v2 REST (tritonclient.http), v2 gRPC (tritonclient.grpc) and
    POST /predict (httpx) in turn; with probability --hot-share a hot user with k=10 (a cache hit once warm),
-   else any known user with k in 11..60 (nearly always a miss). At 40 % of the duration one hot reload
-   (POST /admin/reload to the version-2 bundle), at 60 % one invalidation storm (POST /admin/invalidate of
-   every known user and the --storm-properties most popular properties, in --storm-calls concurrent calls).
+   else any known user with k in 11..60 (nearly always a miss). --timeline (default reload@0.4,storm@0.6): at
+   40 % of the duration one hot reload (POST /admin/reload to the other version's bundle: 1 -> 2, then 2 -> 1
+   ...), at 60 % one invalidation storm (POST /admin/invalidate of every known user and the --storm-properties
+   most popular properties, in --storm-calls concurrent calls).
 5. Every --sample-s: the server's RSS (its process and its children, psutil), its /metrics (ml_cache_hit_rate,
    ml_inference_requests_total, ml_model_reloads_total) and Redis INFO (keyspace hits / misses, keys).
 
@@ -30,6 +31,7 @@ import argparse
 import json
 import os
 import queue
+import shutil
 import sys
 import tempfile
 import threading
@@ -101,15 +103,16 @@ class Served:
             raise SystemExit(f"{exc}:\n{self.log.read_text(errors='replace')[-3000:]}") from None
         grpc.close()
 
-    def rss(self) -> int:
-        """Resident bytes of the server process and all its children."""
+    def usage(self) -> tuple[int, float]:
+        """(resident bytes, CPU seconds) of the server process and all its children."""
         import psutil
 
         try:
-            root = psutil.Process(self.proc.pid)
-            return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
+            procs = [root := psutil.Process(self.proc.pid), *root.children(recursive=True)]
+            cpu = [p.cpu_times() for p in procs]
+            return sum(p.memory_info().rss for p in procs), sum(c.user + c.system for c in cpu)
         except psutil.NoSuchProcess:
-            return 0
+            return 0, 0.0
 
     def metrics(self) -> dict:
         """The samples the soak follows, from /metrics: {(name, variant, status): value}."""
@@ -210,6 +213,8 @@ class Load:
 
     def _worker(self, ready: threading.Barrier) -> None:
         clients = Clients(self.served.http_port, self.served.grpc_port)
+        for protocol in range(len(PROTOCOLS)):  # connections open before anything is measured
+            clients.call(protocol, self.mix.hot[0], 10)
         mine = []
         ready.wait()
         while True:
@@ -283,7 +288,8 @@ class Sampler(threading.Thread):
 
     def sample(self) -> dict:
         info = self.redis.info("stats")
-        s = {"t": round(time.perf_counter() - self.t0, 2), "rss_mb": round(self.served.rss() / 2**20, 1),
+        rss, cpu = self.served.usage()
+        s = {"t": round(time.perf_counter() - self.t0, 2), "rss_mb": round(rss / 2**20, 1), "cpu_s": round(cpu, 2),
              "metrics": self.served.metrics(), "redis_hits": info["keyspace_hits"],
              "redis_misses": info["keyspace_misses"], "redis_keys": self.redis.dbsize(),
              "loadavg_1m": round(os.getloadavg()[0], 2)}
@@ -378,24 +384,29 @@ def summarize(load: Load, samples: list[dict], events: dict, duration: float, wa
            "achieved_rps": round(len(rec) / duration, 1), "latency": pct(lat[ok]), "service_time": pct(service[ok]),
            "protocols": {p: {**pct(lat[ok & (proto == i)]), "errors": int((~ok & (proto == i)).sum())}
                          for i, p in enumerate(PROTOCOLS)}}
-    # the reload: which versions answered, and none but the new one for a request sent after it returned
-    done = events.get("reload", {}).get("done_t")
+    # the reloads: which versions answered, and none but the new one for a request sent after one returned
+    # (until the next reload began)
     out["versions"] = {p: sorted({r[4] for r in rec if r[3] == i and r[4] is not None})
                        for i, p in enumerate(PROTOCOLS)}
-    if done is not None:
-        out["old_version_after_reload"] = sum(1 for r in rec if r[1] > done and r[4] not in (None, events[
-            "reload"]["model_version"]))
+    reloads = [e for e in events if e["name"] == "reload" and "model_version" in e]
+    out["old_version_after_reload"] = sum(
+        1 for e, nxt in zip(reloads, [*reloads[1:], None], strict=True) for r in rec
+        if e["done_t"] < r[1] < (nxt["t"] if nxt else float("inf")) and r[4] not in (None, e["model_version"]))
     # windows
     wins = []
     for a in np.arange(0, duration, window):
         sel = (due >= a) & (due < a + window)
         s0 = [s for s in samples if s["t"] <= a + 0.25]  # the first sample is taken as the load starts
         s1 = [s for s in samples if s["t"] <= a + window + 1e-6]
-        marks = [name for name, e in events.items() if a <= e["t"] < a + window]
+        marks = [e["name"] for e in events if a <= e["t"] < a + window]
         wins.append({"t": float(a), **pct(lat[sel & ok]), "errors": int((sel & ~ok).sum()),
                      "rps": round(float(sel.sum()) / window, 1),
                      "hit_ratio": hit_ratio(s0[-1], s1[-1]) if s0 and s1 and s1[-1] is not s0[-1] else None,
-                     "rss_mb": s1[-1]["rss_mb"] if s1 else None, "events": marks})
+                     "rss_mb": s1[-1]["rss_mb"] if s1 else None, "events": marks,
+                     # the server's share of one CPU, and the machine's load, over the window
+                     "server_cpu": round((s1[-1]["cpu_s"] - s0[-1]["cpu_s"]) / (s1[-1]["t"] - s0[-1]["t"]), 2)
+                     if s0 and s1 and s1[-1]["t"] > s0[-1]["t"] else None,
+                     "loadavg_1m": s1[-1]["loadavg_1m"] if s1 else None})
     out["windows"] = wins
     after = [s for s in samples if s["t"] >= warmup]
     if after:
@@ -403,6 +414,21 @@ def summarize(load: Load, samples: list[dict], events: dict, duration: float, wa
         out["rss"] = {"after_warmup_mb": base["rss_mb"], "at_t": base["t"], "end_mb": last["rss_mb"],
                       "max_mb": max(s["rss_mb"] for s in after), "start_mb": samples[0]["rss_mb"],
                       "growth": round(last["rss_mb"] / base["rss_mb"] - 1, 4)}
+        # between the events (from warm-up, or `settle` s after an event, to the next one): does memory creep
+        # while the server only answers requests?
+        settle, edges = 2 * window, [(warmup, "warm-up")]
+        for e in events:
+            edges += [(e["t"], e["name"]), (e["done_t"] + settle, e["name"])]
+        edges.append((duration, "end"))
+        segs = []
+        for (a, after), (b, before) in zip(edges[::2], edges[1::2], strict=True):
+            inside = [x for x in samples if a <= x["t"] <= b]
+            if len(inside) >= 2:
+                segs.append({"from_t": inside[0]["t"], "to_t": inside[-1]["t"], "after": after, "before": before,
+                             "from_mb": inside[0]["rss_mb"], "to_mb": inside[-1]["rss_mb"],
+                             "mb_per_min": round((inside[-1]["rss_mb"] - inside[0]["rss_mb"]) * 60
+                                                 / (inside[-1]["t"] - inside[0]["t"]), 3)})
+        out["rss"]["between_events"] = segs
     if samples:
         out["hit_ratio_overall"] = hit_ratio(samples[0], samples[-1])
         out["server_hit_rate_gauge_at_end"] = {k.split("|", 1)[1]: v for k, v in samples[-1]["metrics"].items()
@@ -426,6 +452,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--window-s", type=float, default=None, help="latency table window (default duration/20)")
     ap.add_argument("--hot-users", type=int, default=200)
     ap.add_argument("--hot-share", type=float, default=0.7)
+    ap.add_argument("--timeline", default="reload@0.4,storm@0.6",
+                    help="events as name@share-of-duration, comma-separated (names: reload, storm)")
     ap.add_argument("--storm-calls", type=int, default=4)
     ap.add_argument("--storm-properties", type=int, default=200)
     ap.add_argument("--users", type=int, default=5_000)
@@ -439,6 +467,10 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if (a.bundle is None) != (a.reload_bundle is None):
         ap.error("--bundle and --reload-bundle go together")
+    timeline_spec = sorted((float(at), name) for name, at in (x.strip().split("@") for x in a.timeline.split(",")
+                                                               if x.strip()))
+    if any(name not in ("reload", "storm") for _, name in timeline_spec):
+        ap.error("--timeline: events are reload and storm")
     warmup = a.warmup_s if a.warmup_s is not None else a.duration / 10
     window = a.window_s or a.duration / 20
 
@@ -485,24 +517,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"soak: {a.duration:.0f} s at {rate:.0f} requests/s ({a.load:.0%} of {capacity:.0f})", flush=True)
 
         sampler = Sampler(served, redis_url, a.sample_s)
-        events: dict = {}
+        events: list[dict] = []
 
         def timeline(t0: float) -> None:
             sampler.t0 = t0
             sampler.sample()
             sampler.start()
-            for at, name in ((0.4, "reload"), (0.6, "storm")):
+            bundles = [v2, v1]
+            for at, name in timeline_spec:
                 delay = t0 + at * a.duration - time.perf_counter()
                 if delay > 0:
                     sampler.halt.wait(delay)  # a clock for the timeline, not a wait for a condition
                 t = time.perf_counter() - t0
                 try:
-                    e = reload(served, v2) if name == "reload" else \
-                        storm(served, redis_url, known, hot, top, a.storm_calls)
+                    e = reload(served, bundles[sum(x["name"] == "reload" for x in events) % 2]) \
+                        if name == "reload" else storm(served, redis_url, known, hot, top, a.storm_calls)
                 except Exception as exc:
                     e = {"failed": repr(exc)}
-                events[name] = {"t": round(t, 2), "done_t": round(time.perf_counter() - t0, 3), **e}
-                print(f"{name} at {t:.1f} s: {events[name]}", flush=True)
+                events.append({"name": name, "t": round(t, 2), "done_t": round(time.perf_counter() - t0, 3), **e})
+                print(f"{name} at {t:.1f} s: {events[-1]}", flush=True)
 
         soak = Load(served, Mix(hot, known, a.hot_share, seed=11), a.workers, rate)
         lasted = soak.run(a.duration, during=timeline)
@@ -514,12 +547,16 @@ def main(argv: list[str] | None = None) -> int:
         result["soak"]["seconds"] = round(lasted, 1)
         result["samples"] = sampler.samples
         result["model_version_at_end"] = served.version()
-        rc = 0 if soak.n_errors == 0 and all("failed" not in e for e in events.values()) else 1
+        rc = 0 if soak.n_errors == 0 and all("failed" not in e for e in events) else 1
     finally:
         result["server_exit_code"] = served.stop()
         if redis_svc:
             redis_svc.stop()
     result["env"]["loadavg_at_end"] = os.getloadavg()
+    if rc == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        print(f"server log and bundles kept in {tmp}", file=sys.stderr)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=2))
     print_table(result)
@@ -532,12 +569,14 @@ def print_table(r: dict) -> None:
     print(f"\ncapacity {r['capacity']['rps']:.0f} req/s (closed loop), soak {s['seconds']:.0f} s at "
           f"{r['capacity']['soak_rate']:.0f} req/s: {s['requests']} requests, {s['errors']} errors, "
           f"load average {r['env']['loadavg_at_start'][0]:.2f} -> {r['env']['loadavg_at_end'][0]:.2f}\n")
-    print("| window s | req/s | p50 ms | p99 ms | errors | hit ratio (server / redis) | RSS MB | event |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---|")
+    print("| window s | req/s | p50 ms | p99 ms | errors | hit ratio (server / redis) | RSS MB | server CPU | "
+          "load 1m | event |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for w in s["windows"]:
         h = w["hit_ratio"] or {}
         print(f"| {w['t']:.0f} | {w['rps']:.0f} | {w.get('p50_ms', '-')} | {w.get('p99_ms', '-')} | {w['errors']} | "
-              f"{h.get('server')} / {h.get('redis')} | {w['rss_mb']} | {', '.join(w['events'])} |")
+              f"{h.get('server')} / {h.get('redis')} | {w['rss_mb']} | {w['server_cpu']} | {w['loadavg_1m']} | "
+              f"{', '.join(w['events'])} |")
     print("\n| protocol | requests | p50 ms | p99 ms | errors |\n|---|---:|---:|---:|---:|")
     for p, v in s["protocols"].items():
         print(f"| {p} | {v['n']} | {v.get('p50_ms')} | {v.get('p99_ms')} | {v['errors']} |")
@@ -546,6 +585,9 @@ def print_table(r: dict) -> None:
           f"{s['service_time'].get('p50_ms')}, p99 {s['service_time'].get('p99_ms')}); RSS "
           f"{rss.get('after_warmup_mb')} MB after warm-up -> {rss.get('end_mb')} MB at the end "
           f"({rss.get('growth', 0):+.1%}); hit ratio {s.get('hit_ratio_overall')}; bars {s['bars']}")
+    for seg in rss.get("between_events", []):
+        print(f"RSS after {seg['after']} ({seg['from_t']:.0f} s) to {seg['before']} ({seg['to_t']:.0f} s): "
+              f"{seg['from_mb']} -> {seg['to_mb']} MB ({seg['mb_per_min']:+.2f} MB/min)")
 
 
 if __name__ == "__main__":
