@@ -151,7 +151,7 @@ class ExportSettings(BaseModel):
     ann_min_items: int = 100_000  # catalogues this large retrieve through an ANN index instead of brute force
     # the ANN index (rentalml.runtime.retrieval; benchmarks/retrieval.py): faiss IVF-Flat, inner product, at its
     # default setting unless ann_params sets it (e.g. {"nprobe": 128} or, for faiss_hnsw, {"ef_search": 400})
-    ann_backend: Literal["faiss_ivf", "faiss_hnsw", "ivf_numpy", "brute"] = "faiss_ivf"
+    ann_backend: Literal["faiss_ivf", "faiss_hnsw", "brute"] = "faiss_ivf"
     ann_params: dict = {}
     triton_k: int = 100  # rental-scorer in the Triton repository: k baked into the graph
     triton_gpu: bool = False  # Triton configs: KIND_GPU + ONNX Runtime's TensorRT accelerator (prod overlay)
