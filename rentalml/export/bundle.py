@@ -10,7 +10,7 @@ module only writes. Layout of a bundle directory:
   drift_reference.json per-feature and model-score distributions of the training data (rentalml.monitoring)
   scorer.onnx          history → top-k (see rentalml.export.onnx_export); scorer.int8.onnx when quantized
   retrieval.onnx       two-stage serving, models with a two-tower part (rentalml.export.two_stage): history →
-  ranker.onnx          top-C candidates (or the user embedding + ann_index.npz for large catalogues) → ranked
+  ranker.onnx          top-C candidates (or the user embedding + ann_index.faiss for large catalogues) → ranked
   users.parquet        user_id, index, history (property indices, oldest → newest), city, features (list)
   properties.parquet   property_id, index and the raw property attributes (filters, explanations)
   popularity.parquet   cold-start fallback: city ("*" = everywhere), property index, score, rank
