@@ -55,7 +55,7 @@ def build_bundle(out: Path, users: int, properties: int, events: int, epochs: in
 # one load generator for `rentalml loadtest` and this benchmark
 from rentalml.inference.loadtest import concurrent, friendly, grpc_v2, http_v2, sequential  # noqa: E402
 
-from rentalml.services import free_port  # noqa: E402
+from rentalml.services import free_port, wait_until  # noqa: E402
 
 
 def in_process(engine, k: int):
@@ -97,18 +97,18 @@ def start_server(bundle: Path, log: Path, workers: int, cache: bool = False,
     proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
     h = httpclient.InferenceServerClient(f"127.0.0.1:{http_port}")
     g = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}")
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
+    def ready() -> bool:
         try:
-            if h.is_model_ready(MODEL) and g.is_server_ready():
-                return proc, http_port, grpc_port
-        except Exception:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise SystemExit(f"server not ready:\n{log.read_text()[-3000:]}")
+            return h.is_model_ready(MODEL) and g.is_server_ready()
+        except Exception:  # tritonclient raises its own errors while the server starts
+            return False
+
+    try:
+        wait_until(ready, 120, interval=0.2, proc=proc, what="the server's model and gRPC readiness")
+    except (TimeoutError, RuntimeError) as exc:
+        proc.kill()
+        raise SystemExit(f"{exc}:\n{log.read_text()[-3000:]}") from None
+    return proc, http_port, grpc_port
 
 
 def stop_server(proc: subprocess.Popen) -> int | None:

@@ -26,6 +26,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -36,7 +37,7 @@ import time
 from pathlib import Path
 
 from rentalml.config import get_settings
-from rentalml.services import free_port
+from rentalml.services import free_port, wait_until
 
 
 def write_manifest(doc, path: str | Path) -> Path:
@@ -83,9 +84,8 @@ class LocalServer:
             os.killpg(pid, signal.SIGTERM)  # the server runs in its own session (its REST workers too)
         except ProcessLookupError:
             return
-        deadline = time.time() + timeout
-        while time.time() < deadline and _alive(pid):
-            time.sleep(0.2)
+        with contextlib.suppress(TimeoutError):
+            wait_until(lambda: not _alive(pid), timeout, interval=0.2, what=f"local server {pid} to exit")
         if _alive(pid):
             os.killpg(pid, signal.SIGKILL)
 
@@ -107,17 +107,14 @@ class LocalServer:
     def _wait_ready(self, proc: subprocess.Popen, http_port: int) -> None:
         import httpx
 
-        deadline = time.time() + self.ready_timeout
-        while time.time() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"local server exited with {proc.returncode}; see {self.dir / 'local-server.log'}")
+        def ready() -> bool:
             try:
-                if httpx.get(f"http://127.0.0.1:{http_port}/v2/health/ready", timeout=1.0).status_code == 200:
-                    return
+                return httpx.get(f"http://127.0.0.1:{http_port}/v2/health/ready", timeout=1.0).status_code == 200
             except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise TimeoutError(f"local server not ready after {self.ready_timeout}s")
+                return False
+
+        wait_until(ready, self.ready_timeout, interval=0.5, proc=proc,
+                   what=f"the local server's /v2/health/ready (log: {self.dir / 'local-server.log'})")
 
     def deploy(self, bundle: Path, version: str, start: bool = False) -> dict:
         """Restart a running local server on `bundle` (same ports); start one only when `start`."""

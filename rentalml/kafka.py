@@ -5,10 +5,10 @@ producer, serving's outcome log and the A/B CLI all use it; none of them imports
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 
 from rentalml.config import Settings, get_settings
+from rentalml.services import wait_until
 
 log = logging.getLogger(__name__)
 
@@ -97,15 +97,22 @@ def ensure_topics(settings: Settings | None = None, topics: tuple[str, ...] = TO
 
     settings = settings or get_settings()
     principal = settings.kafka.sasl_username or "the anonymous principal"
-    deadline = time.monotonic() + timeout_s
-    while True:
+    refusals: list[KafkaError] = []
+
+    def connect():
         try:
-            admin = KafkaAdminClient(**client_config(settings), client_id="rentalml-admin")
-            break
-        except KafkaError:  # broker still starting (NoBrokersAvailable in older kafka-python)
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
+            return KafkaAdminClient(**client_config(settings), client_id="rentalml-admin")
+        except KafkaError as exc:  # broker still starting (NoBrokersAvailable in older kafka-python)
+            refusals[:] = [exc]
+            return None
+
+    try:
+        admin = wait_until(connect, timeout_s, interval=0.5,
+                           what=f"a Kafka broker at {settings.kafka.bootstrap_servers}")
+    except TimeoutError:
+        if refusals:
+            raise refusals[-1] from None
+        raise
     try:
         existing = set(admin.list_topics())
         missing = [t for t in topics if t not in existing]

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
+
+from rentalml.services import wait_until
 
 ISVC_GROUP, ISVC_VERSION, ISVC_PLURAL = "serving.kserve.io", "v1beta1", "inferenceservices"
 SA_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
@@ -163,15 +164,18 @@ def component_ready(doc: dict, component: str) -> bool:
 
 
 def wait_ready(api, namespace: str, name: str, component: str, timeout: float, poll: float = 5.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        doc = get_isvc(api, namespace, name)
-        if component_ready(doc, component):
-            return doc
-        if time.monotonic() >= deadline:
-            raise DeployError(f"InferenceService {namespace}/{name}: {component} not ready after {timeout:.0f}s "
-                              f"(status: {json.dumps((doc.get('status') or {}).get('components', {}))})")
-        time.sleep(poll)
+    last: dict = {}
+
+    def ready() -> dict | None:
+        last["doc"] = doc = get_isvc(api, namespace, name)
+        return doc if component_ready(doc, component) else None
+
+    try:
+        return wait_until(ready, timeout, interval=poll, what=f"{component} of {namespace}/{name} ready")
+    except TimeoutError:
+        status = (last.get("doc", {}).get("status") or {}).get("components", {})
+        raise DeployError(f"InferenceService {namespace}/{name}: {component} not ready after {timeout:.0f}s "
+                          f"(status: {json.dumps(status)})") from None
 
 
 def deploy_version(name: str, *, version: str, canary_percent: int, previous_champion: str | None = None,

@@ -403,20 +403,20 @@ def start_triton(model_repository: str | Path, *, args: list[str] | None = None,
         errors = [line for line in text.splitlines() if line.startswith("E") and line[1:5].isdigit()]
         return "\n".join(errors)[-6000:] + "\n...\n" + text[-1500:]
 
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc.poll() is not None:
-            text = tail()
-            svc.stop()
-            raise ServiceUnavailable(f"tritonserver exited with code {proc.returncode}:\n{text}")
+    def ready() -> bool:
         with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{svc.url}/v2/health/ready", timeout=1.0).status_code == 200:
-                return svc
-        if time.monotonic() > deadline:
-            text = tail()
-            svc.stop()
-            raise ServiceUnavailable(f"tritonserver not ready after {timeout:g}s:\n{text}")
-        time.sleep(0.1)
+            return httpx.get(f"{svc.url}/v2/health/ready", timeout=1.0).status_code == 200
+        return False
+
+    try:
+        wait_until(ready, timeout, interval=0.1, proc=proc, what="tritonserver's /v2/health/ready")
+    except (RuntimeError, TimeoutError):
+        text = tail()
+        svc.stop()
+        if proc.poll() is not None:
+            raise ServiceUnavailable(f"tritonserver exited with code {proc.returncode}:\n{text}") from None
+        raise ServiceUnavailable(f"tritonserver not ready after {timeout:g}s:\n{text}") from None
+    return svc
 
 
 @dataclass

@@ -5,11 +5,15 @@ from __future__ import annotations
 import json
 import time
 
+from rentalml.services import wait_until
 
-def read_topic(bootstrap: str, topic: str, keep=lambda doc: True, idle_s: float = 2.0) -> list[dict]:
+
+def read_topic(bootstrap: str, topic: str, keep=lambda doc: True, idle_s: float = 2.0,
+               timeout: float = 300.0) -> list[dict]:
     """Every record of `topic` from the beginning (all partitions, no consumer group) whose JSON value passes
-    `keep`; reads until the topic has been idle for `idle_s`. Committed offsets are not used (Tansu's watermarks are
-    unreliable, so this reads until quiet rather than up to the high watermark)."""
+    `keep`; reads until the topic has been idle for `idle_s` (TimeoutError when it is never quiet within
+    `timeout`). Committed offsets are not used (Tansu's watermarks are unreliable, so this reads until quiet
+    rather than up to the high watermark)."""
     from kafka import KafkaConsumer, TopicPartition
 
     c = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None,
@@ -17,11 +21,18 @@ def read_topic(bootstrap: str, topic: str, keep=lambda doc: True, idle_s: float 
     parts = [TopicPartition(topic, p) for p in c.partitions_for_topic(topic) or ()]
     c.assign(parts)
     c.seek_to_beginning(*parts)
-    out, idle_since = [], time.monotonic()
-    while time.monotonic() - idle_since < idle_s:
-        batch = c.poll(timeout_ms=300)
+    out: list[dict] = []
+    last_record_at = [time.monotonic()]
+
+    def quiet() -> bool:
+        batch = c.poll(timeout_ms=300)  # the poll itself is the wait between checks
         if batch:
-            idle_since = time.monotonic()
-        out += [d for d in (json.loads(r.value) for recs in batch.values() for r in recs) if keep(d)]
-    c.close()
+            last_record_at[0] = time.monotonic()
+        out.extend(d for d in (json.loads(r.value) for recs in batch.values() for r in recs) if keep(d))
+        return time.monotonic() - last_record_at[0] >= idle_s
+
+    try:
+        wait_until(quiet, timeout, interval=0, what=f"topic {topic} to be idle for {idle_s:g}s")
+    finally:
+        c.close()
     return out

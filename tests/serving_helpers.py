@@ -8,14 +8,16 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pandas as pd
 
-from rentalml.services import free_port  # noqa: F401 - tests import it from here
+from rentalml.services import (
+    free_port,  # noqa: F401 - tests import it from here
+    wait_until,
+)
 
 MODEL = "rental-recommender"
 
@@ -64,19 +66,19 @@ class Server:
     def wait_ready(self, timeout: float = 90.0) -> None:
         import tritonclient.grpc as grpcclient
 
-        deadline = time.monotonic() + timeout
         grpc = grpcclient.InferenceServerClient(f"127.0.0.1:{self.grpc_port}")
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"server exited with {self.proc.returncode}:\n{self.log.read_text()[-4000:]}")
+
+        def ready() -> bool:
             try:
-                if (httpx.get(f"{self.url}/v2/models/{MODEL}/ready", timeout=1).status_code == 200
-                        and grpc.is_server_ready()):
-                    return
-            except Exception:
-                pass
-            time.sleep(0.2)
-        raise AssertionError(f"server not ready after {timeout}s:\n{self.log.read_text()[-4000:]}")
+                return (httpx.get(f"{self.url}/v2/models/{MODEL}/ready", timeout=1).status_code == 200
+                        and grpc.is_server_ready())
+            except Exception:  # httpx and tritonclient errors while the server starts
+                return False
+
+        try:
+            wait_until(ready, timeout, interval=0.2, proc=self.proc, what="the server's REST and gRPC readiness")
+        except (TimeoutError, RuntimeError) as exc:
+            raise AssertionError(f"{exc}:\n{self.log.read_text()[-4000:]}") from None
 
     def stop(self, timeout: float = 30.0) -> int | None:
         if self.proc.poll() is None:

@@ -4,9 +4,9 @@ cluster mode against a stand-in Kubernetes API server."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-import time
 from pathlib import Path
 
 import httpx
@@ -20,6 +20,7 @@ from typer.testing import CliRunner  # noqa: E402
 
 from rentalml.config import Settings, get_settings  # noqa: E402
 from rentalml.evaluation import ab  # noqa: E402
+from rentalml.services import wait_until  # noqa: E402
 
 SALT = "test-salt"
 
@@ -168,14 +169,15 @@ def test_friendly_api_variant_feedback_and_outcome_log(ab_server, bundles, tmp_p
         r = httpx.post(f"{ab_server.url}/feedback", json=bad)
         assert r.status_code == 422 and field in r.json()["error"], r.text
     # impressions (one per served item) and the click land in the JSONL log, in the contract's shape
-    deadline = time.monotonic() + 10
     events = []
-    while time.monotonic() < deadline:
-        events = list(ab.read_outcomes_file(ab_server.outcomes))
-        if any(e["outcome"] == "click" for e in events) and sum(
-                e["outcome"] == "impression" and e["user_id"] in served for e in events) >= 4 * len(users):
-            break
-        time.sleep(0.2)
+
+    def logged() -> bool:
+        events[:] = ab.read_outcomes_file(ab_server.outcomes)
+        return any(e["outcome"] == "click" for e in events) and sum(
+            e["outcome"] == "impression" and e["user_id"] in served for e in events) >= 4 * len(users)
+
+    with contextlib.suppress(TimeoutError):  # the asserts below say what is missing
+        wait_until(logged, 10, interval=0.2, what="the impressions and the click in the outcome log")
     keys = {"event_id", "request_id", "user_id", "property_id", "variant", "model_version", "outcome", "timestamp"}
     assert events and all(set(e) == keys for e in events)
     mine = [e for e in events if e["user_id"] == u and e["outcome"] == "impression"
@@ -206,12 +208,15 @@ def test_outcomes_to_kafka(bundles, kafka_bootstrap, tmp_path):
         r = httpx.post(f"{srv.url}/feedback", json={"user_id": "u_kafka_test", "outcome": "save",
                                                      "property_id": r.json()["recommendations"][0]["property_id"]})
         assert r.status_code == 202
-        deadline, events = time.monotonic() + 30, []
-        while time.monotonic() < deadline:
-            events = [e for e in ab.read_outcomes_kafka({"bootstrap_servers": kafka_bootstrap}, idle_s=2)
-                      if e["user_id"] == "u_kafka_test"]
-            if len(events) >= 4:
-                break
+        events = []
+
+        def sent() -> bool:  # each read waits until the topic has been idle for 2 s
+            events[:] = [e for e in ab.read_outcomes_kafka({"bootstrap_servers": kafka_bootstrap}, idle_s=2)
+                         if e["user_id"] == "u_kafka_test"]
+            return len(events) >= 4
+
+        with contextlib.suppress(TimeoutError):  # the assert below shows what arrived
+            wait_until(sent, 30, interval=0, what="4 outcomes in ab_outcomes")
         assert sorted(e["outcome"] for e in events) == ["impression"] * 3 + ["save"], events
         assert {e["request_id"] for e in events if e["outcome"] == "impression"} == {rid}
         assert not srv.outcomes.exists()  # nothing went to the file sink

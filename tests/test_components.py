@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 
 import pandas as pd
 import pytest
@@ -18,6 +17,7 @@ from rentalml.components import steps
 from rentalml.data import validation as v
 from rentalml.data.generator import generate_marketplace
 from rentalml.data.loaders import load_dataset, load_sql
+from rentalml.services import wait_until
 
 
 @pytest.fixture(scope="module")
@@ -257,10 +257,7 @@ def test_local_server_restart(tmp_path):
     try:
         res = server.deploy(tmp_path / "bundle-2", "2")  # a running server is restarted on the new version
         assert res["server"] == "restarted" and res["previous_version"] == "1" and res["pid"] != first
-        deadline = time.time() + 10
-        while d._alive(first) and time.time() < deadline:
-            time.sleep(0.1)
-        assert not d._alive(first)
+        wait_until(lambda: not d._alive(first), 10, what=f"the first server ({first}) to exit")
         assert server.state()["version"] == "2"
     finally:
         st = server.state()

@@ -6,6 +6,7 @@ The 1M-interaction 1-vs-2-process comparison is `benchmarks/distributed_training
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -18,7 +19,7 @@ from pathlib import Path
 import crd_schema
 import pytest
 
-from rentalml.services import free_port
+from rentalml.services import free_port, wait_until
 from rentalml.training.distributed import build_parser, dist_env, shard
 from rentalml.training.search_space import SEARCH_SPACE
 
@@ -104,10 +105,9 @@ def test_kill_and_resume(work, two):
     proc = subprocess.Popen([*cmd, "--throttle", "1.0"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                             text=True, env=_env(), start_new_session=True)
     try:
-        deadline = time.time() + 90
-        for line in proc.stdout:
-            if line.startswith("checkpoint epoch=3") or time.time() > deadline:
-                break
+        with contextlib.suppress(TimeoutError, RuntimeError):  # the assert below says what is missing
+            wait_until(lambda: proc.stdout.readline().startswith("checkpoint epoch=3"), 90, interval=0, proc=proc,
+                       what="the epoch-3 checkpoint line")
         assert (ckpt / "checkpoint.pt").exists()
     finally:
         for pid in [proc.pid, *_descendants(proc.pid)]:  # the launcher and both ranks, no clean-up

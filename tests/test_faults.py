@@ -178,6 +178,14 @@ def _totals(log: Path) -> dict:
 
 
 
+def _until(predicate, timeout: float, proc: subprocess.Popen, log: Path, what: str) -> None:
+    """services.wait_until, failing the test with the processor's totals and log tail (also when it exits)."""
+    try:
+        services.wait_until(predicate, timeout, interval=0.1, proc=proc, what=what)
+    except (TimeoutError, RuntimeError) as exc:
+        raise AssertionError(f"{exc}; totals {_totals(log)}:\n{log.read_text()[-3000:]}") from None
+
+
 def _names_tag(tag: str):
     def keep(d: dict) -> bool:
         payload = d.get("payload", "")
@@ -205,40 +213,40 @@ def run_outage(tmp_path: Path, tag: str, bootstrap: str, redis_url: str, stop, s
     log = tmp_path / "stream.log"
     flow = Flow(bootstrap, tag, rate=rate, n_valid=n_valid)
     flow.start()
-    while flow.started_at is None and flow.error is None:
-        time.sleep(0.05)
+    services.wait_until(lambda: flow.started_at is not None or flow.error is not None, 60, what="the flow to start")
     assert flow.error is None, flow.error
     proc = subprocess.Popen([sys.executable, "-m", "rentalml.cli", "stream", "run", "--metrics-port",
                              str(metrics_port)], env=env, stdout=subprocess.PIPE, stderr=open(log, "ab"),
                             cwd=str(ROOT))
     try:
-        deadline = time.monotonic() + 60
         # started, listings handled, and flow events being consumed: the outage meets a processor at work
-        while _totals(log).get("processed", 0) < N_PROPS + min(1000, n_valid // 4):
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.1)
+        _until(lambda: _totals(log).get("processed", 0) >= N_PROPS + min(1000, n_valid // 4), 60, proc, log,
+               "the processor at work")
         processed_before = _totals(log).get("processed", 0)
         stop()
         t_stop = time.monotonic()
-        while time.monotonic() - t_stop < OUTAGE_S:
-            assert proc.poll() is None, f"the processor exited during the outage:\n{log.read_text()[-3000:]}"
+
+        def outage_over() -> bool:  # the outage lasts OUTAGE_S; `during` runs meanwhile
             if during is not None:
                 during()
-            time.sleep(0.05)
+            return time.monotonic() - t_stop >= OUTAGE_S
+
+        _until(outage_over, OUTAGE_S + 60, proc, log, "the end of the outage")
         start()
         want = n_valid + N_PROPS
-        deadline = time.monotonic() + 90
-        while _totals(log).get("processed", 0) < want or flow.is_alive():
-            assert proc.poll() is None, f"the processor exited:\n{log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"{_totals(log)} of {want}:\n{log.read_text()[-3000:]}"
+        t_back = time.monotonic()
+
+        def caught_up() -> bool:
             if during is not None:
                 during()
-            time.sleep(0.1)
+            return _totals(log).get("processed", 0) >= want and not flow.is_alive()
+
+        _until(caught_up, 90, proc, log, f"{want} events processed")
         assert flow.error is None, flow.error
         n_bad = len(flow.bad_coords)
-        while _totals(log).get("dead_letter", 0) < n_bad:  # the last batch's dead letters
-            assert time.monotonic() < deadline, _totals(log)
-            time.sleep(0.1)
+        # the last batch's dead letters, within the same 90 s
+        _until(lambda: _totals(log).get("dead_letter", 0) >= n_bad, max(0.0, 90 - (time.monotonic() - t_back)),
+               proc, log, f"{n_bad} dead letters")
         scrape = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=30)

@@ -208,15 +208,18 @@ def running(env: dict, cid: str) -> bool:
 
 
 def _wait_http(env: dict, cid: str, url: str, timeout: float = 180.0, **kw) -> httpx.Response:
-    deadline = time.monotonic() + timeout
-    while True:
+    def answered() -> httpx.Response | None:
         with contextlib.suppress(httpx.HTTPError):
             r = httpx.get(url, timeout=2, **kw)
             if r.status_code == 200:
                 return r
         assert running(env, cid), f"the container exited:\n{logs(env, cid)}"
-        assert time.monotonic() < deadline, f"{url} not 200 after {timeout:g}s:\n{logs(env, cid)}"
-        time.sleep(0.5)
+        return None
+
+    try:
+        return services.wait_until(answered, timeout, interval=0.5, what=f"{url} to answer 200")
+    except TimeoutError as exc:
+        raise AssertionError(f"{exc}:\n{logs(env, cid)}") from None
 
 
 # --- shared loopback services (own instances: the images read whole topics and the default key prefixes) ---------
@@ -353,15 +356,20 @@ def test_streaming_image_processes_and_dead_letters_as_the_deployment_runs(podma
                     env_override=_kafka_loopback(backends))
     with container(podman, argv) as cid:
         probe = c["readinessProbe"]["httpGet"]["path"]
-        deadline = time.monotonic() + 180
-        while True:
-            scrape = _wait_http(podman, cid, f"http://127.0.0.1:{port}{probe}").text
-            done = _metric(scrape, "ml_stream_events_total", topic="user_interactions", outcome="processed")
-            dead = _metric(scrape, "ml_stream_events_total", topic="user_interactions", outcome="dead_letter")
-            if done >= 3 and dead >= 1:
-                break
-            assert time.monotonic() < deadline, f"processed {done}, dead-lettered {dead}:\n{logs(podman, cid)}"
-            time.sleep(1)
+        seen: dict = {}
+
+        def counted() -> bool:
+            seen["scrape"] = _wait_http(podman, cid, f"http://127.0.0.1:{port}{probe}").text
+            seen["done"], seen["dead"] = (_metric(seen["scrape"], "ml_stream_events_total", topic="user_interactions",
+                                                  outcome=outcome) for outcome in ("processed", "dead_letter"))
+            return seen["done"] >= 3 and seen["dead"] >= 1
+
+        try:
+            services.wait_until(counted, 180, interval=1, what="3 events processed and 1 dead-lettered")
+        except TimeoutError as exc:
+            raise AssertionError(f"{exc}: processed {seen.get('done')}, dead-lettered {seen.get('dead')}:\n"
+                                 f"{logs(podman, cid)}") from None
+        scrape = seen["scrape"]
         assert _metric(scrape, "ml_stream_events_total", topic="property_data", outcome="processed") == 1
         _podman(podman, "stop", "-t", "30", cid, timeout=60)  # SIGTERM: finish the batch, commit, exit 0
         state = _podman(podman, "inspect", "--format", "{{.State.ExitCode}}", cid).stdout.strip()

@@ -26,13 +26,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from rentalml.services import free_port
+from rentalml.services import free_port, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 MANIFESTS = ROOT / "manifests"
@@ -592,16 +591,16 @@ def live_metrics(tmp_path_factory) -> dict[str, set[str]]:
                             stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{http_port}"
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, (tmp / "server.log").read_text()[-3000:]
+        def ready() -> bool:
             try:
-                if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
-                    break
+                return httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200
             except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "server not ready:\n" + (tmp / "server.log").read_text()[-3000:]
-            time.sleep(0.2)
+                return False
+
+        try:
+            wait_until(ready, 90, interval=0.2, proc=proc, what="the server's /v2/health/ready")
+        except (TimeoutError, RuntimeError) as exc:
+            raise AssertionError(f"{exc}:\n" + (tmp / "server.log").read_text()[-3000:]) from None
         user = str(ds.interactions["user_id"].iloc[0])
         assert httpx.post(f"{url}/predict", json={"user_id": user}, timeout=10).status_code == 200
         assert httpx.post(f"{url}/predict", json={}, timeout=10).status_code in (400, 422)

@@ -26,6 +26,7 @@ from kafka_helpers import read_topic
 
 from rentalml.config import Settings, get_settings
 from rentalml.schema import PropertyEvent
+from rentalml.services import wait_until
 
 BOOTSTRAP = "RENTALML_KAFKA__BOOTSTRAP_SERVERS"  # the env entry the readers connect to
 
@@ -235,13 +236,14 @@ def test_state_store_dedupes_rejects_late_and_orders_attributes(backend, redis_u
 
 # ------------------------------------------------------------------------------------------------ services
 def _wait(log: Path, proc: subprocess.Popen, **at_least) -> dict:
-    deadline = time.monotonic() + 60
-    while True:
+    def reached() -> dict | None:
         totals = _log_totals(log) or {}
-        if all(totals.get(k, 0) >= v for k, v in at_least.items()):
-            return totals
-        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-        time.sleep(0.05)
+        return totals if all(totals.get(k, 0) >= v for k, v in at_least.items()) else None
+
+    try:
+        return wait_until(reached, 60, proc=proc, what=f"processor totals {at_least}")
+    except (TimeoutError, RuntimeError) as exc:
+        raise AssertionError(f"{exc}\n{log.read_text()[-3000:]}") from None
 
 
 def test_duplicates_updates_late_metrics_and_sigterm(stream_env, tmp_path):
@@ -371,10 +373,11 @@ def test_50k_events_sigkill_midway_exactly_once_effect(stream_env, tmp_path):
 
     log = tmp_path / "run.log"
     p = _start(env, tag, log, "--idle-exit-s", "3")
-    deadline = time.monotonic() + 90
-    while (_log_totals(log) or {}).get("processed", 0) < 15_000 and p.poll() is None:
-        assert time.monotonic() < deadline, log.read_text()[-3000:]
-        time.sleep(0.05)
+    try:
+        wait_until(lambda: (_log_totals(log) or {}).get("processed", 0) >= 15_000 or p.poll() is not None, 90,
+                   what="15,000 events processed")
+    except TimeoutError as exc:
+        raise AssertionError(f"{exc}\n{log.read_text()[-3000:]}") from None
     time.sleep(0.15)  # most likely inside the next batch: between its state update, push, produce and commit
     p.send_signal(signal.SIGKILL)
     p.wait()

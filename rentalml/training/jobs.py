@@ -381,24 +381,28 @@ def create_and_wait(api, resource: tuple[str, str, str], namespace: str, body: d
                     timeout_s: float = 24 * 3600, poll_s: float = 15.0, log=print) -> dict:
     """Create the object and poll it until its `success` condition (TrainJob: Complete, Experiment:
     Succeeded) or Failed is True; returns the final object, raises JobFailed."""
-    import time
+    from rentalml.services import wait_until
 
     group, version, plural = resource
     created = api.create_namespaced_custom_object(group, version, namespace, plural, body)
     name = created["metadata"]["name"]
     log(f"created {plural}/{name} in {namespace}")
-    deadline = time.monotonic() + timeout_s
-    while True:
+
+    def finished() -> dict | None:
         obj = api.get_namespaced_custom_object(group, version, namespace, plural, name)
         if condition(obj, success):
-            log(f"{plural}/{name}: {success}")
             return obj
         if condition(obj, "Failed"):
             msg = next((c.get("message", "") for c in obj["status"]["conditions"] if c.get("type") == "Failed"), "")
             raise JobFailed(f"{plural}/{name} failed: {msg}")
-        if time.monotonic() > deadline:
-            raise JobFailed(f"{plural}/{name} did not finish in {timeout_s:.0f} s")
-        time.sleep(poll_s)
+        return None
+
+    try:
+        obj = wait_until(finished, timeout_s, interval=poll_s, what=f"{plural}/{name} {success}")
+    except TimeoutError:
+        raise JobFailed(f"{plural}/{name} did not finish in {timeout_s:.0f} s") from None
+    log(f"{plural}/{name}: {success}")
+    return obj
 
 
 def run_trainjob(name: str, args: list[str], *, image: str = IMAGE, num_nodes: int = 2, gpus_per_node: int = 1,
