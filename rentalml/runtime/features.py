@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
@@ -186,6 +187,8 @@ class FeastFeatures(FeatureSource):
         self.fallback = fallback
         self.timeout_s = float(timeout_s)
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="feature-fetch")
+        # a reload replaces the engine: its fetch threads end with it (no idle threads pile up across reloads)
+        weakref.finalize(self, self._pool.shutdown, wait=False)
         self._free = threading.BoundedSemaphore(workers)  # fetch threads not stuck on the store
         self._last_warning = -float("inf")
 
