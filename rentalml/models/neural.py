@@ -152,7 +152,7 @@ class TwoTowerNet(nn.Module):
         # shared negatives: one [B, N] product; the user's own positives: P row-wise dot products
         ln = torch.addmm(off.index_select(0, sb.neg), u, t_out.index_select(0, sb.neg).T)
         if len(sb.hit_rows):  # a negative that is the user's own positive counts once, as a positive
-            ln = ln.index_put((sb.hit_rows, sb.hit_cols), torch.tensor(-math.inf))
+            ln = ln.index_put((sb.hit_rows, sb.hit_cols), torch.tensor(-math.inf, dtype=ln.dtype))
         lp = ((u.index_select(0, sb.pos_rows) * t_out.index_select(0, sb.pos_cols)).sum(1)
               + off.index_select(0, sb.pos_cols))
         with torch.no_grad():
