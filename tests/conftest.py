@@ -22,9 +22,35 @@ SLOW_FIRST = ("test_local_cluster.py", "test_demo.py", "test_images.py", "test_f
               "test_pipeline.py", "test_freshness.py", "test_distributed.py", "test_streaming.py", "test_rbac.py")
 
 
+#: the tests that read the session fixture `drift_retraining` (one kfp.local pipeline run, below): `make test`'s
+#: scheduler (pytest_xdist_make_scheduler) sends them to one worker, so the run happens once
+SHARED_RUN = ("test_pipeline.py::test_local_pipeline_run",
+              "test_monitoring.py::test_drift_injection_triggers_a_retraining_run")
+
+
 def pytest_collection_modifyitems(session, config, items):
     rank = {name: i for i, name in enumerate(SLOW_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's own order is kept
+    readers = {f"{item.path.name}::{item.name}" for item in items if "drift_retraining" in item.fixturenames}
+    if readers - set(SHARED_RUN):
+        raise pytest.UsageError(f"tests reading drift_retraining must be listed in SHARED_RUN: {readers}")
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """--dist loadfile, with the SHARED_RUN tests as one more unit of their own (so on one worker). pytest-xdist's
+    loadgroup would do this with marks, but with pytest 9 it silently groups nothing: xdist 3.8 renames
+    `item._nodeid`, which pytest 9's Node.nodeid no longer reads."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class LoadFileSharedRun(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            if nodeid.rsplit("/", 1)[-1] in SHARED_RUN:
+                return "shared-run"
+            return super()._split_scope(nodeid)
+
+    return LoadFileSharedRun(config, log)
 
 
 @pytest.fixture(scope="session")
@@ -65,6 +91,58 @@ def hybrid_bundle_dir(market, fit, tmp_path_factory):
     from rentalml.export.bundle import write_bundle
 
     return write_bundle(fit("hybrid"), market, tmp_path_factory.mktemp("hybrid-bundle") / "b", quantize=False)
+
+
+# --- one kfp.local training-pipeline run, read by two tests ----------------------------------------------------
+def shift_market(ds, seed: int = 7):
+    """A batch after a market shift: prices up 80 %, people only look at 3+ bedroom houses, views turn into
+    applications."""
+    import numpy as np
+
+    from rentalml.data.dataset import Dataset
+
+    items = ds.items.copy()
+    items["price"] = items["price"] * 1.8
+    big = set(items.index[items["bedrooms"] >= 3])  # items are indexed by property_id
+    inter = ds.interactions[ds.interactions["property_id"].isin(big)].copy()
+    inter["event_type"] = np.where(np.random.default_rng(seed).random(len(inter)) < 0.6, "application",
+                                   inter["event_type"])
+    return Dataset(inter.reset_index(drop=True), items, ds.users, name="shifted")
+
+
+@pytest.fixture(scope="session")
+def shifted_batch(market):
+    return shift_market(market)
+
+
+@pytest.fixture(scope="session")
+def drift_retraining(hybrid_bundle_dir, shifted_batch, tmp_path_factory):
+    """`rentalml monitor drift --retrain local --fail-on-drift` on a shifted batch, against the hybrid bundle, in
+    an empty state dir: the drift it finds triggers the whole training pipeline under kfp.local (a fresh Python
+    process per step, the costliest thing in the suite), which the monitor runs as `rentalml pipeline run
+    --local` with --json. Read-only for its readers: test_monitoring asserts the trigger and what it registered,
+    test_pipeline asserts the pipeline run itself (artifacts, gate, lineage, local deploy). Both are listed in
+    SHARED_RUN, so the run happens once per `make test`."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from types import SimpleNamespace
+
+    root = tmp_path_factory.mktemp("drift-retraining")
+    home, batch, out = root / "home", root / "shifted", root / "report"
+    shifted_batch.save(batch)
+    summary = root / "pipeline-summary.json"
+    params = json.dumps({"epochs": 3, "eval_every": 3, "neighbours": 16, "dim": 16, "hidden": 16})
+    env = {**os.environ, "RENTALML_HOME": str(home), "RENTALML_MLFLOW_TRACKING_URI": f"sqlite:///{home}/mlflow.db",
+           "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "rentalml.cli", "monitor", "drift", "--current", str(batch), "--bundle",
+           str(hybrid_bundle_dir), "--window-days", "0", "--out", str(out), "--retrain", "local",
+           "--retrain-arg=--params", f"--retrain-arg={params}", "--retrain-arg=--json",
+           f"--retrain-arg={summary}", "--fail-on-drift"]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=root, timeout=600)
+    return SimpleNamespace(home=home, batch=batch, out=out, result=res, summary=summary,
+                           tracking_uri=env["RENTALML_MLFLOW_TRACKING_URI"])
 
 
 # --- real services on loopback (rentalml.services) ------------------------------------------------------------

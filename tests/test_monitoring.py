@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pandas as pd
 import pytest
 
@@ -22,18 +21,6 @@ from rentalml.runtime.bundle import Bundle
 @pytest.fixture(scope="module")
 def bundle_dir(hybrid_bundle_dir):
     return hybrid_bundle_dir
-
-
-def shifted(ds: Dataset, seed: int = 7) -> Dataset:
-    """A batch after a market shift: prices up 80 %, people only look at 3+ bedroom houses, views turn into
-    applications."""
-    items = ds.items.copy()
-    items["price"] = items["price"] * 1.8
-    big = set(items.index[items["bedrooms"] >= 3])  # items are indexed by property_id
-    inter = ds.interactions[ds.interactions["property_id"].isin(big)].copy()
-    inter["event_type"] = np.where(np.random.default_rng(seed).random(len(inter)) < 0.6, "application",
-                                   inter["event_type"])
-    return Dataset(inter.reset_index(drop=True), items, ds.users, name="shifted")
 
 
 def test_bundle_carries_the_training_reference(bundle_dir, market):
@@ -54,8 +41,8 @@ def test_same_distribution_is_not_drift(bundle_dir):
     assert all(f.psi < 0.1 for f in rep.features if f.feature.startswith("properties."))
 
 
-def test_shifted_batch_is_detected_with_psi_and_ks(bundle_dir, market, tmp_path):
-    rep = d.check_drift(d.load_reference(bundle_dir), shifted(market), Bundle(bundle_dir))
+def test_shifted_batch_is_detected_with_psi_and_ks(bundle_dir, shifted_batch, tmp_path):
+    rep = d.check_drift(d.load_reference(bundle_dir), shifted_batch, Bundle(bundle_dir))
     drifted = {f.feature: f for f in rep.drifted}
     assert {"properties.price", "properties.bedrooms", "interactions.event_type"} <= set(drifted)
     price = drifted["properties.price"]
@@ -83,27 +70,26 @@ def _cli(args, home, cwd, timeout=600):
                           cwd=cwd, timeout=timeout)
 
 
-def test_drift_injection_triggers_a_retraining_run(bundle_dir, market, tmp_path):
-    """End to end: `rentalml monitor drift` on unshifted data does nothing; on a shifted batch it exports the
-    gauges, writes the report and runs the training pipeline (kfp.local) on the new data, which registers a
-    model version in the (empty) registry."""
+def test_unshifted_data_triggers_no_retraining(bundle_dir, market, tmp_path):
+    """`rentalml monitor drift --retrain local` on unshifted data: no drift, no pipeline run, the gauge at 0."""
     home = tmp_path / "home"
     same = tmp_path / "same"
     market.save(same)
     res = _cli(["monitor", "drift", "--current", str(same), "--bundle", str(bundle_dir), "--window-days", "0",
-                "--out", str(tmp_path / "r0")], home, tmp_path)
+                "--out", str(tmp_path / "r0"), "--retrain", "local", "--fail-on-drift"], home, tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     assert json.loads((tmp_path / "r0" / "summary.json").read_text())["retraining"] is None
+    assert "ml_feature_drift_detected 0.0" in (home / "monitoring" / "drift.prom").read_text()
+    assert not (home / "kfp-local").exists() and not (home / "mlflow.db").exists()
 
-    batch = tmp_path / "shifted"
-    shifted(market).save(batch)
-    params = json.dumps({"epochs": 3, "eval_every": 3, "neighbours": 16, "dim": 16, "hidden": 16})
-    res = _cli(["monitor", "drift", "--current", str(batch), "--bundle", str(bundle_dir), "--window-days", "0",
-                "--out", str(tmp_path / "r1"), "--retrain", "local", "--retrain-arg=--params",
-                f"--retrain-arg={params}", "--retrain-arg=--deploy-mode", "--retrain-arg=none",
-                "--fail-on-drift"], home, tmp_path)
+
+def test_drift_injection_triggers_a_retraining_run(drift_retraining):
+    """End to end (the session's `drift_retraining`): `rentalml monitor drift` on a shifted batch exports the
+    gauges, writes the report and runs the training pipeline (kfp.local) on the new data, which registers a
+    model version in the (empty) registry; --fail-on-drift exits 3 for CronJobs."""
+    res, out, home, batch = drift_retraining.result, drift_retraining.out, drift_retraining.home, drift_retraining.batch
     assert res.returncode == 3, res.stdout[-3000:] + res.stderr[-3000:]  # drift → non-zero for CronJobs
-    summary = json.loads((tmp_path / "r1" / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
     assert summary["over_threshold"] and "properties.price" in summary["drifted"]
     run = summary["retraining"]
     assert run["returncode"] == 0 and run["command"][3:6] == ["pipeline", "run", "--local"]
@@ -112,7 +98,7 @@ def test_drift_injection_triggers_a_retraining_run(bundle_dir, market, tmp_path)
 
     from mlflow import MlflowClient
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{home}/mlflow.db")
+    client = MlflowClient(tracking_uri=drift_retraining.tracking_uri)
     versions = client.search_model_versions("name='rental-recommender'")
     assert len(versions) == 1  # the retraining run registered a model trained on the shifted batch
     run_tags = client.get_run(versions[0].run_id).data.tags

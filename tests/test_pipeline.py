@@ -6,9 +6,6 @@ with kfp.local and leaves a registered model version with metrics and lineage; `
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -86,19 +83,14 @@ def test_ir_carries_cluster_settings(ir):
         assert bad not in text
 
 
-def test_local_pipeline_run(tmp_path):
-    """The whole DAG with kfp.local (small synthetic data): artifacts listed, a registered version with metrics
-    and lineage, the gate passed on an empty registry, the local deploy recorded."""
-    home = tmp_path / "home"
-    env = {**os.environ, "RENTALML_HOME": str(home), "RENTALML_MLFLOW_TRACKING_URI": f"sqlite:///{home}/mlflow.db",
-           "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    summary = tmp_path / "summary.json"
-    cmd = [sys.executable, "-m", "rentalml.cli", "pipeline", "run", "--local", "--source", "synthetic:200,100,3000,3",
-           "--params", json.dumps({"epochs": 5, "eval_every": 5, "neighbours": 16, "dim": 32, "hidden": 32}),
-           "--json", str(summary)]
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
-    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
-    assert "artifacts of run rentalml-training-" in res.stdout
+def test_local_pipeline_run(drift_retraining):
+    """The whole DAG with kfp.local (small data: the session's `drift_retraining` run, `rentalml pipeline run
+    --local` started by the drift monitor, read here): artifacts listed, a registered version with metrics and
+    lineage, the gate passed on an empty registry, the local deploy recorded."""
+    home, summary = drift_retraining.home, drift_retraining.summary
+    assert drift_retraining.result.returncode == 3, drift_retraining.result.stderr[-4000:]  # 3: drift found
+    stdout = (drift_retraining.out / "retraining.log").read_text()  # the pipeline run's own output
+    assert "artifacts of run rentalml-training-" in stdout
     doc = json.loads(summary.read_text())
     tasks = {row["task"] for row in doc["artifacts"]}
     assert {"ingest", "validate-data", "build-features", "train", "evaluate", "export"} <= tasks
@@ -109,7 +101,7 @@ def test_local_pipeline_run(tmp_path):
 
     from mlflow import MlflowClient
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{home}/mlflow.db")
+    client = MlflowClient(tracking_uri=drift_retraining.tracking_uri)
     mv = client.get_model_version("rental-recommender", doc["registered"]["version"])
     run = client.get_run(mv.run_id)
     assert run.data.metrics["ndcg_at_10"] == pytest.approx(doc["scores"]["ndcg@10"])
