@@ -23,11 +23,14 @@ $(STAMP): pyproject.toml | $(PY)
 demo: install
 	$(PY) -m rentalml.demo
 
-# -n 3 --dist loadfile: three workers (most of the time is spent waiting on servers and subprocesses; a file's
-# module fixtures stay on one worker); --durations: where the test time goes (docs/architecture.md "Test time")
+# -n 3: three workers (most of the time is spent waiting on servers and subprocesses). --dist loadfile: a file's
+# tests (and its module fixtures) stay on one worker; tests/conftest.py adds one unit, the two tests reading one
+# shared pipeline run. --no-loadscope-reorder keeps conftest's longest-first order (xdist would otherwise start
+# the files with the most tests first, and the long one-test files last); --durations: where the test time goes
+# (docs/architecture.md "Test time")
 TEST_WORKERS ?= 3
 test: install
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=25
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=25
 
 # the serving half of the cluster on this machine, from the rendered dev overlay (docs/operations.md):
 # moto S3, MLflow, two kfp.local runs (publish + canary deploy), KServe's storage initializer, Triton, the transformer
