@@ -26,7 +26,6 @@ from torch import nn
 from rentalml.export.onnx_export import Scorer, dummy_history, export_graph
 from rentalml.models.hybrid import COLD_SHRINK, Hybrid
 from rentalml.models.neural import TwoTower
-from rentalml.runtime.live import FOLDIN_FILE, LiveCatalogue  # noqa: F401  (LiveCatalogue: old import path)
 
 
 class FoldIn(nn.Module):
