@@ -45,6 +45,7 @@ def test_soak_has_no_errors_on_any_protocol(soak):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert r["server_exit_code"] == 0  # graceful shutdown at the end
     assert r["capacity"]["steps"][0]["errors"] == 0
+    assert r["capacity"]["after"]["errors"] == 0 and r["capacity"]["after"]["n"] > 0  # after reload and storm
     for p in PROTOCOLS:  # all three answered, each a real share of the load
         assert s["protocols"][p]["errors"] == 0
         assert s["protocols"][p]["n"] >= s["requests"] // 4, s["protocols"]
