@@ -7,10 +7,11 @@ User tower: the user's history is encoded as the normalised sum of input-side it
 is folded in from recent interactions with no retraining), optionally concatenated with user features,
 then an MLP. Score = <user, item> + item bias.
 Loss: multinomial log-likelihood with input dropout (Mult-DAE style), either over the full catalogue
-(`softmax="full"`, O(batch x catalogue) per step) or as a sampled softmax (`softmax="sampled"`): the
-candidates of a step are the batch's positives plus `negatives` items drawn once per step by popularity and
-shared by the whole batch, every logit corrected by -log q(item) (logQ). The sampled step touches only the
-items in it: the content MLPs run over those items' features, the ID embeddings and biases are gathered
+(`softmax="full"`, O(batch x catalogue) per step) or as a sampled softmax (`softmax="sampled"`): each user's
+softmax runs over its own positives and `negatives` items drawn once per step by popularity and shared by the
+whole batch (a negative that is the user's own positive is masked), every logit corrected by -log q(item)
+(logQ, q = the probability of being drawn), so the logits per interaction do not grow with the batch. The
+sampled step touches only the items in it: the content MLPs run over those items' features, the ID embeddings and biases are gathered
 rows updated by a row-wise (lazy) Adam, and batches are cut from the CSR index arrays. Its cost grows with
 the batch, not the catalogue. `softmax="auto"` (default) fits both on a catalogue of up to
 `full_softmax_limit` items when a validation holdout is given and keeps the better one by validation nDCG
