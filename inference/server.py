@@ -19,10 +19,10 @@ import copy
 import logging
 import os
 import sys
-import time
 from pathlib import Path
 
 from rentalml.config import get_settings
+from rentalml.services import wait_until
 
 log = logging.getLogger("rentalml.inference")
 
@@ -177,8 +177,6 @@ def _model_server_class():
 
     from kserve import ModelServer
 
-    from rentalml.services import wait_until
-
     class RentalModelServer(ModelServer):
         """KServe's ModelServer with signal handling that is safe during start-up.
 
@@ -255,11 +253,14 @@ def _reap_rest_workers(server, grace_s: float = 10.0) -> None:
     multi = getattr(server, "_rest_multiprocess_server", None)
     procs = [getattr(p, "_process", None) for p in getattr(multi, "_processes", [])] if multi else []
     alive = [p for p in procs if p is not None and p.is_alive()]
+    if not alive:
+        return
     for p in alive:
         log.warning("terminating REST worker %s left running after shutdown", p.pid)
         p.terminate()
-    deadline = time.monotonic() + grace_s
-    for p in alive:
-        p.join(timeout=max(0.1, deadline - time.monotonic()))
-        if p.is_alive():
-            p.kill()
+    try:
+        wait_until(lambda: not any(p.is_alive() for p in alive), grace_s, interval=0.1, what="the REST workers to end")
+    except TimeoutError:
+        for p in alive:
+            if p.is_alive():
+                p.kill()

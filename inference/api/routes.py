@@ -21,7 +21,7 @@ import uuid
 from pathlib import Path
 
 import orjson
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 
@@ -37,7 +37,18 @@ def _body(schema: type[BaseModel], required: bool = True) -> dict:
         "schema": schema.model_json_schema(ref_template="#/components/schemas/{model}")}}}}
 
 
-router = APIRouter(tags=["rentalml"])
+#: (path, method, endpoint, add_api_route options) of every route, registered on the app itself by `install`: a
+#: router included with `app.include_router` costs ~100 more Python calls a request (FastAPI's included-router
+#: scope bookkeeping), a tenth of what /predict spends in Python
+ROUTES: list[tuple[str, str, object, dict]] = []
+
+
+def route(path: str, method: str, **options):
+    def register(endpoint):
+        ROUTES.append((path, method, endpoint, options))
+        return endpoint
+
+    return register
 
 
 def error(field: str, msg: str, status: int = 422, detail: list | None = None) -> JSONResponse:
@@ -63,7 +74,7 @@ async def parse(request: Request, schema: type[BaseModel]):
             {"loc": ["body", *e["loc"]], "msg": e["msg"], "type": e["type"]} for e in exc.errors()])
 
 
-@router.post("/predict", openapi_extra=_body(PredictRequest), summary="Recommendations for one user (friendly JSON)")
+@route("/predict", "POST", openapi_extra=_body(PredictRequest), summary="Recommendations for one user (friendly JSON)")
 async def predict(request: Request):
     model = request.app.state.recommender
     t0 = time.perf_counter()
@@ -119,8 +130,8 @@ async def predict(request: Request):
             m.duration(model.name, variant, m.JSON).observe(time.perf_counter() - t0)
 
 
-@router.post("/explain", openapi_extra=_body(ExplainRequest),
-             summary="Explanation of one (user, property) pair with current attributes")
+@route("/explain", "POST", openapi_extra=_body(ExplainRequest),
+       summary="Explanation of one (user, property) pair with current attributes")
 async def explain(request: Request):
     """Why (user, property) would be recommended, with the property's current attributes (Feast online
     features when serve.feature_source=feast) and the user's streamed history."""
@@ -134,8 +145,8 @@ async def explain(request: Request):
                          "variant": arm.label, "model_version": arm.model_version})
 
 
-@router.post("/feedback", status_code=202, openapi_extra=_body(FeedbackRequest),
-             summary="A/B outcome of a served recommendation: click, save or inquiry")
+@route("/feedback", "POST", status_code=202, openapi_extra=_body(FeedbackRequest),
+       summary="A/B outcome of a served recommendation: click, save or inquiry")
 async def feedback(request: Request):
     model = request.app.state.recommender
     req, bad = await parse(request, FeedbackRequest)
@@ -149,8 +160,8 @@ async def feedback(request: Request):
     return JSONResponse(event, status_code=202)
 
 
-@router.post("/admin/reload", openapi_extra=_body(ReloadRequest, required=False),
-             summary="Hot reload: load the new version(s), then swap (no request dropped)")
+@route("/admin/reload", "POST", openapi_extra=_body(ReloadRequest, required=False),
+       summary="Hot reload: load the new version(s), then swap (no request dropped)")
 async def reload(request: Request):
     model = request.app.state.recommender
     body = None
@@ -167,14 +178,16 @@ async def reload(request: Request):
         # in the background: requests keep being answered by the current version meanwhile
         result = await asyncio.get_running_loop().run_in_executor(
             None, lambda: model.reload(body.champion, body.challenger, body.challenger_percent))
+    except ConnectionError as exc:  # RegistryUnreachable: the served version(s) keep answering
+        return error("reload", f"{exc}; still serving {model.routing.describe() if model.routing else None}", 503)
     except (FileNotFoundError, LookupError, ValueError) as exc:
         return error("reload", str(exc), 409)
     await model.batcher.settled()  # requests that began on the old version are answered before this one
     return JSONResponse(result)
 
 
-@router.post("/admin/invalidate", openapi_extra=_body(InvalidateRequest),
-             summary="Drop cached recommendations of users / listing properties")
+@route("/admin/invalidate", "POST", openapi_extra=_body(InvalidateRequest),
+       summary="Drop cached recommendations of users / listing properties")
 async def invalidate(request: Request):
     model = request.app.state.recommender
     body, bad = await parse(request, InvalidateRequest)
@@ -187,7 +200,7 @@ async def invalidate(request: Request):
     return JSONResponse({"invalidated": n, "backend": model.cache.backend})
 
 
-@router.get("/health", summary="Service health")
+@route("/health", "GET", summary="Service health")
 async def health(request: Request):
     model = request.app.state.recommender
     routing = model.routing.describe() if model.routing is not None else None
@@ -195,6 +208,10 @@ async def health(request: Request):
             "model_version": model.model_version, "model_type": model.model_type, "variant": model.variant,
             "routing": routing, "cache": {"backend": model.cache.backend, "hit_rate": model.cache.hit_rate},
             "auth_enabled": request.app.state.auth_enabled}
+    if model.registry_mode:
+        from ..loading import registry_health
+
+        body["registry"] = registry_health(model.routing)
     return JSONResponse(body, status_code=200 if model.ready else 503)
 
 
@@ -206,7 +223,8 @@ def install(app: FastAPI, model, *, auth_enabled: bool) -> None:
     """These routes and the 504 answer to a request timeout (v2 REST's too) on `app`, serving `model`."""
     app.state.recommender = model
     app.state.auth_enabled = auth_enabled
-    app.include_router(router)
+    for path, method, endpoint, options in ROUTES:
+        app.add_api_route(path, endpoint, methods=[method], tags=["rentalml"], **options)
     app.add_exception_handler(RequestTimeout, on_timeout)
     install_docs(app)
 
