@@ -40,7 +40,7 @@ from rentalml.components import rendered as r
 from rentalml.components.kubefake import FakeKubeApi
 from rentalml.pipelines.training import MLFLOW_SECRET, OBJECT_STORE_SECRET
 
-from rentalml.services import Service, free_port, start_tansu, stop_process, wait_port
+from rentalml.services import Service, free_port, start_tansu, stop_process, wait_port, wait_until
 
 ISVC = "rental-recommender"
 BIN = Path(sys.executable).parent
@@ -74,15 +74,16 @@ def _wait_http(url: str, proc: subprocess.Popen | None, timeout: float, log: Pat
                headers: dict | None = None) -> None:
     import httpx
 
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise LocalClusterError(f"{url}: process exited with {proc.returncode}\n{_tail(log) if log else ''}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(url, timeout=2.0, headers=headers).status_code == 200:
-                return
-        time.sleep(0.3)
-    raise LocalClusterError(f"{url} not ready after {timeout}s\n{_tail(log) if log else ''}")
+    def ok() -> bool:
+        try:
+            return httpx.get(url, timeout=2.0, headers=headers).status_code == 200
+        except httpx.HTTPError:  # not yet listening / answering
+            return False
+
+    try:
+        wait_until(ok, timeout, interval=0.3, proc=proc, what=f"{url} answering 200")
+    except (RuntimeError, TimeoutError) as exc:
+        raise LocalClusterError(f"{exc}\n{_tail(log) if log else ''}") from exc
 
 
 def base_env() -> dict:
@@ -462,16 +463,23 @@ def triton_counts(triton_url: str) -> dict[tuple[str, str], int]:
 
 
 def read_outcomes(bootstrap: str, timeout: float = 20.0, want: int = 1) -> list[dict]:
+    """The ab_outcomes topic from the start: at least `want` events and then everything up to the end of the
+    topic (a poll that returns nothing), or what arrived within `timeout`."""
     from kafka import KafkaConsumer
 
     consumer = KafkaConsumer("ab_outcomes", bootstrap_servers=[bootstrap], auto_offset_reset="earliest",
-                             enable_auto_commit=False, consumer_timeout_ms=2000, group_id=None)
+                             enable_auto_commit=False, group_id=None)
     out: list[dict] = []
-    deadline = time.monotonic() + timeout
+
+    def drained() -> bool:
+        batch = [json.loads(r.value) for records in consumer.poll(timeout_ms=500).values() for r in records]
+        out.extend(batch)
+        return len(out) >= want and not batch
+
     try:
-        while time.monotonic() < deadline and len(out) < want:
-            for msg in consumer:
-                out.append(json.loads(msg.value))
+        wait_until(drained, timeout, interval=0.0, what=f"{want} event(s) on ab_outcomes")
+    except TimeoutError:
+        pass  # the caller judges what arrived
     finally:
         consumer.close()
     return out

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from rentalml.config import get_settings
+from rentalml.services import wait_until
 
 DEMO_PARAMS = {"epochs": 60}
 
@@ -66,18 +67,19 @@ def _run_logged(cmd: list[str], chatter: Chatter, *, env: dict | None = None, la
     done_re = re.compile(r"Task '([\w-]+)' finished with status SUCCESS")
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), transient=True) as bar:
         task = bar.add_task(label, total=None)
-        finished: list[str] = []
-        deadline = time.time() + timeout
-        while proc.poll() is None:
-            if time.time() > deadline:
-                proc.kill()
-                raise TimeoutError(f"{label} took longer than {timeout:.0f} s (log: {chatter.path})")
+
+        def finished() -> bool:  # the progress line follows the log until the step's process ends
             with open(chatter.path, errors="replace") as f:
                 f.seek(start)
-                finished = done_re.findall(re.sub(r"\x1b\[[0-9;]*m", "", f.read()))
-            bar.update(task, description=f"{label}: {len(finished)} steps done"
-                       + (f", last {finished[-1]}" if finished else ""))
-            time.sleep(0.5)
+                done = done_re.findall(re.sub(r"\x1b\[[0-9;]*m", "", f.read()))
+            bar.update(task, description=f"{label}: {len(done)} steps done" + (f", last {done[-1]}" if done else ""))
+            return proc.poll() is not None
+
+        try:
+            wait_until(finished, timeout, interval=0.5, what=label)
+        except TimeoutError:
+            proc.kill()
+            raise TimeoutError(f"{label} took longer than {timeout:.0f} s (log: {chatter.path})") from None
     if proc.returncode != 0:
         raise RuntimeError(f"{label} failed with exit code {proc.returncode}; log {chatter.path}:\n"
                            f"{chatter.tail()}")
@@ -87,17 +89,14 @@ def wait_ready(http_port: int, proc: subprocess.Popen, timeout: float = 120.0) -
     import tritonclient.http as httpclient
 
     client = httpclient.InferenceServerClient(f"127.0.0.1:{http_port}")
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with code {proc.returncode}")
+
+    def ready() -> bool:
         try:
-            if client.is_server_ready() and client.is_model_ready("rental-recommender"):
-                return
-        except Exception:
-            pass
-        time.sleep(0.3)
-    raise TimeoutError("server did not become ready")
+            return client.is_server_ready() and client.is_model_ready("rental-recommender")
+        except Exception:  # noqa: BLE001 - tritonclient's own error type while the server starts
+            return False
+
+    wait_until(ready, timeout, interval=0.3, proc=proc, what="the server and its model ready")
 
 
 def _ask(grpc_port: int, users: list[str], k: int = 5) -> dict[str, list[str]]:
