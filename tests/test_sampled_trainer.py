@@ -3,6 +3,8 @@ determinism per seed, catalogue-independent steps, fold-in of new users and neve
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -11,7 +13,7 @@ import torch
 from rentalml.data.dataset import InteractionMatrix
 from rentalml.evaluation.protocols import aggregate_pairs, holdout_split
 from rentalml.models.base import TrainData
-from rentalml.models.neural import BatchSampler, NeuralParams, TwoTower
+from rentalml.models.neural import BatchSampler, NeuralParams, RowAdam, TwoTower, TwoTowerNet
 from rentalml.training.trainer import _features, catalogue, fit_model
 
 #: the same optimisation budget for both losses; 64 shared negatives on a 200-item catalogue, 24 users per
@@ -129,3 +131,33 @@ def test_params_defaults_are_consistent():
     assert p.softmax == "auto" and p.sampled_batch_size > 0 and p.negatives > 0
     with pytest.raises(ValueError, match="softmax"):
         TwoTower(softmax="nope").fit(TrainData(sp.csr_matrix(np.eye(4, dtype=np.float32))))
+
+
+def test_sampled_loss_is_each_users_softmax_over_own_positives_and_shared_negatives(data):
+    """The step's loss equals, per user, the multinomial log-likelihood of its positives under a softmax over
+    its own positives and the shared negatives (each counted once), every logit minus log q; other users'
+    positives are not candidates, so the logits per interaction do not grow with the batch."""
+    p = NeuralParams(dim=16, hidden=32, negatives=64, input_dropout=0.5)
+    x = data.binary()
+    torch.manual_seed(0)
+    net = TwoTowerNet(x.shape[1], 0, 0, replace(p, use_content=False))
+    sampler = BatchSampler(x, p, id_dropout=False)
+    b = sampler.batch(np.arange(24), np.random.default_rng(5))
+    assert len(b.hit_rows) > 0, "the check needs an accidental hit (a negative that is a user's positive)"
+    assert len(b.neg) <= p.negatives
+    tables = {"input_id": net.input_id.weight, "item_id": net.item_id.weight, "item_bias": net.item_bias}
+    rows = RowAdam(tables, lr=1e-3).gather(b.items)
+    loss = net.sampled_loss(b, None, None, rows)
+    with torch.no_grad():
+        t_in, t_out = rows["input_id"][:b.n_pos], rows["item_id"]
+        h = torch.zeros(24, 16).index_add_(0, b.in_rows, t_in[b.in_cols]) * b.in_norm[:, None]
+        u = net.user_tower(torch.tanh(h))
+        ref = 0.0
+        for r in range(24):
+            own = b.pos_cols[b.pos_rows == r]
+            cand = torch.unique(torch.cat([own, b.neg]))
+            logits = u[r] @ t_out[cand].T + rows["item_bias"][cand] - b.log_q[cand]
+            lsm = torch.log_softmax(logits, 0)
+            ref -= lsm[torch.searchsorted(cand, own)].sum()
+        ref /= 24
+    torch.testing.assert_close(loss.detach(), ref, rtol=1e-5, atol=1e-5)
