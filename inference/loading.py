@@ -15,7 +15,7 @@ import numpy as np
 
 from rentalml.config import get_settings
 from rentalml.evaluation.ab import CHALLENGER, CHAMPION
-from rentalml.runtime.bundle import Bundle, read_meta
+from rentalml.runtime.bundle import Bundle
 from rentalml.runtime.features import FeastFeatures, LocalFeatures
 from rentalml.runtime.pipeline import Engine
 from rentalml.services import wait_until
@@ -66,26 +66,82 @@ def pinned_version(alias: str) -> str | None:
     return v.strip() or None
 
 
-def resolve_alias(alias: str) -> tuple[Path, str]:
-    """(bundle directory, registry version) of an MLflow alias of settings.model_name, or of the version pinned
-    for that arm."""
+def resolve_alias(alias: str, allow_cache: bool = False) -> tuple[Path, str, bool]:
+    """(bundle directory, registry version, from the cache?) of an MLflow alias of settings.model_name, or of the
+    version pinned for that arm. `allow_cache` (the first load of a server): when the registry is unreachable, the
+    alias's last verified bundle in the local cache (rentalml.registry.cache); otherwise RegistryUnreachable."""
     try:
-        from rentalml.registry.mlflow_registry import fetch_bundle
+        from rentalml.registry.cache import bound_client, resolve
     except ImportError as exc:
         raise FileNotFoundError(f"the MLflow registry is unavailable ({exc})") from None
-    pinned = pinned_version(alias)
-    path = Path(fetch_bundle(version=pinned) if pinned else fetch_bundle(alias=alias))
-    return path, str(read_meta(path)["model_version"])
+    bound_client()
+    got = resolve(alias, version=pinned_version(alias), allow_cache=allow_cache)
+    return got.path, got.version, got.cached
 
 
-def registry_versions(with_challenger: bool) -> tuple[str | None, str | None]:
-    """The registry versions the arms would serve now (pinned, else the aliases')."""
+def registry_versions(with_challenger: bool, name: str | None = None) -> tuple[str | None, str | None]:
+    """The registry versions the arms would serve now (pinned, else the aliases'). RegistryUnreachable when the
+    registry cannot be reached (the watcher then keeps the served versions); `ml_registry_up` says which."""
+    from rentalml.registry.cache import STATUS, RegistryUnreachable, bound_client
     from rentalml.registry.mlflow_registry import alias_version
 
-    champ = pinned_version(CHAMPION) or alias_version(CHAMPION)
-    if not with_challenger:
-        return champ, None
-    return champ, pinned_version(CHALLENGER) or alias_version(CHALLENGER)
+    from . import MODEL_NAME
+    from . import metrics as m
+
+    bound_client()
+    try:
+        champ = pinned_version(CHAMPION) or alias_version(CHAMPION)
+        chall = (pinned_version(CHALLENGER) or alias_version(CHALLENGER)) if with_challenger else None
+    except RegistryUnreachable as exc:
+        STATUS.mark(False, str(exc))
+        m.REGISTRY_UP.labels(name or MODEL_NAME).set(0)
+        raise
+    STATUS.mark(True)
+    m.REGISTRY_UP.labels(name or MODEL_NAME).set(1)
+    return champ, chall
+
+
+#: `Arm.source` of an arm served from the local bundle cache while the registry was unreachable
+CACHED_SOURCE = "cache:"
+
+
+def from_cache(arm: Arm | None) -> bool:
+    return arm is not None and arm.source.startswith(CACHED_SOURCE)
+
+
+def served_version(arm: Arm | None) -> str | None:
+    """An arm's registry version as the watcher compares it: an arm served from the cache never equals the
+    registry's answer, so the first check that reaches the registry reloads it from there (same version or not)."""
+    if arm is None:
+        return None
+    return f"{arm.registry_version} (cached)" if from_cache(arm) else arm.registry_version
+
+
+def mark_registry(name: str, routing: Routing) -> None:
+    """After a load in registry mode: `ml_registry_up` and each arm's `ml_model_from_cache`."""
+    from rentalml.registry.cache import STATUS
+
+    from . import metrics as m
+
+    if STATUS.up is not None:
+        m.REGISTRY_UP.labels(name).set(1 if STATUS.up else 0)
+    for arm in (routing.champion, routing.challenger):
+        if arm is not None:
+            m.MODEL_FROM_CACHE.labels(name, arm.label).set(1 if from_cache(arm) else 0)
+
+
+def registry_health(routing: Routing | None) -> dict:
+    """The `registry` block of GET /health: reachable (as last seen), the error, and the arms served from the
+    local cache with their versions."""
+    from rentalml.registry.cache import STATUS
+
+    cached = {} if routing is None else {a.arm: a.registry_version for a in (routing.champion, routing.challenger)
+                                         if from_cache(a)}
+    body = {**STATUS.describe(), "serving_cached": cached}
+    if cached:
+        body["detail"] = ("registry unreachable, " if STATUS.up is False else "registry back, reloading: ") + \
+            ", ".join(f"serving cached {arm} version {v}" for arm, v in cached.items())
+    return body
 
 
 # ---- arms -------------------------------------------------------------------------------------------------
@@ -99,15 +155,18 @@ def open_bundle(path) -> Bundle:
     return Bundle(path, int8=precision == "int8")
 
 
-def load_arm(arm: str, source, *, label: str, warm_k: int, predictor_url: str | None = None) -> Arm:
+def load_arm(arm: str, source, *, label: str, warm_k: int, predictor_url: str | None = None,
+             allow_cache: bool = False) -> Arm:
     """An arm serving `source`: a loaded Bundle, a bundle directory, or None (the registry alias `arm`, or the
-    version pinned for it). The ONNX Runtime session is built and the graph (and the cold-start path) run once,
-    so that the first request pays nothing extra."""
+    version pinned for it; `allow_cache`: from the local cache when the registry is unreachable). The ONNX
+    Runtime session is built and the graph (and the cold-start path) run once, so that the first request pays
+    nothing extra."""
     if isinstance(source, Bundle):
         bundle, where, reg = source, str(source.path), None
     elif source is None:
-        path, reg = resolve_alias(arm)
-        bundle, where = open_bundle(path), f"models:/{get_settings().model_name}@{arm}"
+        path, reg, cached = resolve_alias(arm, allow_cache)
+        where = f"models:/{get_settings().model_name}@{arm}"
+        bundle, where = open_bundle(path), (f"{CACHED_SOURCE}{path} ({where} version {reg})" if cached else where)
     else:
         if not (Path(source) / "bundle.json").exists():
             raise FileNotFoundError(f"{source} is not a model bundle (no bundle.json)")
@@ -120,17 +179,24 @@ def load_arm(arm: str, source, *, label: str, warm_k: int, predictor_url: str | 
 
 
 def load_routing(champion, challenger, percent: float, *, variant: str, salt: str, warm_k: int,
-                 registry_mode: bool, predictor_url: str | None = None) -> tuple[Routing, float]:
+                 registry_mode: bool, predictor_url: str | None = None,
+                 allow_cache: bool = False) -> tuple[Routing, float]:
     """(routing, seconds it took) over newly loaded arms. The challenger is loaded when percent > 0 and there is
     one (a source, or the registry's alias: none there means no canary, logged, not fatal). On a remote predictor
     the two arms must be different Triton model versions."""
     t0 = time.perf_counter()
-    champ = load_arm(CHAMPION, champion, label=variant, warm_k=warm_k, predictor_url=predictor_url)
+    champ = load_arm(CHAMPION, champion, label=variant, warm_k=warm_k, predictor_url=predictor_url,
+                     allow_cache=allow_cache)
     chall = None
     if percent > 0 and (challenger is not None or registry_mode):
         try:
-            chall = load_arm(CHALLENGER, challenger, label=CHALLENGER, warm_k=warm_k, predictor_url=predictor_url)
+            chall = load_arm(CHALLENGER, challenger, label=CHALLENGER, warm_k=warm_k, predictor_url=predictor_url,
+                             allow_cache=allow_cache)
         except LookupError as exc:
+            log.warning("no challenger to serve (%s): all traffic to the champion", exc)
+        except ConnectionError as exc:  # RegistryUnreachable, at start only: none cached → champion only
+            if not allow_cache:
+                raise
             log.warning("no challenger to serve (%s): all traffic to the champion", exc)
     if chall is not None and predictor_url:
         from rentalml.export.triton import triton_version

@@ -53,6 +53,10 @@ METRIC_NAMES = ("ml_inference_duration_seconds", "ml_inference_requests_total", 
                 "ml_model_load_seconds")
 MODEL_RELOADS = Counter("ml_model_reloads_total", "Hot reloads of the served model version(s).", ["model"])
 TIMEOUTS = Counter("ml_inference_timeouts_total", "Requests that ran past serve.request_timeout_s.", ["model"])
+REGISTRY_UP = Gauge("ml_registry_up", "1 when the last call to the MLflow registry (load, reload, watcher) reached "
+                    "it, 0 when it was unreachable (registry mode only).", ["model"])
+MODEL_FROM_CACHE = Gauge("ml_model_from_cache", "1 while the arm serves a bundle from the local bundle cache because "
+                         "the registry was unreachable when it loaded, else 0.", ["model", "variant"])
 
 
 @functools.lru_cache(maxsize=256)

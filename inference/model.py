@@ -30,7 +30,7 @@ from . import MODEL_NAME
 from . import metrics as m
 from .batching import Batcher
 from .errors import RequestTimeout
-from .loading import RegistryWatcher, load_routing, make_engine, registry_versions
+from .loading import RegistryWatcher, load_routing, make_engine, mark_registry, registry_versions, served_version
 from .outcomes import OutcomeLog
 from .protocol import INPUT_K, INPUT_USER, OUTPUT_IDS, OUTPUT_SCORES, decode, encode
 from .protocol.types import DeadlineExceeded, InferRequest, InferResponse, InvalidInput, Model
@@ -105,8 +105,11 @@ class RecommenderModel(Model):
     def _load(self, champion, challenger, percent: float) -> Routing:
         routing, seconds = load_routing(champion, challenger, percent, variant=self.variant, salt=self.salt,
                                         warm_k=self.default_k, registry_mode=self.registry_mode,
-                                        predictor_url=self.predictor_url)
+                                        predictor_url=self.predictor_url,
+                                        allow_cache=self.routing is None)  # the local cache: at start only
         self.load_seconds = seconds
+        if self.registry_mode:
+            mark_registry(self.name, routing)
         for arm in (routing.champion, routing.challenger):
             if arm is not None:
                 m.MODEL_LOAD_SECONDS.labels(self.name, arm.label).set(seconds)
@@ -158,9 +161,9 @@ class RecommenderModel(Model):
 
         def serving() -> tuple:
             r = self.routing
-            return r.champion.registry_version, r.challenger.registry_version if r.challenger else None
+            return served_version(r.champion), served_version(r.challenger)
 
-        self._watcher = RegistryWatcher(serving, lambda: registry_versions(self.challenger_percent > 0),
+        self._watcher = RegistryWatcher(serving, lambda: registry_versions(self.challenger_percent > 0, self.name),
                                         self.reload, self.reload_poll_s)
         self._watcher.start()
 

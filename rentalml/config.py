@@ -91,6 +91,12 @@ class ServeSettings(BaseModel):
     ab_alpha: float = 0.05
     # hot reload: poll the registry aliases every N seconds (0 = only POST /admin/reload)
     reload_poll_s: float = 0.0
+    # registry outage (rentalml.registry.cache): verified bundles fetched from MLflow are kept here (default
+    # $RENTALML_HOME/bundles) and `rentalml serve` starts from the alias's last one when MLflow is unreachable;
+    # each MLflow call of the server gives up after this timeout and retries (MLFLOW_HTTP_REQUEST_* win if set)
+    registry_cache_dir: Path | None = None
+    registry_timeout_s: float = 5.0
+    registry_retries: int = 1
     # cluster mode of `rentalml ab promote|rollback`: patch the InferenceService's canaryTrafficPercent
     cluster: bool = False
     isvc_name: str = "rental-recommender"
@@ -189,6 +195,11 @@ class Settings(BaseSettings):
     @property
     def tracking_uri(self) -> str:
         return self.mlflow_tracking_uri or f"sqlite:///{self.home_dir / 'mlflow.db'}"
+
+    @property
+    def bundle_cache_dir(self) -> Path:
+        """Bundles fetched from the registry, one verified directory per <model name>/<version>."""
+        return Path(self.serve.registry_cache_dir) if self.serve.registry_cache_dir else self.home_dir / "bundles"
 
     @property
     def artifact_root(self) -> str:

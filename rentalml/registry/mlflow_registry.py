@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 from rentalml.config import Settings, get_settings
+from rentalml.registry.cache import BundleCache, RegistryUnreachable, is_unreachable
 
 log = logging.getLogger(__name__)
 EXPERIMENT = "rentalml"
@@ -116,11 +117,15 @@ def alias_version(alias: str, *, model_name: str | None = None, settings: Settin
     import mlflow
 
     s = settings or get_settings()
-    client = configure(s)
     try:
+        client = configure(s)
         return str(client.get_model_version_by_alias(model_name or s.model_name, alias).version)
-    except mlflow.exceptions.MlflowException:
-        return None
+    except Exception as exc:  # noqa: BLE001 - sorted below: unreachable, or no such alias
+        if is_unreachable(exc):
+            raise RegistryUnreachable(f"model registry {s.tracking_uri} unreachable: {exc}") from exc
+        if isinstance(exc, mlflow.exceptions.MlflowException):
+            return None
+        raise
 
 
 def set_alias(alias: str, version: str, *, model_name: str | None = None, settings: Settings | None = None) -> None:
@@ -135,32 +140,56 @@ def delete_alias(alias: str, *, model_name: str | None = None, settings: Setting
 
 def fetch_bundle(alias: str = "champion", *, version: str | None = None, model_name: str | None = None,
                  settings: Settings | None = None) -> Path:
-    """Download the bundle of `alias` (or an explicit version) into $RENTALML_HOME/bundles/<name>/<version>.
+    """Download the bundle of `alias` (or an explicit version) into the bundle cache
+    (`Settings.bundle_cache_dir`, default $RENTALML_HOME/bundles) / <name>/<version>.
 
-    The registry version is written into the local bundle.json (training cannot know it in advance).
+    The registry version is written into the local bundle.json (training cannot know it in advance). The download
+    goes to a temporary directory, is checked against its checksums.json, and only then renamed into place: a
+    directory there is always whole and verified (one that no longer verifies is downloaded again).
+    `RegistryUnreachable` (rentalml.registry.cache) when MLflow cannot be reached; LookupError when it has no
+    such alias/version.
     """
     import mlflow
 
+    from rentalml.runtime.bundle import verify_bundle
+
     s = settings or get_settings()
-    client = configure(s)
     name = model_name or s.model_name
     try:
+        client = configure(s)
         mv = client.get_model_version(name, version) if version else client.get_model_version_by_alias(name, alias)
-    except mlflow.exceptions.MlflowException as exc:
+    except Exception as exc:  # noqa: BLE001 - sorted below: unreachable, or no such version
+        if is_unreachable(exc):
+            raise RegistryUnreachable(f"model registry {s.tracking_uri} unreachable: {exc}") from exc
+        if not isinstance(exc, mlflow.exceptions.MlflowException):
+            raise
         raise LookupError(f"no model version for {name}@{version or alias}: run `make demo` or `rentalml train` "
                           f"first ({exc.message if hasattr(exc, 'message') else exc})") from exc
-    dest = s.home_dir / "bundles" / name / str(mv.version)
+    dest = Path(s.bundle_cache_dir) / name / str(mv.version)
+    if (dest / "bundle.json").exists() and BundleCache(s.bundle_cache_dir).verified(name, str(mv.version)) is None:
+        log.warning("cached bundle %s does not verify: downloading it again", dest)
+        shutil.rmtree(dest, ignore_errors=True)
     if not (dest / "bundle.json").exists():
-        tmp = dest.with_suffix(".tmp")
+        tmp = dest.parent / f".{dest.name}.{os.getpid()}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        local = mlflow.artifacts.download_artifacts(artifact_uri=f"runs:/{mv.run_id}/bundle", dst_path=str(tmp))
-        meta_path = Path(local) / "bundle.json"
-        meta = json.loads(meta_path.read_text())
-        meta["model_version"] = str(mv.version)
-        meta["registry"] = {"name": name, "version": str(mv.version), "run_id": mv.run_id}
-        meta_path.write_text(json.dumps(meta, indent=2))
-        shutil.rmtree(dest, ignore_errors=True)
-        Path(local).rename(dest)
-        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            try:
+                local = mlflow.artifacts.download_artifacts(artifact_uri=f"runs:/{mv.run_id}/bundle",
+                                                            dst_path=str(tmp))
+            except Exception as exc:  # noqa: BLE001 - the artifact store went away mid-download
+                if is_unreachable(exc):
+                    raise RegistryUnreachable(f"model registry {s.tracking_uri} unreachable while downloading "
+                                              f"{name} version {mv.version}: {exc}") from exc
+                raise
+            meta_path = Path(local) / "bundle.json"
+            meta = json.loads(meta_path.read_text())
+            meta["model_version"] = str(mv.version)
+            meta["registry"] = {"name": name, "version": str(mv.version), "run_id": mv.run_id}
+            meta_path.write_text(json.dumps(meta, indent=2))
+            verify_bundle(local, meta)  # BundleIntegrityError: nothing enters the cache
+            shutil.rmtree(dest, ignore_errors=True)
+            Path(local).rename(dest)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return dest
