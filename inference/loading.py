@@ -71,7 +71,8 @@ def resolve_alias(alias: str, allow_cache: bool = False) -> tuple[Path, str, boo
     version pinned for that arm. `allow_cache` (the first load of a server): when the registry is unreachable, the
     alias's last verified bundle in the local cache (rentalml.registry.cache); otherwise RegistryUnreachable."""
     try:
-        from rentalml.registry.cache import bound_client, resolve
+        from rentalml.registry.cache import bound_client
+        from rentalml.registry.mlflow_registry import resolve
     except ImportError as exc:
         raise FileNotFoundError(f"the MLflow registry is unavailable ({exc})") from None
     bound_client()

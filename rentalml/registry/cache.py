@@ -8,7 +8,8 @@ place, so a half-written or corrupt download is never a cache entry. After each 
 cache dir records `model name -> alias -> version` (written to a temporary file and `os.replace`d: a reader sees
 the old record or the new one, never half of one).
 
-`resolve(alias, version, allow_cache=True)` fetches from the registry; when the registry cannot be reached
+`rentalml.registry.mlflow_registry.resolve(alias, version, allow_cache=True)` fetches from the registry (this
+module knows nothing of MLflow, so the two never import each other); when the registry cannot be reached
 (connection refused, timeout, 5xx: `RegistryUnreachable`) it falls back to the alias's recorded version (or the
 pinned version's directory) if that directory still verifies. A registry that answers "no such alias/version" is
 authoritative: no fallback. `STATUS` says whether the last call reached the registry (health details, the
@@ -173,36 +174,3 @@ class BundleCache:
             version = str(entry["version"])
         path = self.verified(name, version)
         return None if path is None else Resolved(path, str(version), cached=True)
-
-
-def resolve(alias: str, *, version: str | None = None, allow_cache: bool = True,
-            settings: Settings | None = None) -> Resolved:
-    """The bundle of `alias` (or the pinned `version`) from the registry, recorded in the cache; when the
-    registry is unreachable and `allow_cache`, the last cached one (`Resolved.cached`), else RegistryUnreachable.
-    LookupError when the registry has no such alias/version (no fallback: the registry said so)."""
-    from rentalml.registry.mlflow_registry import fetch_bundle
-
-    s = settings or get_settings()
-    name = s.model_name
-    cache = BundleCache(s.bundle_cache_dir)
-    try:
-        path = Path(fetch_bundle(alias=alias, version=version, settings=s))
-    except RegistryUnreachable as exc:
-        STATUS.mark(False, str(exc))
-        hit = cache.lookup(name, alias, version) if allow_cache else None
-        what = f"{name}@{alias}" if version is None else f"{name} version {version}"
-        if hit is None:
-            if allow_cache:
-                raise RegistryUnreachable(f"{exc}; and no verified cached bundle of {what} under {cache.root}") \
-                    from exc
-            raise
-        log.warning("model registry unreachable (%s): serving cached version %s of %s from %s", exc, hit.version,
-                    what, hit.path)
-        return Resolved(hit.path, hit.version, cached=True, reason=str(exc))
-    STATUS.mark(True)
-    from rentalml.runtime.bundle import read_meta
-
-    got = str(read_meta(path)["model_version"])
-    if version is None:
-        cache.record(name, alias, got)
-    return Resolved(path, got)

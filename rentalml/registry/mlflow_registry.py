@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 
 from rentalml.config import Settings, get_settings
-from rentalml.registry.cache import BundleCache, RegistryUnreachable, is_unreachable
+from rentalml.registry.cache import STATUS, BundleCache, RegistryUnreachable, Resolved, is_unreachable
 
 log = logging.getLogger(__name__)
 EXPERIMENT = "rentalml"
@@ -193,3 +193,34 @@ def fetch_bundle(alias: str = "champion", *, version: str | None = None, model_n
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return dest
+
+
+def resolve(alias: str, *, version: str | None = None, allow_cache: bool = True,
+            settings: Settings | None = None) -> Resolved:
+    """The bundle of `alias` (or the pinned `version`) from the registry, recorded in the cache; when the
+    registry is unreachable and `allow_cache`, the last cached one (`Resolved.cached`), else RegistryUnreachable.
+    LookupError when the registry has no such alias/version (no fallback: the registry said so)."""
+    s = settings or get_settings()
+    name = s.model_name
+    cache = BundleCache(s.bundle_cache_dir)
+    try:
+        path = Path(fetch_bundle(alias=alias, version=version, settings=s))
+    except RegistryUnreachable as exc:
+        STATUS.mark(False, str(exc))
+        hit = cache.lookup(name, alias, version) if allow_cache else None
+        what = f"{name}@{alias}" if version is None else f"{name} version {version}"
+        if hit is None:
+            if allow_cache:
+                raise RegistryUnreachable(f"{exc}; and no verified cached bundle of {what} under {cache.root}") \
+                    from exc
+            raise
+        log.warning("model registry unreachable (%s): serving cached version %s of %s from %s", exc, hit.version,
+                    what, hit.path)
+        return Resolved(hit.path, hit.version, cached=True, reason=str(exc))
+    STATUS.mark(True)
+    from rentalml.runtime.bundle import read_meta
+
+    got = str(read_meta(path)["model_version"])
+    if version is None:
+        cache.record(name, alias, got)
+    return Resolved(path, got)
