@@ -103,13 +103,17 @@ class Popularity(Recommender):
 
 
 def validation_ndcg(model: Recommender, x: sp.csr_matrix, valid: sp.csr_matrix, k: int = 10,
-                    max_users: int = 3000) -> float:
+                    max_users: int = 3000, chunk: int = 500) -> float:
     """nDCG@k of `model` on a validation holdout (train items masked), over at most max_users users."""
     from rentalml.evaluation.metrics import ranking_metrics, topk_indices
 
     users = np.flatnonzero(np.diff(valid.indptr) > 0)[:max_users]
     if len(users) == 0:
         raise ValueError("the validation split has no users with held-out interactions: the dataset is too small")
-    scores = model.score(users, x[users])
-    scores[x[users].nonzero()] = -np.inf
-    return float(ranking_metrics(topk_indices(scores, k), valid[users], k)["ndcg"].mean())
+    out = []
+    for s in range(0, len(users), chunk):  # chunks: a [users, catalogue] score block stays small at 100k items
+        ub = users[s:s + chunk]
+        scores = model.score(ub, x[ub])
+        scores[x[ub].nonzero()] = -np.inf
+        out.append(ranking_metrics(topk_indices(scores, k), valid[ub], k)["ndcg"])
+    return float(np.concatenate(out).mean())

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from rentalml.models.base import Recommender, TrainData, validation_ndcg
+from rentalml.models.base import Recommender, TrainData
 from rentalml.models.itemitem import SparseEASE
 from rentalml.models.neural import NeuralParams, TwoTower
 
@@ -71,14 +71,28 @@ class Hybrid(Recommender):
         weight[cold] = COLD_SHRINK
         return proxy, weight
 
-    def _choose_beta(self, data: TrainData) -> float:
-        best, best_beta = -1.0, 0.0
-        for beta in BETAS:
-            self.beta = beta
-            v = validation_ndcg(self, data.binary(), data.valid)
-            if v > best:
-                best, best_beta = v, beta
-        self._best_val = best
+    def _choose_beta(self, data: TrainData, max_users: int = 3000, chunk: int = 500) -> float:
+        """The blend weight with the best validation nDCG@10 (validation_ndcg's users); both parts are scored
+        once per chunk of users and blended for every beta of the grid."""
+        from rentalml.evaluation.metrics import ranking_metrics, topk_indices
+
+        x, valid = data.binary(), data.valid
+        users = np.flatnonzero(np.diff(valid.indptr) > 0)[:max_users]
+        if len(users) == 0:
+            raise ValueError("the validation split has no users with held-out interactions: the dataset is too small")
+        ndcg: dict[float, list[np.ndarray]] = {b: [] for b in BETAS}
+        for s in range(0, len(users), chunk):
+            ub = users[s:s + chunk]
+            tower = self.tower.score(ub, x[ub], None)
+            ii = self.itemitem.score(ub, x[ub])[:, self.proxy] * self.proxy_w
+            seen = x[ub].nonzero()
+            for beta in BETAS:
+                scores = tower + beta * ii
+                scores[seen] = -np.inf
+                ndcg[beta].append(ranking_metrics(topk_indices(scores, 10), valid[ub], 10)["ndcg"])
+        means = {b: float(np.concatenate(v).mean()) for b, v in ndcg.items()}
+        best_beta = max(BETAS, key=lambda b: (means[b], -BETAS.index(b)))  # first best, as before
+        self._best_val = means[best_beta]
         return best_beta
 
     def selected_params(self) -> dict:
