@@ -29,15 +29,18 @@ class Dataset:
         missing = {"user_id", "property_id"} - set(df.columns)
         if missing:
             raise ValueError(f"interactions lack columns {sorted(missing)}")
-        df = df.copy()
-        df["user_id"] = df["user_id"].astype(str)
-        df["property_id"] = df["property_id"].astype(str)
+        df = df.copy(deep=False)  # columns are replaced, never written in place: no copy of a 10M-row frame
+        for col in ("user_id", "property_id"):
+            if not pd.api.types.is_string_dtype(df[col]):  # object columns of str pass without a copy
+                df[col] = df[col].astype(str)
         if "weight" not in df.columns:
             df["weight"] = 1.0
         if "timestamp" not in df.columns:
             df["timestamp"] = pd.Timestamp("1970-01-01", tz="UTC") + pd.to_timedelta(np.arange(len(df)), "s")
-        df["timestamp"] = pd.to_datetime(df["timestamp"], utc=True)
-        self.interactions = df.reset_index(drop=True)
+        if not isinstance(df["timestamp"].dtype, pd.DatetimeTZDtype) or str(df["timestamp"].dt.tz) != "UTC":
+            df["timestamp"] = pd.to_datetime(df["timestamp"], utc=True)
+        self.interactions = df.reset_index(drop=True) if not isinstance(df.index, pd.RangeIndex) or \
+            df.index.start != 0 or df.index.step != 1 else df
         if self.items is not None:
             self.items = self.items.copy()
             if "property_id" in self.items.columns:

@@ -120,10 +120,11 @@ def _categorical_profile(s: pd.Series) -> dict:
             "distinct": int(s.nunique())}
 
 
-def profile(ds: Dataset) -> dict:
+def profile(ds: Dataset, _pairs: pd.DataFrame | None = None) -> dict:
     """Statistics of a dataset, and the per-feature distributions drift is measured against."""
     df = ds.interactions
-    pairs = InteractionMatrix.build(df.drop_duplicates(["user_id", "property_id"])).binary()
+    distinct = df.drop_duplicates(["user_id", "property_id"]) if _pairs is None else _pairs
+    pairs = InteractionMatrix.build(distinct).binary()
     per_user = np.diff(pairs.indptr)
     per_item = np.asarray(pairs.sum(0)).ravel()
     stats: dict = {
@@ -184,8 +185,14 @@ def _drift(ref: dict, cur_ds: Dataset, cur: dict) -> dict[str, float]:
 
 # ------------------------------------------------------------------------------------------ checks
 def _bad_ids(s: pd.Series) -> int:
-    t = s.astype(str).str.strip()
-    return int((t.eq("") | t.str.lower().isin({"nan", "none", "null", "<na>"})).sum())
+    # the string checks run over the distinct ids (1M users, not 10M events); rows are counted only when some
+    # distinct value is bad
+    uniq = pd.Series(pd.unique(s), dtype=object)
+    t = uniq.astype(str).str.strip()
+    bad = (t.eq("") | t.str.lower().isin({"nan", "none", "null", "<na>"})).to_numpy()
+    if not bad.any():
+        return 0
+    return int(s.isin(uniq[bad]).sum() + (s.isna().sum() if uniq[bad].isna().any() else 0))
 
 
 def validate(ds: Dataset, reference: dict | None = None, *, min_rows: int = 100, min_users: int = 10,
@@ -236,7 +243,7 @@ def validate(ds: Dataset, reference: dict | None = None, *, min_rows: int = 100,
                 v = pd.to_numeric(ds.items[col], errors="coerce")
                 bad = int(((v < lo) | (v > hi)).sum())
                 check(f"properties.{col}", bad == 0, f"{bad} out of [{lo}, {hi}]" if bad else "in range")
-    stats = profile(ds)
+    stats = profile(ds, pairs)
     drift: dict[str, float] = {}
     ref_snapshot = None
     if reference:
