@@ -48,3 +48,21 @@ def test_grid_selection_equals_one_solve_per_l2():
     again = ii.SparseEASE(l2=chosen.l2, neighbours=16).fit(TrainData(data.matrix))
     np.testing.assert_allclose(chosen.W.toarray(), again.W.toarray(), rtol=1e-6)
     assert chosen.out_idx.shape[1] <= 32
+
+
+def test_the_scale_profile_applies_at_scale_and_keeps_the_selected_model(monkeypatch):
+    from rentalml.data.generator import generate_marketplace
+    from rentalml.training import trainer
+
+    ds = generate_marketplace(300, 120, 3000, seed=3)
+    fits = []
+    orig = ii.SparseEASE.fit
+    monkeypatch.setattr(ii.SparseEASE, "fit", lambda self, data: fits.append(self.neighbours) or orig(self, data))
+    small = trainer.fit_model("hybrid", ds, params={"epochs": 1})
+    assert fits == [256, 256] and "neighbours" not in small.params  # below the threshold: selection + refit
+    fits.clear()
+    monkeypatch.setattr(trainer, "SCALE_MIN_ROWS", 100)
+    big = trainer.fit_model("hybrid", ds, params={"epochs": 1})
+    assert fits == [64]  # one fit: the validation-selected model is kept; 64 neighbours
+    assert big.params["softmax"] == "sampled" and big.params["epochs"] == 1  # caller's value wins
+    assert big.model.tower.params.dim == trainer.SCALE_DEFAULTS["dim"]
