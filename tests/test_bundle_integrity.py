@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import uuid
 
 import httpx
 import pytest
@@ -180,14 +181,17 @@ def s3(monkeypatch):
 def test_publish_refuses_a_corrupt_version_before_any_upload(bundles, tmp_path, s3):
     from rentalml.components import publish as p
 
-    uri = "s3://rentalml-models/triton/rental-recommender/champion"
+    # a bucket name of this test's own: moto's backend is process-wide, so other tests' buckets may be there
+    bucket = f"rentalml-corrupt-{uuid.uuid4().hex[:12]}"
+    uri = f"s3://{bucket}/triton/rental-recommender/champion"
     serving = _copy(bundles["1"], tmp_path / "serving")  # the serving version, as fetched from the registry
     expected, _ = truncate(serving)
     with pytest.raises(p.PublishError, match="refusing to publish") as err:
         p.publish(version="2", bundle_dir=bundles["2"], storage_uri=uri, serving_version="1",
                   fetch_bundle=lambda v: serving)
     assert "scorer.onnx" in str(err.value) and expected in str(err.value)
-    assert p.s3_client().list_buckets()["Buckets"] == []  # nothing was written, not even the bucket
+    buckets = {b["Name"] for b in p.s3_client().list_buckets()["Buckets"]}
+    assert bucket not in buckets  # nothing was written, not even the bucket
     # the repositories are checked again right before the upload: a file changed after it was written
     repos = p.build_repos({"1": bundles["1"], "2": bundles["2"]}, tmp_path / "work")
     p.check_repos(repos, ["cluster", "twin"])

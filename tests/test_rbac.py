@@ -66,11 +66,11 @@ API_CALLS = [
             "the transformer's arms"),
     # tune step in cluster mode: a Katib Experiment; train step with num_nodes > 1: a TrainJob
     ApiCall(("create", "get", "list", "watch"), KATIB, "experiments", RUNNERS,
-            ("rentalml/training/jobs.py:create_and_wait",),
+            ("rentalml/training/jobs.py:create_and_wait", "rentalml/training/jobs.py:finished"),
             "tune step: create the Experiment and poll it to Succeeded (rentalml/training/katib.py "
             "run_experiment); list/watch for the kubeflow SDK's waiters"),
     ApiCall(("create", "get", "list", "watch"), TRAINER, "trainjobs", RUNNERS,
-            ("rentalml/training/jobs.py:create_and_wait",),
+            ("rentalml/training/jobs.py:create_and_wait", "rentalml/training/jobs.py:finished"),
             "train step (num_nodes > 1): create the TrainJob and poll it to Complete (jobs.py run_trainjob)"),
     # `rentalml pipeline submit` (weekly CronJob, drift CronJob via `monitor drift --retrain kfp`): KFP API
     ApiCall(("list",), KFP, "pipelines", ("rentalml-pipeline",), ("pipelines/cli.py:_pipeline_id",),
