@@ -11,9 +11,9 @@ Loss: multinomial log-likelihood with input dropout (Mult-DAE style), either ove
 softmax runs over its own positives and `negatives` items drawn once per step by popularity and shared by the
 whole batch (a negative that is the user's own positive is masked), every logit corrected by -log q(item)
 (logQ, q = the probability of being drawn), so the logits per interaction do not grow with the batch. The
-sampled step touches only the items in it: the content MLPs run over those items' features, the ID embeddings and biases are gathered
-rows updated by a row-wise (lazy) Adam, and batches are cut from the CSR index arrays. Its cost grows with
-the batch, not the catalogue. `softmax="auto"` (default) fits both on a catalogue of up to
+sampled step touches only the items in it: the content MLPs run over those items' features, the ID embeddings
+and biases are gathered rows updated by a row-wise (lazy) Adam, and batches are cut from the CSR index arrays.
+Its cost grows with the batch, not the catalogue. `softmax="auto"` (default) fits both on a catalogue of up to
 `full_softmax_limit` items when a validation holdout is given and keeps the better one by validation nDCG
 (selected_params carries the choice to the refit); above the limit, or without a holdout, auto is sampled
 above the limit and full below it.
@@ -271,8 +271,9 @@ class BatchSampler:
         n_in = np.bincount(rows[keep], minlength=len(ub))
         in_norm = (1.0 / np.sqrt(np.maximum(n_in, 1))).astype(np.float32)
         cols = cols.astype(np.int64)
-        return SampledBatch(len(ub), t(uniq), len(pos), t(rows), t(cols), t(lens.astype(np.float32)), t(rows[keep]), t(cols[keep]),
-                            t(in_norm), t(neg), t(rows[hit]), t(neg_col[cols[hit]]), t(log_q), id_keep, total)
+        return SampledBatch(len(ub), t(uniq), len(pos), t(rows), t(cols), t(lens.astype(np.float32)),
+                            t(rows[keep]), t(cols[keep]), t(in_norm), t(neg), t(rows[hit]),
+                            t(neg_col[cols[hit]]), t(log_q), id_keep, total)
 
 
 class RowAdam:
