@@ -1,4 +1,4 @@
-"""What the faiss backends share: the import, the thread count, write/read of the index file."""
+"""What the faiss backends share: the import, the thread count, write/read of the index file (`FaissTopK`)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from rentalml.runtime.retrieval.base import TopK
 
 
 def faiss():
@@ -33,3 +35,17 @@ def read(directory: Path, files: list[str]) -> Any:
 def search(index: Any, q: np.ndarray, k: int, params: Any) -> tuple[np.ndarray, np.ndarray]:
     scores, rows = index.search(q, k, params=params)
     return scores.astype(np.float32, copy=False), rows.astype(np.int64, copy=False)
+
+
+class FaissTopK(TopK):
+    """A TopK whose index is one faiss index in `faiss_index`: saved as `<stem>.faiss`, loaded with the bundle
+    reader's thread budget."""
+
+    faiss_index: Any = None
+
+    def _save(self, directory: Path, stem: str) -> list[str]:
+        return write(self.faiss_index, directory, stem)
+
+    def _load(self, directory: Path, files: list[str], threads: int | None) -> None:
+        set_threads(threads)
+        self.faiss_index = read(directory, files)

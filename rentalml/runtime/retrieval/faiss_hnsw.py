@@ -4,16 +4,14 @@ links per node (2·M on the bottom layer) over the uncompressed candidates, buil
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from rentalml.runtime.retrieval import _faiss
-from rentalml.runtime.retrieval.base import TopK
 
 
-class FaissHNSW(TopK):
+class FaissHNSW(_faiss.FaissTopK):
     name = "faiss_hnsw"
     build_defaults = {"M": 32, "ef_construction": 40}
     search_defaults = {"ef_search": 256}
@@ -30,13 +28,6 @@ class FaissHNSW(TopK):
 
     def _search(self, q: np.ndarray, k: int, ef_search: int = 256, **_: Any) -> tuple[np.ndarray, np.ndarray]:
         return _faiss.search(self.faiss_index, q, k, _faiss.faiss().SearchParametersHNSW(efSearch=int(ef_search)))
-
-    def _save(self, directory: Path, stem: str) -> list[str]:
-        return _faiss.write(self.faiss_index, directory, stem)
-
-    def _load(self, directory: Path, files: list[str], threads: int | None) -> None:
-        _faiss.set_threads(threads)
-        self.faiss_index = _faiss.read(directory, files)
 
     @property
     def nbytes(self) -> int:

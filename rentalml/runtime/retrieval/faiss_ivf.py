@@ -9,16 +9,14 @@ lists), 0.956 at 1M (250 of 4,000); the floor keeps small catalogues, whose list
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from rentalml.runtime.retrieval import _faiss
-from rentalml.runtime.retrieval.base import TopK
 
 
-class FaissIVF(TopK):
+class FaissIVF(_faiss.FaissTopK):
     name = "faiss_ivf"
     build_defaults = {"n_lists": None, "train_metric": "ip", "seed": 0}
     search_defaults = {"nprobe": None}
@@ -54,13 +52,6 @@ class FaissIVF(TopK):
     def _search(self, q: np.ndarray, k: int, nprobe: int | None = None, **_: Any) -> tuple[np.ndarray, np.ndarray]:
         nprobe = max(1, min(int(nprobe or self.n_lists), self.n_lists))
         return _faiss.search(self.faiss_index, q, k, _faiss.faiss().SearchParametersIVF(nprobe=nprobe))
-
-    def _save(self, directory: Path, stem: str) -> list[str]:
-        return _faiss.write(self.faiss_index, directory, stem)
-
-    def _load(self, directory: Path, files: list[str], threads: int | None) -> None:
-        _faiss.set_threads(threads)
-        self.faiss_index = _faiss.read(directory, files)
 
     @property
     def nbytes(self) -> int:
