@@ -36,16 +36,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+from streaming_latency import uptime  # the sibling benchmark (benchmarks/ is sys.path[0])
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "stream_capacity.json"
-
-
-def uptime() -> str:
-    try:
-        return subprocess.run(["uptime"], capture_output=True, text=True, timeout=5).stdout.strip()
-    except OSError:
-        return "load average: " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def cpu_s(pid: int) -> float:
