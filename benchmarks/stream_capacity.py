@@ -36,7 +36,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
-from streaming_latency import uptime  # the sibling benchmark (benchmarks/ is sys.path[0])
+from streaming_latency import committed_batches, uptime  # the sibling benchmark (benchmarks/ is sys.path[0])
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "stream_capacity.json"
@@ -53,16 +53,6 @@ def children_cpu_s() -> float:
 
     ru = resource.getrusage(resource.RUSAGE_CHILDREN)
     return ru.ru_utime + ru.ru_stime
-
-
-def _batches(log: Path) -> list[tuple[float, dict]]:
-    out = []
-    for line in log.read_text(errors="replace").splitlines():
-        i = line.find('{"committed"')
-        if i >= 0:
-            stamp = datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
-            out.append((stamp, json.loads(line[i:])))
-    return out
 
 
 def prefill(settings, n: int, malformed: float, dataset: str) -> dict:
@@ -98,7 +88,7 @@ def drain(env: dict, home: Path, name: str, workers: int, idle_s: float, timeout
         totals.append(json.loads(out.decode().strip().splitlines()[-1]))
     cpu = {k: round(v - cpu0[k], 2) for k, v in
            ({name: cpu_s(pid) for name, pid in services.items()} | {"processors": children_cpu_s()}).items()}
-    batches = [_batches(log) for log in logs]
+    batches = [committed_batches(log) for log in logs]
     rows = [b for bs in batches for b in bs if b[1]["records"] > 0]
     start = min(t - d["batch_s"] for t, d in rows)
     end = max(t for t, _ in rows)

@@ -46,7 +46,7 @@ def uptime() -> str:
         return "load average: " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def _totals(log: Path) -> list[tuple[float, dict]]:
+def committed_batches(log: Path) -> list[tuple[float, dict]]:
     out = []
     for line in log.read_text(errors="replace").splitlines():
         i = line.find('{"committed"')
@@ -220,7 +220,7 @@ def main() -> None:
         time.sleep(1.0)
         lat = np.array([seen[k] - sent[k][2] for k in sent if k in seen])
         lat_srv = np.array([seen_served[k] - sent[k][2] for k in sent if k in seen_served])
-        rows = _totals(log)
+        rows = committed_batches(log)
         window = [(t, d) for t, d in rows if d["records"] > 0]
         if len(window) >= 2:
             recs = sum(d["records"] for _, d in window[1:])
