@@ -222,27 +222,22 @@ class Processor:
         # only the processor's own topics: a topic it does not use (ab_outcomes) needs no ACL. Where they are
         # missing or hidden (Strimzi: KafkaTopic not Ready yet, or no Describe ACL), wait and say why, once a
         # minute, instead of exiting into a crash loop
-        logged, next_check = [-math.inf], [-math.inf]
-
-        def topics_ready() -> bool:
-            if self.stopping:
-                return True
-            if time.monotonic() < next_check[0]:
-                return False
+        logged = -math.inf
+        while not self.stopping:
             try:
                 self.retry("topic check", lambda: ensure_topics(self.settings, access.topics, timeout_s=5.0),
                            dependency="kafka")
-            except _Stopped:
-                pass
+                break
             except TopicsUnavailable as exc:
-                if time.monotonic() - logged[0] > 60:
+                if time.monotonic() - logged > 60:
                     log.error("%s Retrying every %.0f s.", exc, self.topic_retry_s)
-                    logged[0] = time.monotonic()
-                next_check[0] = time.monotonic() + self.topic_retry_s
-                return False
-            return True
-
-        wait_until(topics_ready, timeout=math.inf, interval=min(0.2, self.topic_retry_s), what="the Kafka topics")
+                    logged = time.monotonic()
+                try:
+                    self._sleep(self.topic_retry_s)
+                except _Stopped:
+                    break
+            except _Stopped:
+                break
         if self.stopping:
             return
         self.consumer = KafkaConsumer(
