@@ -19,6 +19,7 @@ before and after (the machine is shared).
 
     OMP_NUM_THREADS=1 python benchmarks/stream_capacity.py [--events 200000] [--rounds 2]
     python benchmarks/stream_capacity.py --events 50000 --profile /tmp/stream.prof   # cProfile one drain in-process
+    python benchmarks/stream_capacity.py --events 50000 --profile -   # the same drain, CPU seconds only
 """
 
 from __future__ import annotations
@@ -108,8 +109,11 @@ def drain(env: dict, home: Path, name: str, workers: int, idle_s: float, timeout
             "loadavg_after": [round(x, 2) for x in os.getloadavg()]}
 
 
-def profile_drain(settings, out: str) -> None:
-    """One processor in this process under cProfile (pstats file `out`) until the backlog is drained."""
+def profile_drain(settings, out: str | None) -> None:
+    """One processor in this process until the backlog is drained: under cProfile (pstats file `out`), or with
+    `out` None without it (for a sampling profiler). Prints the process's CPU seconds over the drain (all its
+    threads: kafka-python's I/O threads included) per record, and the batch stages summed: CPU time is what load
+    on a shared machine inflates least."""
     import cProfile
     import pstats
 
@@ -118,15 +122,25 @@ def profile_drain(settings, out: str) -> None:
     tag = f"prof-{int(time.time())}"
     s = settings.model_copy(update={"stream": settings.stream.model_copy(
         update={"group_id": f"cap-{tag}", "key_prefix": f"cap:{tag}"})})
-    proc = Processor(s, log_fn=lambda doc: None)
-    prof = cProfile.Profile()
-    t0 = time.perf_counter()
-    prof.enable()
+    batches: list[dict] = []
+    proc = Processor(s, log_fn=batches.append)
+    prof = cProfile.Profile() if out else None
+    t0, c0 = time.perf_counter(), time.process_time()
+    if prof:
+        prof.enable()
     totals = proc.run(idle_exit_s=3.0)
-    prof.disable()
-    print(json.dumps({"totals": totals, "wall_s": round(time.perf_counter() - t0, 2)}))
-    prof.dump_stats(out)
-    pstats.Stats(out).sort_stats("cumulative").print_stats(45)
+    if prof:
+        prof.disable()
+    cpu, records = time.process_time() - c0, totals["processed"] + totals["dead_letter"] + totals["duplicate"]
+    rows = [b for b in batches if b.get("records")]
+    stages = {k: round(sum(b[k] for b in rows), 3) for k in
+              ("parse_s", "apply_s", "frames_s", "push_s", "produce_s", "flush_commit_s", "batch_s")}
+    print(json.dumps({"totals": totals, "wall_s": round(time.perf_counter() - t0, 2), "cpu_s": round(cpu, 2),
+                      "cpu_us_per_record": round(cpu / max(records, 1) * 1e6, 1), "batches": len(rows),
+                      "stages_sum_s": stages, "profiled": bool(prof), "uptime": uptime()}))
+    if prof:
+        prof.dump_stats(out)
+        pstats.Stats(out).sort_stats("cumulative").print_stats(45)
 
 
 def main() -> None:
@@ -137,7 +151,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2, help="1-processor and 2-processor drains, alternated")
     ap.add_argument("--dataset", default="synthetic:2000,1000,20000")
     ap.add_argument("--idle-s", type=float, default=6.0, help="a processor exits after this long without records")
-    ap.add_argument("--profile", help="cProfile one in-process drain into this file instead")
+    ap.add_argument("--profile", help="cProfile one in-process drain into this file instead ('-': no cProfile, "
+                    "only the CPU seconds per record)")
     args = ap.parse_args()
 
     from rentalml.services import start_redis, start_tansu
@@ -164,7 +179,7 @@ def main() -> None:
         print(json.dumps({"prefilled": produced, "uptime": load0}), flush=True)
         total = produced["events"] + produced["malformed"]
         if args.profile:
-            profile_drain(settings, args.profile)
+            profile_drain(settings, None if args.profile == "-" else args.profile)
             return
         runs = []
         for r in range(args.rounds):
