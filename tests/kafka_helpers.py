@@ -28,7 +28,9 @@ def read_topic(bootstrap: str, topic: str, keep=lambda doc: True, idle_s: float 
         batch = c.poll(timeout_ms=300)  # the poll itself is the wait between checks
         if batch:
             last_record_at[0] = time.monotonic()
-        out.extend(d for d in (json.loads(r.value) for recs in batch.values() for r in recs) if keep(d))
+        values = (json.loads(r.value) for recs in batch.values() for r in recs)
+        # a processed_data record is a JSON array of documents (docs/architecture.md "Streaming"): one each
+        out.extend(d for v in values for d in (v if isinstance(v, list) else [v]) if keep(d))
         return time.monotonic() - last_record_at[0] >= idle_s
 
     try:
