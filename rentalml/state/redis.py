@@ -38,6 +38,11 @@ class RedisState(StateStore):
         self.redis = redis.Redis.from_url(url, decode_responses=True)
         self._script = self.redis.register_script(lua("apply.lua"))
         self._touch = self.redis.register_script(lua("touch.lua"))
+        #: user -> (the user hash's `_v`, its event list P:uev:{uid} at that version, decoded): apply.lua returns
+        #: only what a step appended (most of a list is the same from batch to batch); a copy that is not of the
+        #: version the step started from (first sight, another instance wrote meanwhile, a retried step whose
+        #: reply was lost, Redis restarted) is read again whole after the step
+        self._uev: dict[str, tuple[str, list[tuple[float, str, str]]]] = {}
 
     #: events per Lua run. A script blocks Redis while it runs, and the Feast online store and the recommendation
     #: cache share this Redis with serving: a large batch runs as several atomic steps of at most this many events
@@ -53,15 +58,34 @@ class RedisState(StateStore):
             params = self._params(events[i:i + self.chunk]) | ({"batch": f"{batch}:{n}"} if batch else {})
             self._script(keys=[self.prefix], args=[orjson.dumps(params)], client=pipe)
         out = Applied([], 0.0)
+        if len(self._uev) > 200_000:  # bounded: users are many
+            self._uev.clear()
+        cache, n_keep, stale = self._uev, self.taste_events, set()
         for text in pipe.execute():  # in order: a later step's snapshot of an entity supersedes an earlier one
             raw = orjson.loads(text)
             out.outcomes += raw["outcomes"] if isinstance(raw["outcomes"], list) else []
             out.clock = float(raw["clock"])
             out.engagement.update((k, _pairs(v)) for k, v in raw["eng"].items())
             out.properties.update((k, _pairs(v)) for k, v in raw["prop"].items())
-            out.users.update((k, _pairs(v)) for k, v in raw["usr"].items())
-            out.user_events.update((u, [user_event(x) for x in flat] if isinstance(flat, list) else [])
-                                   for u, flat in raw["uev"].items())
+            users = {k: _pairs(v) for k, v in raw["usr"].items()}
+            out.users.update(users)
+            for u, (v_before, *new) in raw["uev"].items():  # the version before the step, then what it appended
+                mine = cache.get(u)
+                if u in stale or mine is None or mine[0] != v_before:
+                    stale.add(u)
+                    continue
+                lst = mine[1] + [user_event(x) for x in new] if new else mine[1]
+                cache[u] = (users[u].get("_v", ""), lst[-n_keep:])
+        if stale:  # whole lists, with the version they are of, in one transaction
+            pipe = self.redis.pipeline(transaction=True)
+            order = list(stale)
+            for u in order:
+                pipe.hget(f"{self.prefix}:user:{u}", "_v")
+                pipe.lrange(f"{self.prefix}:uev:{u}", 0, -1)
+            got = pipe.execute()
+            for i, u in enumerate(order):
+                cache[u] = (got[2 * i] or "", [user_event(x) for x in got[2 * i + 1]])
+        out.user_events = {u: cache[u][1] for u in out.users}
         return out
 
     def refresh_engagement(self, property_ids: list[str]) -> Applied:

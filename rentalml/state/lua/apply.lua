@@ -120,11 +120,13 @@ local function expired(f)             -- an hourly ('<letter>:<hour>') or fine (
   return false
 end
 -- a counter hash after this step: stored + increments, `last` raised, a new version where changed (or none
--- yet), buckets past retention dropped; written in one HSET and one HDEL; returns the kept fields, flat
+-- yet), buckets past retention dropped; written in one HSET and one HDEL; returns the kept fields, flat, and
+-- the version before this step
 local function settle(key, inc, last, changed)
   local flat = redis.call('HGETALL', key)
   local h = {}
   for j = 1, #flat, 2 do h[flat[j]] = flat[j + 1] end
+  local v_before = h['_v'] or ''
   local set = {}
   if inc then
     for f, n in pairs(inc) do h[f] = string.format('%d', (tonumber(h[f]) or 0) + n); set[#set + 1] = f end
@@ -141,9 +143,11 @@ local function settle(key, inc, last, changed)
   end
   each_slice(args, function(a, b) redis.call('HSET', key, unpack(args, a, b)) end)
   each_slice(gone, function(a, b) redis.call('HDEL', key, unpack(gone, a, b)) end)
-  return keep
+  return keep, v_before
 end
--- (the users' histories are trimmed here and read by recent_history(), not returned: nothing reads them per batch)
+-- (the users' histories are trimmed here and read by recent_history(), not returned: nothing reads them per batch;
+-- of the users' event lists only what this step appended is returned, after the user's version before the step:
+-- RedisState keeps the lists it has seen and reads a whole list only where its copy is not of that version)
 local res = {outcomes = outcomes, clock = string.format('%.6f', clock), eng = {}, prop = {}, usr = {}, uev = {}}
 for id, changed in pairs(eng) do
   res.eng[id] = settle(P .. ':eng:' .. id, e_inc[id], e_last[id], changed)
@@ -152,7 +156,8 @@ for id, changed in pairs(prop) do
   local k = P .. ':prop:' .. id; version(k, changed); res.prop[id] = redis.call('HGETALL', k)
 end
 for id, changed in pairs(usr) do
-  res.usr[id] = settle(P .. ':user:' .. id, u_inc[id], u_last[id], changed)
+  local v_before
+  res.usr[id], v_before = settle(P .. ':user:' .. id, u_inc[id], u_last[id], changed)
   local hk = P .. ':hist:' .. id
   if hist[id] then
     local pairs_ = {}
@@ -163,7 +168,9 @@ for id, changed in pairs(usr) do
   local lk = P .. ':uev:' .. id
   if uev[id] then each_slice(uev[id], function(a, b) redis.call('RPUSH', lk, unpack(uev[id], a, b)) end) end
   redis.call('LTRIM', lk, -uev_len, -1)
-  res.uev[id] = redis.call('LRANGE', lk, 0, -1)
+  local new = {v_before}
+  for _, x in ipairs(uev[id] or {}) do new[#new + 1] = x end
+  res.uev[id] = new
 end
 -- the same batch again (its caller retried after a lost reply: Redis stopped right after running it): the first
 -- run's outcomes, not "duplicate" for the batch's own events; kept one hour
