@@ -19,10 +19,9 @@ agree whenever no event lies within one bucket of a window's lower edge (the ref
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-
-import numpy as np
 
 from rentalml.schema import EVENT_WEIGHTS
 
@@ -92,29 +91,38 @@ def user_taste(events: Iterable[tuple[float, float, Mapping | None]], at: float,
     bedrooms / lat / lon, and the city with the largest summed weight (ties: alphabetical); n_events_7d counts
     the events of the last 7 days (the stream passes its bucketed count instead, see the module docstring).
     A feature without a value is None."""
-    events = [(t, w, a) for t, w, a in events if at - TASTE_WINDOW_S <= t <= at]
+    lo = at - TASTE_WINDOW_S
+    events = [(t, w, a) for t, w, a in events if lo <= t <= at]
     if n_events_7d is None:
-        n_events_7d = sum(1 for t, _, _ in events if t >= at - TASTE_COUNT_WINDOW_S)
-    rows = [(w, a) for _, w, a in events if a is not None]
-
-    def present(a: Mapping, col: str) -> bool:
-        v = a.get(col)
-        return v is not None and not (isinstance(v, float) and math.isnan(v))
-
-    def wmean(col: str) -> float | None:
-        vals = [(w, float(a[col])) for w, a in rows if present(a, col)]
-        tot = sum(w for w, _ in vals)
-        return sum(w * v for w, v in vals) / tot if vals and tot > 0 else None
-
-    prices = [float(a["price"]) for _, a in rows if present(a, "price")]
+        lo7 = at - TASTE_COUNT_WINDOW_S
+        n_events_7d = sum(1 for t, _, _ in events if t >= lo7)
+    # one pass (the stream runs this per touched user per batch over up to `stream.taste_events` events):
+    # per mean column the weight total and weighted sum, added in event order; a value is present when it is
+    # neither None nor NaN
+    cols = tuple(TASTE_MEANS)
+    tot, acc, n = [0] * len(cols), [0] * len(cols), [0] * len(cols)
+    prices: list[float] = []
     city_w: dict[str, float] = {}
-    for w, a in rows:
-        if present(a, "city") and a["city"]:
-            city_w[a["city"]] = city_w.get(a["city"], 0.0) + w
+    for _, w, a in events:
+        if a is None:
+            continue
+        for i, col in enumerate(cols):
+            v = a.get(col)
+            if v is not None and not (isinstance(v, float) and math.isnan(v)):
+                tot[i] += w
+                acc[i] += w * float(v)
+                n[i] += 1
+        v = a.get("price")
+        if v is not None and not (isinstance(v, float) and math.isnan(v)):
+            prices.append(float(v))
+        c = a.get("city")
+        if c is not None and not (isinstance(c, float) and math.isnan(c)) and c:
+            city_w[c] = city_w.get(c, 0.0) + w
+    means = {TASTE_MEANS[col]: acc[i] / tot[i] if n[i] and tot[i] > 0 else None for i, col in enumerate(cols)}
     top_city = min(city_w, key=lambda c: (-city_w[c], c)) if city_w else None
-    return {"n_events_7d": int(n_events_7d), "median_price": float(np.median(prices)) if prices else None,
-            "pref_bedrooms": wmean("bedrooms"), "top_city": top_city, "pref_lat": wmean("lat"),
-            "pref_lon": wmean("lon")}
+    return {"n_events_7d": int(n_events_7d), "median_price": float(statistics.median(prices)) if prices else None,
+            "pref_bedrooms": means["pref_bedrooms"], "top_city": top_city, "pref_lat": means["pref_lat"],
+            "pref_lon": means["pref_lon"]}
 
 
 def bucketed_count(counts: Mapping[str, str], kind: str, bucket_s: int, window_s: int, at: float) -> int:
