@@ -85,6 +85,7 @@ class RecommenderModel(Model):
                              f"got {self.impressions_mode!r}")
         self._cache_size = int(cache_size if cache_size is not None else serve.cache_size)
         self._cache_ttl_s = float(cache_ttl_s if cache_ttl_s is not None else serve.cache_ttl_s)
+        self._prewarm_rows = int(serve.prewarm_rows)
         self.routing: Routing | None = None
         self.load_seconds = 0.0
         self.reloads = 0
@@ -96,7 +97,7 @@ class RecommenderModel(Model):
     def _init_process_state(self) -> None:
         """What does not pickle: the cache (locks, sockets), the outcome log, the reload lock and watcher."""
         self.cache = open_cache(size=self._cache_size, ttl_s=self._cache_ttl_s)
-        self.batcher = Batcher(self.cache, self.name)
+        self.batcher = Batcher(self.cache, self.name, prewarm_rows=self._prewarm_rows)
         self.outcomes = OutcomeLog()
         self._reload_lock = threading.Lock()
         self._watcher: RegistryWatcher | None = None
@@ -140,19 +141,37 @@ class RecommenderModel(Model):
                 chall_src = self.routing.challenger.bundle.path
             t0 = time.perf_counter()
             routing = self._load(champ_src, chall_src, percent)
+            shared = self.cache.backend != "memory"
+            if shared:  # the new version's hot rows cached before it serves (a shared cache keys them by version)
+                prewarmed = self._prewarm(routing)
             self.routing = routing  # the swap: one reference assignment
             self.challenger_percent = percent
             if champion is not None:
                 self._sources[CHAMPION] = champion
             if challenger is not None:
                 self._sources[CHALLENGER] = challenger
-            if self.cache.backend == "memory":  # versions may repeat across bundle directories
+            if not shared:  # versions may repeat across bundle directories: emptied, then pre-warmed
                 self.cache.clear()
+                prewarmed = self._prewarm(routing)
             self.reloads += 1
             m.MODEL_RELOADS.labels(self.name).inc()
             after = routing.describe()
-            log.info("reloaded in %.2fs: %s", time.perf_counter() - t0, after)
-            return {"before": before, "after": after, "seconds": round(time.perf_counter() - t0, 3)}
+            log.info("reloaded in %.2fs (%d cache rows pre-warmed): %s", time.perf_counter() - t0, prewarmed, after)
+            return {"before": before, "after": after, "seconds": round(time.perf_counter() - t0, 3),
+                    "prewarmed_rows": prewarmed}
+
+    def _prewarm(self, routing: Routing) -> int:
+        """The most asked (user, k) rows of the new routing, cached (Batcher.prewarm); a failure is logged and
+        only costs the misses the pre-warm would have saved."""
+        t0 = time.perf_counter()
+        try:
+            n = self.batcher.prewarm(routing)
+        except Exception as exc:  # noqa: BLE001 - the reload goes on; the rows are computed on their first miss
+            log.warning("cache pre-warm of the new version failed (%s): its first requests miss", exc)
+            return 0
+        if n:
+            log.info("pre-warmed %d cache rows of %s in %.2fs", n, routing.describe(), time.perf_counter() - t0)
+        return n
 
     def start_watcher(self) -> None:
         """Registry mode with serve.reload_poll_s > 0: reload when an alias points to another version."""

@@ -75,6 +75,9 @@ class ServeSettings(BaseModel):
     request_timeout_s: float = 5.0
     cache_ttl_s: float = 300.0
     cache_size: int = 100_000
+    # hot reload: before the new version serves, its cache rows for up to this many of the most asked (user, k)
+    # (asked twice or more) are computed and cached, so the hot users hit at once (0 = off)
+    prewarm_rows: int = 1000
     # A/B canary inside one `rentalml serve` (registry aliases champion/challenger); 0 = no canary
     challenger_percent: float = 0.0
     # pinned arms (the KServe deploy step sets them on the transformer): registry versions served as champion /

@@ -10,6 +10,7 @@ from serving_helpers import Server, make_bundle, warm_users
 
 from rentalml import cache as rc
 from rentalml.config import Settings
+from rentalml.services import wait_until
 
 
 def row(*pids, source="model"):
@@ -121,8 +122,9 @@ def test_server_with_redis_cache(bundle, redis_url, tmp_path):
     try:
         srv.wait_ready()
         first = _predict(srv, users[0])
+        # a miss's row is written behind its answer (inference.batching.WriteBehind): there soon after
+        wait_until(lambda: r.exists(rc.cache_key("1", users[0], 4)), 10, interval=0.01, what="the row in Redis")
         assert _predict(srv, users[0]) == first
-        assert r.exists(rc.cache_key("1", users[0], 4))
         assert _hit_rate_metric(srv) == pytest.approx(0.5)
         assert httpx.get(f"{srv.url}/health").json()["cache"]["backend"] == "redis"
         # the server answers from Redis: a row planted there is what it serves ...
