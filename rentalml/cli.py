@@ -165,13 +165,22 @@ def train(
     margin: float = typer.Option(0.0, help="champion moves only if the candidate beats it by this"),
     out: Path | None = typer.Option(None, help="keep the bundle/report here"),
     params: str = typer.Option("{}", help="JSON of model parameters"),
+    device: str | None = typer.Option(None, help="auto | cpu | cuda: where the network trains (cuda: bf16 "
+                                      "autocast; auto: cuda when available) (default settings.train.device)"),
     progress: bool = True,
 ) -> None:
     """Train, evaluate, export (ONNX + int8), log to MLflow and register (champion only if better)."""
+    from rentalml.config import get_settings
+    from rentalml.models.neural import resolve_device
     from rentalml.training.workflow import train_and_register
 
-    res = train_and_register(_dataset(data), model, protocol, k, seed, json.loads(params), register=register,
-                             margin=margin, out_dir=out, progress=progress)
+    device = device or get_settings().train.device
+    try:
+        resolve_device(device)  # before the data is read: no CUDA here is an error now, not deep in training
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--device") from None
+    res = train_and_register(_dataset(data), model, protocol, k, seed, {**json.loads(params), "device": device},
+                             register=register, margin=margin, out_dir=out, progress=progress)
     typer.echo(json.dumps(res, indent=2, default=str))
 
 

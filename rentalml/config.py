@@ -168,7 +168,9 @@ class ExportSettings(BaseModel):
 
 class TrainSettings(BaseModel):
     seed: int = 42
-    device: str = "cpu"
+    #: `rentalml train --device` default: cpu | cuda (bf16 autocast; an error at startup without CUDA) | auto (cuda
+    #: when available). NeuralParams.device; the model comes back to the CPU in float32 either way
+    device: Literal["auto", "cpu", "cuda"] = "cpu"
 
 
 class Settings(BaseSettings):

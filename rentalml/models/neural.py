@@ -17,12 +17,21 @@ Its cost grows with the batch, not the catalogue. `softmax="auto"` (default) fit
 `full_softmax_limit` items when a validation holdout is given and keeps the better one by validation nDCG
 (selected_params carries the choice to the refit); above the limit, or without a holdout, auto is sampled
 above the limit and full below it.
+
+Device (`NeuralParams.device`, `rentalml train --device`): "cpu" (default), "cuda" or "auto" (cuda when
+available). On CUDA the network, the batches, RowAdam's moments and logQ live on the card and the forward pass
+runs under bf16 autocast (`autocast`); the softmax/log-sum-exp is taken in float32. After fit the network comes
+back to the CPU in float32, so scoring, fold-in and the ONNX export are the same whatever the training device.
+The CPU path is the original one, step for step (same seed, same weights). The distributed trainer
+(rentalml.training.distributed) uses the same `resolve_device`, `autocast` and `Batch.to`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+import time
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
@@ -55,6 +64,38 @@ class NeuralParams:
     sample_alpha: float = 1.0  # negatives drawn with q ∝ (popularity + 1) ** sample_alpha
     use_ids: bool = True
     use_content: bool = True
+    device: str = "cpu"  # cpu | cuda | auto (cuda when available), see resolve_device
+
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(name: str, index: int | None = None, flag: str = "--device") -> torch.device:
+    """The torch device of a device setting: cpu, cuda (an error naming `flag` when this machine has no CUDA)
+    or auto (cuda when available). `index` picks the card (the local rank under torchrun)."""
+    if name not in DEVICES:
+        raise ValueError(f"{flag} must be one of {', '.join(DEVICES)}, got {name!r}")
+    if name == "cuda" and not torch.cuda.is_available():
+        why = ("this torch build has no CUDA support" if torch.version.cuda is None
+               else "no CUDA device is visible (driver, CUDA_VISIBLE_DEVICES)")
+        raise ValueError(f"{flag} cuda: CUDA is not available on this machine ({why}, torch {torch.__version__}); "
+                         f"use {flag} cpu or {flag} auto")
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device() if index is None else index)
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA; on the CPU no autocast (the float32 path, unchanged)."""
+    if device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _to(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    """A host tensor on `device` (itself on the CPU); None stays None. Non-blocking: from pageable memory the
+    copy is staged at once and the host does not wait for the card's queued work."""
+    return None if t is None else t.to(device, non_blocking=True)
 
 
 def _mlp(d_in: int, hidden: int, d_out: int, layers: int) -> nn.Module:
@@ -107,7 +148,8 @@ class TwoTowerNet(nn.Module):
     def user_vectors(self, hist: torch.Tensor, table_in: torch.Tensor, user_feats: torch.Tensor | None):
         """hist: sparse [B, n] (binary); returns [B, d]."""
         cnt = torch.sparse.sum(hist, dim=1).to_dense().clamp(min=1.0)
-        h = torch.sparse.mm(hist, table_in) / cnt.sqrt()[:, None]
+        with torch.autocast(hist.device.type, enabled=False):  # the sparse product in float32, also under bf16
+            h = torch.sparse.mm(hist, table_in.float()) / cnt.sqrt()[:, None]
         if self.user_feat_dim:
             h = torch.cat([h, user_feats], dim=1)
         return self.user_tower(torch.tanh(h))
@@ -123,7 +165,7 @@ class TwoTowerNet(nn.Module):
             logits = u @ t_out.T + self.item_bias
         else:
             logits = u @ t_out[cand].T + self.item_bias[cand] - log_q[cand]
-        return -(torch.log_softmax(logits, dim=1) * target).sum(1).mean()
+        return -(torch.log_softmax(logits.float(), dim=1) * target).sum(1).mean()
 
     def sampled_loss(self, sb: SampledBatch, feats: torch.Tensor | None, user_feats: torch.Tensor | None,
                      rows: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -143,18 +185,19 @@ class TwoTowerNet(nn.Module):
             parts_in.append(self.input_content(f[:sb.n_pos]))
             parts_out.append(self.item_content(f))
         t_in, t_out = sum(parts_in), sum(parts_out)
-        h = torch.zeros((B, t_in.shape[1]), dtype=t_in.dtype).index_add_(0, sb.in_rows,
-                                                                           t_in.index_select(0, sb.in_cols))
+        h = torch.zeros((B, t_in.shape[1]), dtype=t_in.dtype, device=t_in.device).index_add_(
+            0, sb.in_rows, t_in.index_select(0, sb.in_cols))
         h = h * sb.in_norm[:, None]
         if self.user_feat_dim:
             h = torch.cat([h, user_feats], dim=1)
         u = self.user_tower(torch.tanh(h))
         off = rows["item_bias"] - sb.log_q  # [U] bias with the logQ correction
         # shared negatives: one [B, N] product; the user's own positives: P row-wise dot products
-        ln = torch.addmm(off.index_select(0, sb.neg), u, t_out.index_select(0, sb.neg).T)
+        # (bf16 under CUDA autocast: the products are cast back, the log-sum-exp below runs in float32)
+        ln = torch.addmm(off.index_select(0, sb.neg), u, t_out.index_select(0, sb.neg).T).float()
         if len(sb.hit_rows):  # a negative that is the user's own positive counts once, as a positive
-            ln = ln.index_put((sb.hit_rows, sb.hit_cols), torch.tensor(-math.inf, dtype=ln.dtype))
-        lp = ((u.index_select(0, sb.pos_rows) * t_out.index_select(0, sb.pos_cols)).sum(1)
+            ln = ln.index_put((sb.hit_rows, sb.hit_cols), ln.new_full((), -math.inf))  # (no host copy on a card)
+        lp = ((u.index_select(0, sb.pos_rows) * t_out.index_select(0, sb.pos_cols)).sum(1).float()
               + off.index_select(0, sb.pos_cols))
         with torch.no_grad():
             mx = ln.max(1).values.scatter_reduce(0, sb.pos_rows, lp, "amax")
@@ -172,6 +215,13 @@ class Batch:
     target: torch.Tensor  # [B, n_items] (full softmax) or [B, len(cand)]
     cand: torch.Tensor | None  # candidate item indices (sampled softmax), None for the full catalogue
     id_keep: torch.Tensor | None  # per-item ID keep mask (ID dropout), None when off
+
+    def to(self, device: torch.device) -> Batch:
+        """The batch's tensors on `device` (the same object on the CPU)."""
+        if device.type == "cpu":
+            return self
+        return replace(self, hist=_to(self.hist, device), target=_to(self.target, device),
+                       cand=_to(self.cand, device), id_keep=_to(self.id_keep, device))
 
 
 def make_batch(xb: sp.csr_matrix, rng: np.random.Generator, p: NeuralParams, n_items: int, full: bool,
@@ -216,6 +266,14 @@ class SampledBatch:
     log_q: torch.Tensor  # [U] log probability that each item is a candidate of the step (logQ correction)
     id_keep: torch.Tensor | None  # [U] ID dropout keep mask, None when off
     n_interactions: int
+
+    def to(self, device: torch.device) -> SampledBatch:
+        """The step's tensors on `device` (the same object on the CPU)."""
+        if device.type == "cpu":
+            return self
+        moved = {f: _to(getattr(self, f), device) for f, v in self.__dataclass_fields__.items()
+                 if v.type in ("torch.Tensor", "torch.Tensor | None")}
+        return replace(self, **moved)
 
 
 class BatchSampler:
@@ -337,6 +395,7 @@ class TwoTower(Recommender):
         mode = p.softmax
         if mode not in ("auto", "full", "sampled"):
             raise ValueError(f"softmax must be auto, full or sampled, got {mode!r}")
+        resolve_device(p.device)  # a bad or unavailable device fails here, before any work
         if mode == "auto":
             if n_items > p.full_softmax_limit:
                 mode = "sampled"
@@ -361,6 +420,7 @@ class TwoTower(Recommender):
 
     def _fit_mode(self, data: TrainData, mode: str) -> None:
         p = self.params
+        dev = resolve_device(p.device)
         torch.manual_seed(data.seed)
         rng = np.random.default_rng(data.seed)
         x = data.binary()
@@ -370,14 +430,16 @@ class TwoTower(Recommender):
                            if data.user_features is not None else None)
         feat_dim = 0 if self.feats is None else self.feats.shape[1]
         user_dim = 0 if self.user_feats is None else self.user_feats.shape[1]
-        self.net = TwoTowerNet(n_items, feat_dim, user_dim, p)
+        self.net = TwoTowerNet(n_items, feat_dim, user_dim, p).to(dev)  # initialised on the CPU: same weights
         active = np.flatnonzero(np.diff(x.indptr) > 0)
-        step = self._make_step(x, mode, p.lr if mode == "full" else p.sampled_lr)
+        step = self._make_step(x, mode, p.lr if mode == "full" else p.sampled_lr, dev)
         best, best_state, bad = -1.0, None, 0
         self.samples_seen = 0
         bar = tqdm(range(p.epochs), desc=f"train {self.name} ({mode})", disable=not self.progress, leave=False)
         for epoch in bar:
-            rec = {"epoch": epoch + 1, "loss": step(active, rng)}
+            seen, t0 = self.samples_seen, time.perf_counter()
+            rec = {"epoch": epoch + 1, "loss": step(active, rng)}  # (the loss is read back: the step has run)
+            rec["samples"], rec["seconds"] = self.samples_seen - seen, round(time.perf_counter() - t0, 4)
             if data.valid is not None and ((epoch + 1) % p.eval_every == 0 or epoch + 1 == p.epochs):
                 rec["val_ndcg@10"] = self._validate(x, data.valid)
                 if self.on_validate is not None:
@@ -392,23 +454,26 @@ class TwoTower(Recommender):
                         self.history_.append(rec)
                         break
             self.history_.append(rec)
-            bar.set_postfix({k: round(v, 4) for k, v in rec.items() if k != "epoch"})
+            bar.set_postfix({k: round(v, 4) for k, v in rec.items() if k in ("loss", "val_ndcg@10")})
         if best_state is not None:
             self.net.load_state_dict(best_state)
         else:
             self.best_epoch = len(self.history_)
         self.best_val = best
+        self.net.cpu()  # scoring and export: the CPU float32 network, whatever the training device
         self._freeze()
 
-    def _make_step(self, x: sp.csr_matrix, mode: str, lr: float):
-        """A callable (active users, rng) -> mean loss of one epoch, with its optimizer state."""
+    def _make_step(self, x: sp.csr_matrix, mode: str, lr: float, dev: torch.device):
+        """A callable (active users, rng) -> mean loss of one epoch, with its optimizer state (on `dev`, where
+        the network already is)."""
         p = self.params
         id_dropout = p.use_ids and self.net.use_content
+        feats = _to(self.feats, dev)
         if mode == "full":
             opt = torch.optim.Adam(self.net.parameters(), lr=lr, weight_decay=p.weight_decay)
             pop = np.asarray(x.sum(0)).ravel() + 1.0
-            log_q = torch.from_numpy(np.log(pop / pop.sum()).astype(np.float32))
-            return lambda active, rng: self._train_epoch(x, active, rng, opt, log_q, True)
+            log_q = torch.from_numpy(np.log(pop / pop.sum()).astype(np.float32)).to(dev)
+            return lambda active, rng: self._train_epoch(x, active, rng, opt, log_q, True, feats, dev)
         net = self.net
         tables = {"item_bias": net.item_bias}
         if net.use_ids:
@@ -418,57 +483,65 @@ class TwoTower(Recommender):
         opt = torch.optim.Adam(dense, lr=lr, weight_decay=p.weight_decay)
         row_opt = RowAdam(tables, lr=lr, weight_decay=p.weight_decay)
         sampler = BatchSampler(x, p, id_dropout)
-        return lambda active, rng: self._train_epoch_sampled(sampler, active, rng, opt, row_opt)
+        return lambda active, rng: self._train_epoch_sampled(sampler, active, rng, opt, row_opt, feats, dev)
 
     def _train_epoch_sampled(self, sampler: BatchSampler, active: np.ndarray, rng: np.random.Generator, opt,
-                             row_opt: RowAdam) -> float:
-        """One pass of the sampled trainer over the active users; returns the mean loss per user."""
+                             row_opt: RowAdam, feats: torch.Tensor | None, dev: torch.device) -> float:
+        """One pass of the sampled trainer over the active users; returns the mean loss per user. The loss is
+        summed on the device (float64, the same sum as Python floats) and read back once per epoch, so a CUDA
+        epoch does not wait for the card at every step."""
         p = self.params
         self.net.train()
         perm = rng.permutation(active)
-        total = 0.0
+        total = torch.zeros((), dtype=torch.float64, device=dev)
         bs = p.sampled_batch_size
         for s in range(0, len(perm), bs):
             ub = perm[s:s + bs]
-            b = sampler.batch(ub, rng)
+            b = sampler.batch(ub, rng).to(dev)
             self.samples_seen += b.n_interactions
             rows = row_opt.gather(b.items)
-            uf = self.user_feats.index_select(0, torch.from_numpy(ub)) if self.user_feats is not None else None
-            loss = self.net.sampled_loss(b, self.feats, uf, rows)
+            uf = (_to(self.user_feats.index_select(0, torch.from_numpy(ub)), dev)
+                  if self.user_feats is not None else None)
+            with autocast(dev):
+                loss = self.net.sampled_loss(b, feats, uf, rows)
             opt.zero_grad()
             loss.backward()
             opt.step()
             row_opt.step(b.items, rows)
-            total += loss.item() * len(ub)
-        return total / max(1, len(perm))
+            total += loss.detach().double() * len(ub)
+        return float(total) / max(1, len(perm))
 
     def _train_epoch(self, x: sp.csr_matrix, active: np.ndarray, rng: np.random.Generator, opt, log_q: torch.Tensor,
-                     full: bool) -> float:
+                     full: bool, feats: torch.Tensor | None, dev: torch.device) -> float:
         """One pass of the full-softmax trainer (the original one) over the active users in random batches;
         returns the mean loss."""
         p = self.params
         self.net.train()
         perm = rng.permutation(active)
-        total = 0.0
+        total = torch.zeros((), dtype=torch.float64, device=dev)
         for s in range(0, len(perm), p.batch_size):
             ub = perm[s:s + p.batch_size]
             xb = x[ub]
             self.samples_seen += xb.nnz
-            b = make_batch(xb, rng, p, x.shape[1], full, id_dropout=p.use_ids and self.net.use_content)
-            uf = self.user_feats[ub] if self.user_feats is not None else None
-            loss = self.net(b.hist, b.target, self.feats, uf, cand=b.cand, id_keep=b.id_keep, log_q=log_q)
+            b = make_batch(xb, rng, p, x.shape[1], full, id_dropout=p.use_ids and self.net.use_content).to(dev)
+            uf = _to(self.user_feats[ub], dev) if self.user_feats is not None else None
+            with autocast(dev):
+                loss = self.net(b.hist, b.target, feats, uf, cand=b.cand, id_keep=b.id_keep, log_q=log_q)
             opt.zero_grad()
             loss.backward()
             opt.step()
-            total += loss.item() * len(ub)
-        return total / max(1, len(perm))
+            total += loss.detach().double() * len(ub)
+        return float(total) / max(1, len(perm))
 
-    def finetune(self, data: TrainData, epochs: int = 2, lr: float | None = None) -> TwoTower:
+    def finetune(self, data: TrainData, epochs: int = 2, lr: float | None = None,
+                 device: str | None = None) -> TwoTower:
         """Continue training the fitted network on `data` (same catalogue; users may differ: the user tower is
         history-encoded, so rows are just histories) for a few epochs — the incremental update of
         rentalml.training.incremental — with the loss the model was selected with. No early stopping: the
-        caller evaluates and registers a challenger."""
+        caller evaluates and registers a challenger. `device` defaults to the training device, where a model
+        trained on "cuda" fine-tunes on "auto" (a CPU-only job can update a model trained on a card)."""
         p = self.params
+        dev = resolve_device(device or ("auto" if p.device == "cuda" else p.device))
         if data.n_items != self.net.n_items:
             raise ValueError(f"fine-tuning needs the trained catalogue ({self.net.n_items} items), got {data.n_items}")
         rng = np.random.default_rng(data.seed)
@@ -477,12 +550,14 @@ class TwoTower(Recommender):
         self.user_feats = (torch.from_numpy(data.user_features.astype(np.float32))
                            if data.user_features is not None else None)
         mode = getattr(self, "softmax_", None) or ("full" if data.n_items <= p.full_softmax_limit else "sampled")
-        step = self._make_step(x, mode, lr or (p.lr if mode == "full" else p.sampled_lr) * 0.3)
+        self.net.to(dev)
+        step = self._make_step(x, mode, lr or (p.lr if mode == "full" else p.sampled_lr) * 0.3, dev)
         active = np.flatnonzero(np.diff(x.indptr) > 0)
         self.samples_seen = getattr(self, "samples_seen", 0)
         for epoch in range(epochs):
             loss = step(active, rng)
             self.history_.append({"epoch": len(self.history_) + 1, "loss": loss, "finetune": epoch + 1})
+        self.net.cpu()
         self._freeze()
         return self
 
@@ -497,27 +572,29 @@ class TwoTower(Recommender):
         return chosen
 
     def _freeze(self) -> None:
+        """The item tables for scoring, float32 on the network's device (the CPU once fit has returned)."""
         self.net.eval()
         with torch.no_grad():
-            t_in, t_out = self.net.tables(self.feats)
+            t_in, t_out = self.net.tables(_to(self.feats, self.net.item_bias.device))
         self.table_in, self.table_out = t_in.detach(), t_out.detach()
 
     # -------------------------------------------------------------------------------- scoring
     @torch.no_grad()
     def user_embedding(self, history: sp.csr_matrix, user_features: np.ndarray | None = None) -> torch.Tensor:
+        dev = self.table_in.device
         h = history.copy()
         h.data[:] = 1.0
         uf = torch.from_numpy(user_features.astype(np.float32)) if user_features is not None else None
         if uf is None and self.net.user_feat_dim:
             uf = torch.zeros((h.shape[0], self.net.user_feat_dim))
-        return self.net.user_vectors(_to_torch_sparse(h), self.table_in, uf)
+        return self.net.user_vectors(_to_torch_sparse(h).to(dev), self.table_in, _to(uf, dev))
 
     @torch.no_grad()
     def score(self, users, history, user_features=None):
         if user_features is None and self.user_feats is not None and users is not None:
             user_features = self.user_feats[users].numpy()
         u = self.user_embedding(history, user_features)
-        return (u @ self.table_out.T + self.net.item_bias).numpy()
+        return (u @ self.table_out.T + self.net.item_bias).cpu().numpy()
 
     def describe(self) -> dict:
         return {"name": self.name, **asdict(self.params), "best_epoch": getattr(self, "best_epoch", None),

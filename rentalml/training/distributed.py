@@ -9,10 +9,11 @@ One entrypoint for every launcher:
 Every rank loads the same dataset (seeded), builds the same id maps and splits; the active users of the
 training split are shuffled per epoch with a seed shared by all ranks and sharded by rank. The network
 (rentalml.models.neural.TwoTowerNet, its forward pass is the training loss) is wrapped in
-DistributedDataParallel, which averages the gradients (gloo on CPU, NCCL on GPU). `--batch-size` is the
-global batch: each rank takes batch_size // world_size users per step, so one optimiser step sees the same
-number of users whatever the world size. Validation nDCG@10 is computed on shards and all-reduced, so every
-rank takes the same early-stopping decision.
+DistributedDataParallel, which averages the gradients (gloo on CPU, NCCL on GPU: `--device cuda|auto`, one card
+per local rank, bf16 autocast; the device code is the core's: neural.resolve_device, autocast, Batch.to).
+`--batch-size` is the global batch: each rank takes batch_size // world_size users per step, so one optimiser
+step sees the same number of users whatever the world size. Validation nDCG@10 is computed on shards and
+all-reduced, so every rank takes the same early-stopping decision.
 
 Rank 0 writes a checkpoint (network, optimiser, early-stopping state, history) after every epoch with an
 atomic rename; a restarted job (same arguments, same --checkpoint-dir) resumes from it — rank 0 reads it and
@@ -39,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rentalml.models.neural import NeuralParams, TwoTower, TwoTowerNet, make_batch
+from rentalml.models.neural import NeuralParams, TwoTower, TwoTowerNet, autocast, make_batch, resolve_device
 
 CHECKPOINT = "checkpoint.pt"
 MODELS = {"hybrid": {}, "collaborative": {"use_content": False}, "content": {"use_ids": False}}
@@ -123,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def neural_params(args: argparse.Namespace) -> NeuralParams:
-    return NeuralParams(**{f.name: getattr(args, f.name) for f in PARAM_FIELDS}, **MODELS[args.model])
+    return NeuralParams(**{f.name: getattr(args, f.name) for f in PARAM_FIELDS}, **MODELS[args.model],
+                        device=args.device)
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -182,9 +184,8 @@ class Trainer:
     def __init__(self, args: argparse.Namespace, env: DistEnv, data: Prepared):
         self.args, self.env, self.data = args, env, data
         self.p = neural_params(args)
-        use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-        self.device = torch.device(f"cuda:{env.local_rank}" if use_cuda else "cpu")
-        if use_cuda:
+        self.device = resolve_device(args.device, env.local_rank)
+        if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         torch.manual_seed(args.seed)
         x = data.train_fit
@@ -207,8 +208,9 @@ class Trainer:
     # -------------------------------------------------------------- checkpoints
     def fingerprint(self) -> dict:
         a = self.args
+        params = {k: v for k, v in asdict(self.p).items() if k != "device"}  # a checkpoint resumes on any device
         return {"data": a.data, "model": a.model, "protocol": a.protocol, "seed": a.seed,
-                "valid_frac": a.valid_frac, "params": asdict(self.p)}
+                "valid_frac": a.valid_frac, "params": params}
 
     def save(self) -> None:
         if self.env.rank != 0 or self.args.checkpoint_dir is None:
@@ -297,21 +299,21 @@ class Trainer:
             mine = shard(perm, env.rank, env.world_size)
             rng = np.random.default_rng([self.args.seed, epoch, 1000 + env.rank])
             t0 = time.perf_counter()
-            loss_sum, seen = 0.0, 0
+            dev = self.device
+            loss_sum, seen = torch.zeros((), dtype=torch.float64, device=dev), 0  # read back once per epoch
             for s in range(0, len(mine), local_bs):
                 ub = mine[s:s + local_bs]
                 xb = x[ub]
                 seen += xb.nnz
-                b = make_batch(xb, rng, p, self.n_items, self.full, id_dropout=id_dropout)
-                dev = self.device
+                b = make_batch(xb, rng, p, self.n_items, self.full, id_dropout=id_dropout).to(dev)
                 uf = self.user_feats[torch.from_numpy(ub).to(dev)] if self.user_feats is not None else None
-                loss = module(b.hist.to(dev), b.target.to(dev), self.feats, uf,
-                              cand=b.cand.to(dev) if b.cand is not None else None,
-                              id_keep=b.id_keep.to(dev) if b.id_keep is not None else None, log_q=self.log_q)
+                with autocast(dev):
+                    loss = module(b.hist, b.target, self.feats, uf, cand=b.cand, id_keep=b.id_keep, log_q=self.log_q)
                 self.opt.zero_grad()
                 loss.backward()
                 self.opt.step()
-                loss_sum += loss.item() * len(ub)
+                loss_sum += loss.detach().double() * len(ub)
+            loss_sum = float(loss_sum)
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t0
@@ -358,12 +360,16 @@ def log(env: DistEnv, msg: str) -> None:
 
 # ------------------------------------------------------------------------------------------ main
 def run(argv: list[str] | None = None) -> dict | None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     env = dist_env()
+    try:
+        device = resolve_device(args.device, env.local_rank)  # no CUDA for --device cuda: a usage error, now
+    except ValueError as exc:
+        parser.error(str(exc))
     threads = args.threads or max(1, (os.cpu_count() or 1) // env.local_world_size)
     torch.set_num_threads(threads)
-    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    backend = "nccl" if use_cuda else "gloo"
+    backend = "nccl" if device.type == "cuda" else "gloo"
     if env.distributed:
         import torch.distributed as dist
 
