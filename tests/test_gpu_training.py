@@ -1,7 +1,12 @@
-"""Training on a device (issue 14 point 5): the startup error of `--device cuda` on a machine without CUDA, and
-the bf16 autocast path of the trainer (CPU autocast standing in for CUDA's, the same casts)."""
+"""Training on a device (issue 14 point 5): benchmarks/gpu_training.py's smoke run on the CPU, the startup error
+of `--device cuda` on a machine without CUDA, and the bf16 autocast path of the trainer (CPU autocast standing in
+for CUDA's, the same casts: on a CUDA card the benchmark itself is the check)."""
 
 from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +17,38 @@ import rentalml.models.neural as neural
 from rentalml.models.base import TrainData
 from rentalml.models.neural import TwoTower, resolve_device
 
+ROOT = Path(__file__).resolve().parents[1]
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("gpu_training", ROOT / "benchmarks" / "gpu_training.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_benchmark_cpu_small_records_both_trainers_the_ratio_and_quality(bench, tmp_path):
+    try:
+        bench.find_reference()
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    out = tmp_path / "gpu_training.json"
+    bench.run("cpu", small=True, out=out)
+    doc = json.loads(out.read_text())
+    assert doc["device"] == "cpu" and doc["small"] is True
+    ours, ref = doc["project"]["b256"], doc["reference"]
+    assert ours["train_samples_per_s"] > 0 and ref["train_samples_per_s_b256"] > 0
+    assert ref["items"] == doc["sizes"]["items"] == 2_000 and ref["dim"] == doc["sizes"]["dim"]  # the same sizes
+    assert 240 <= ours["samples_per_step"] <= 256  # batch 256 counted in interactions, as the reference's pairs
+    assert doc["ratio"]["b256"] == pytest.approx(ours["train_samples_per_s"] / ref["train_samples_per_s_b256"],
+                                                 rel=1e-3)
+    q = doc["quality"]
+    for side in ("cpu", "device"):
+        assert 0 < q[side]["tower_val_ndcg@10"] <= 1 and 0 < q[side]["model_val_ndcg@10"] <= 1
+    assert q["same_run"] and q["relative_difference"]["model_val_ndcg@10"] == 0.0 and q["within_1pct"]
+    assert doc["goal"]["measured"] is False and doc["goal"]["met"] is None  # a smoke run is not the bar
 
 
 @no_cuda
