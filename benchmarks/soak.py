@@ -6,24 +6,32 @@ load for --duration seconds (default 600) at --load (default 0.8) of the capacit
 2. Redis (rentalml.services.start_redis, or --redis-url) is the cache (RENTALML_REDIS_URL); the --hot-users are
    requested once on every protocol before anything is measured.
 3. Capacity: a closed loop (each client thread sends its next request when the last one returned) with the same
-   request mix, for --capacity-s at each --ramp thread count; capacity = the highest requests/s reached. The
-   best step runs once more after the soak: on a shared machine the two can differ.
+   request mix, for --capacity-s at each --ramp thread count; capacity = the highest requests/s reached. That is
+   the capacity of the steady mix the soak then offers (70 % hot users with their rows cached, 30 % misses), on
+   this machine with this client beside the server. It is not what the server does while every request misses:
+   the best thread count runs once more with misses only (`misses_only`, what a storm leaves; --no-miss-capacity
+   skips it), and once more after the soak (on a shared machine the two can differ). Each step records the
+   server's CPU per request, a figure of the code that the machine's load moves much less than requests/s.
 4. Soak: requests fall due at a constant rate (--load x capacity) and --workers threads, each with its own three
    clients, send them. A request's latency counts from the time it was due (wrk2's way: a stalled server cannot
    hide behind a stalled client). The mix: v2 REST (tritonclient.http), v2 gRPC (tritonclient.grpc) and
    POST /predict (httpx) in turn; with probability --hot-share a hot user with k=10 (a cache hit once warm),
    else any known user with k in 11..60 (nearly always a miss). --timeline (default reload@0.4,storm@0.6): at
    40 % of the duration one hot reload (POST /admin/reload to the other version's bundle: 1 -> 2, then 2 -> 1
-   ...), at 60 % one invalidation storm (POST /admin/invalidate of every known user and the --storm-properties
-   most popular properties, in --storm-calls concurrent calls).
-5. Every --sample-s: the server's RSS (its process and its children, psutil), its /metrics (ml_cache_hit_rate,
-   ml_inference_requests_total, ml_model_reloads_total) and Redis INFO (keyspace hits / misses, keys).
+   ...; as it returns, how many hot users already have a row of the new version: the server pre-warms them,
+   serve.prewarm_rows), at 60 % one invalidation storm (POST /admin/invalidate of every known user and the
+   --storm-properties most popular properties, in --storm-calls concurrent calls).
+5. Every --sample-s: the server's RSS and CPU time (its process and its children, psutil), its /metrics
+   (ml_cache_hit_rate, ml_inference_requests_total, ml_model_reloads_total) and Redis INFO (keyspace hits /
+   misses, keys). Per window: latency from the due time, service time p99, hit ratio, RSS, the server's share of
+   a core and its CPU per request answered.
 
 The issue's bars: zero errors (any non-2xx answer or transport error), RSS growth <= 10 % from the end of
 --warmup-s to the end, overall p99 <= 3 x p50. Writes --out (benchmarks/results/soak.json), prints a table, and
 exits 1 when any request failed.
 
     python benchmarks/soak.py [--duration 600] [--load 0.8] [--workers 16] [--ramp 2,4,8] [--capacity-s 10]
+    (--rate R offers R requests/s instead of --load x capacity: two server versions side by side at one rate)
 """
 
 from __future__ import annotations
@@ -277,9 +285,13 @@ def closed_loop(served: Served, hot: list[str], known: list[str], hot_share: flo
                 seconds: float) -> dict:
     """Requests/s of `threads` closed-loop clients over `seconds`, the soak's mix (a capacity step)."""
     probe = Load(served, Mix(hot, known, hot_share, seed=threads), threads)
+    cpu0 = served.usage()[1]
     secs = probe.run(seconds)
+    cpu = served.usage()[1] - cpu0
     lat = np.array([r[2] - r[1] for r in probe.records])
-    step = {"threads": threads, "rps": round(len(probe.records) / secs, 1), "errors": probe.n_errors, **pct(lat)}
+    step = {"threads": threads, "rps": round(len(probe.records) / secs, 1), "errors": probe.n_errors, **pct(lat),
+            # the server's CPU per request (its process and children): what the code costs, whatever the load
+            "server_cpu_ms_per_req": round(cpu * 1000 / max(1, len(probe.records)), 3)}
     print(f"capacity, {threads} threads: {step}", flush=True)
     return step
 
@@ -313,12 +325,23 @@ class Sampler(threading.Thread):
             self.sample()
 
 
-def reload(served: Served, bundle: Path) -> dict:
+def reload(served: Served, bundle: Path, redis_url: str, hot: list[str]) -> dict:
+    """POST /admin/reload to `bundle`; then how many hot users already have a row of the new version (k=10) in the
+    cache, read as the reload returns: the server pre-warms them before the swap (serve.prewarm_rows)."""
+    import redis
+
+    from rentalml.cache import cache_key
+
     t = time.perf_counter()
     r = served.http.post("/admin/reload", json={"champion": str(bundle)}, timeout=120)
     r.raise_for_status()
-    return {"seconds": round(time.perf_counter() - t, 3),
-            "model_version": r.json()["after"]["champion"]["model_version"]}
+    body, seconds = r.json(), round(time.perf_counter() - t, 3)
+    version = body["after"]["champion"]["model_version"]
+    pipe = redis.Redis.from_url(redis_url).pipeline(transaction=False)
+    for u in hot:
+        pipe.exists(cache_key(version, u, 10))
+    return {"seconds": seconds, "model_version": version, "prewarmed_rows": body.get("prewarmed_rows"),
+            "hot_users_cached_new_version": int(sum(pipe.execute()))}
 
 
 def storm(served: Served, redis_url: str, users: list[str], hot: list[str], properties: list[str],
@@ -390,10 +413,13 @@ def summarize(load: Load, samples: list[dict], events: dict, duration: float, wa
     due = np.array([r[0] for r in rec])
     lat = np.array([r[2] - r[0] for r in rec])  # from the due time
     service = np.array([r[2] - r[1] for r in rec])  # from the send
+    done_at = np.array([r[2] for r in rec])
     proto = np.array([r[3] for r in rec])
     ok = np.array([r[4] is not None for r in rec])
     out = {"requests": len(rec), "errors": load.n_errors, "first_errors": load.errors,
            "achieved_rps": round(len(rec) / duration, 1), "latency": pct(lat[ok]), "service_time": pct(service[ok]),
+           # due -> sent: the wait for a free client worker (a backlog when the server falls behind)
+           "client_wait": pct(np.array([r[1] - r[0] for r in rec])),
            "protocols": {p: {**pct(lat[ok & (proto == i)]), "errors": int((~ok & (proto == i)).sum())}
                          for i, p in enumerate(PROTOCOLS)}}
     # the reloads: which versions answered, and none but the new one for a request sent after one returned
@@ -412,6 +438,7 @@ def summarize(load: Load, samples: list[dict], events: dict, duration: float, wa
         s1 = [s for s in samples if s["t"] <= a + window + 1e-6]
         marks = [e["name"] for e in events if a <= e["t"] < a + window]
         wins.append({"t": float(a), **pct(lat[sel & ok]), "errors": int((sel & ~ok).sum()),
+                     "service_p99_ms": pct(service[sel & ok]).get("p99_ms"),
                      "rps": round(float(sel.sum()) / window, 1),
                      "hit_ratio": hit_ratio(s0[-1], s1[-1]) if s0 and s1 and s1[-1] is not s0[-1] else None,
                      "rss_mb": s1[-1]["rss_mb"] if s1 else None, "events": marks,
@@ -419,6 +446,10 @@ def summarize(load: Load, samples: list[dict], events: dict, duration: float, wa
                      "server_cpu": round((s1[-1]["cpu_s"] - s0[-1]["cpu_s"]) / (s1[-1]["t"] - s0[-1]["t"]), 2)
                      if s0 and s1 and s1[-1]["t"] > s0[-1]["t"] else None,
                      "loadavg_1m": s1[-1]["loadavg_1m"] if s1 else None})
+        # the server's CPU per request answered in the window (what the code costs, whatever the machine's load)
+        done = int(((done_at >= s0[-1]["t"]) & (done_at < s1[-1]["t"])).sum()) if s0 and s1 else 0
+        wins[-1]["server_cpu_ms_per_req"] = (round((s1[-1]["cpu_s"] - s0[-1]["cpu_s"]) * 1000 / done, 3)
+                                            if done and s1[-1]["t"] > s0[-1]["t"] else None)
     out["windows"] = wins
     after = [s for s in samples if s["t"] >= warmup]
     if after:
@@ -456,9 +487,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--duration", type=float, default=600.0, help="seconds of open-loop load")
     ap.add_argument("--load", type=float, default=0.8, help="share of the measured capacity")
+    ap.add_argument("--rate", type=float, help="offer this many requests/s instead (side-by-side runs of two "
+                    "server versions at one rate)")
     ap.add_argument("--workers", type=int, default=16, help="client threads of the open loop")
     ap.add_argument("--ramp", default="2,4,8", help="client threads of the capacity steps, comma-separated")
     ap.add_argument("--capacity-s", type=float, default=10.0, help="seconds of each capacity step")
+    ap.add_argument("--no-miss-capacity", dest="miss_capacity", action="store_false",
+                    help="skip the misses-only capacity step (what a storm leaves)")
     ap.add_argument("--warmup-s", type=float, default=None, help="RSS baseline after this (default 10 %%)")
     ap.add_argument("--sample-s", type=float, default=5.0, help="RSS / metrics sampling period")
     ap.add_argument("--window-s", type=float, default=None, help="latency table window (default duration/20)")
@@ -518,9 +553,13 @@ def main(argv: list[str] | None = None) -> int:
         steps = [closed_loop(served, hot, known, a.hot_share, int(x), a.capacity_s)
                  for x in a.ramp.split(",") if x.strip()]
         capacity = max(s["rps"] for s in steps)
-        rate = a.load * capacity
+        rate = a.rate or a.load * capacity
         result["capacity"] = {"steps": steps, "rps": capacity, "soak_rate": round(rate, 1)}
-        print(f"soak: {a.duration:.0f} s at {rate:.0f} requests/s ({a.load:.0%} of {capacity:.0f})", flush=True)
+        if a.miss_capacity:  # what a storm leaves: every request a miss (hot_share 0), at the best thread count
+            best = max(steps, key=lambda s: s["rps"])["threads"]
+            result["capacity"]["misses_only"] = closed_loop(served, hot, known, 0.0, best, a.capacity_s)
+        print(f"soak: {a.duration:.0f} s at {rate:.0f} requests/s ({rate / capacity:.0%} of {capacity:.0f})",
+              flush=True)
 
         sampler = Sampler(served, redis_url, a.sample_s)
         events: list[dict] = []
@@ -536,7 +575,7 @@ def main(argv: list[str] | None = None) -> int:
                     sampler.halt.wait(delay)  # a clock for the timeline, not a wait for a condition
                 t = time.perf_counter() - t0
                 try:
-                    e = reload(served, bundles[sum(x["name"] == "reload" for x in events) % 2]) \
+                    e = reload(served, bundles[sum(x["name"] == "reload" for x in events) % 2], redis_url, hot) \
                         if name == "reload" else storm(served, redis_url, known, hot, top, a.storm_calls)
                 except Exception as exc:
                     e = {"failed": repr(exc)}
@@ -577,23 +616,26 @@ def main(argv: list[str] | None = None) -> int:
 def print_table(r: dict) -> None:
     s = r["soak"]
     print(f"\ncapacity {r['capacity']['rps']:.0f} req/s (closed loop; "
-          f"{r['capacity'].get('after', {}).get('rps', 0):.0f} after the soak), soak {s['seconds']:.0f} s at "
+          f"{r['capacity'].get('after', {}).get('rps', 0):.0f} after the soak, "
+          f"{r['capacity'].get('misses_only', {}).get('rps', 0):.0f} with misses only), soak {s['seconds']:.0f} s at "
           f"{r['capacity']['soak_rate']:.0f} req/s: {s['requests']} requests, {s['errors']} errors, "
           f"load average {r['env']['loadavg_at_start'][0]:.2f} -> {r['env']['loadavg_at_end'][0]:.2f}\n")
-    print("| window s | req/s | p50 ms | p99 ms | errors | hit ratio (server / redis) | RSS MB | server CPU | "
-          "load 1m | event |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    print("| window s | req/s | p50 ms | p99 ms | service p99 ms | errors | hit ratio (server / redis) | RSS MB | "
+          "server CPU | CPU ms/req | load 1m | event |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for w in s["windows"]:
         h = w["hit_ratio"] or {}
-        print(f"| {w['t']:.0f} | {w['rps']:.0f} | {w.get('p50_ms', '-')} | {w.get('p99_ms', '-')} | {w['errors']} | "
-              f"{h.get('server')} / {h.get('redis')} | {w['rss_mb']} | {w['server_cpu']} | {w['loadavg_1m']} | "
+        print(f"| {w['t']:.0f} | {w['rps']:.0f} | {w.get('p50_ms', '-')} | {w.get('p99_ms', '-')} | "
+              f"{w.get('service_p99_ms', '-')} | {w['errors']} | {h.get('server')} / {h.get('redis')} | "
+              f"{w['rss_mb']} | {w['server_cpu']} | {w.get('server_cpu_ms_per_req')} | {w['loadavg_1m']} | "
               f"{', '.join(w['events'])} |")
     print("\n| protocol | requests | p50 ms | p99 ms | errors |\n|---|---:|---:|---:|---:|")
     for p, v in s["protocols"].items():
         print(f"| {p} | {v['n']} | {v.get('p50_ms')} | {v.get('p99_ms')} | {v['errors']} |")
     lat, rss = s["latency"], s.get("rss", {})
     print(f"\noverall p50 {lat.get('p50_ms')} ms, p99 {lat.get('p99_ms')} ms (service time p50 "
-          f"{s['service_time'].get('p50_ms')}, p99 {s['service_time'].get('p99_ms')}); RSS "
+          f"{s['service_time'].get('p50_ms')}, p99 {s['service_time'].get('p99_ms')}; wait for a client worker p99 "
+          f"{s['client_wait'].get('p99_ms')}); RSS "
           f"{rss.get('after_warmup_mb')} MB after warm-up -> {rss.get('end_mb')} MB at the end "
           f"({rss.get('growth', 0):+.1%}); hit ratio {s.get('hit_ratio_overall')}; bars {s['bars']}")
     for seg in rss.get("between_events", []):

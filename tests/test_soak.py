@@ -30,8 +30,8 @@ def soak(redis_url, tmp_path_factory):
     out = tmp / "soak.json"
     # cheap on 2 cores: one short capacity step, few client threads, 20 s of load
     cmd = [sys.executable, str(SOAK), "--duration", "20", "--bundle", str(b1), "--reload-bundle", str(b2),
-           "--redis-url", url, "--ramp", "3", "--capacity-s", "3", "--workers", "6", "--sample-s", "1",
-           "--window-s", "2", "--warmup-s", "4", "--hot-users", "100", "--storm-calls", "3",
+           "--redis-url", url, "--ramp", "3", "--capacity-s", "2", "--no-miss-capacity", "--workers", "6",
+           "--sample-s", "1", "--window-s", "2", "--warmup-s", "4", "--hot-users", "100", "--storm-calls", "3",
            "--storm-properties", "20", "--out", str(out)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert out.exists(), res.stdout[-3000:] + res.stderr[-3000:]
@@ -62,6 +62,9 @@ def test_hot_reload_happened_mid_soak(soak):
     for p in PROTOCOLS:  # every protocol was answered by version 1, then by version 2
         assert s["versions"][p] == ["1", "2"], s["versions"]
     assert s["old_version_after_reload"] == 0  # nothing sent after the reload returned met version 1
+    # the new version's rows of the most asked (user, k) were cached before it served: every hot user hits at once
+    assert reload["hot_users_cached_new_version"] == 100, reload
+    assert reload["prewarmed_rows"] >= 100, reload
 
 
 def test_invalidation_storm_happened_mid_soak(soak):
