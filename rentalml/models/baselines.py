@@ -15,7 +15,8 @@ from rentalml.models.base import L2SelectedModel, Recommender, TrainData
 class EASE(L2SelectedModel):
     name = "ease"
 
-    L2_GRID = (50.0, 100.0, 200.0, 400.0, 800.0, 1600.0)
+    # wide enough that the baseline's choice is not on an edge (Albany's was 1600, the old upper end)
+    L2_GRID = (25.0, 50.0, 100.0, 200.0, 400.0, 800.0, 1600.0, 3200.0, 6400.0)
 
     def __init__(self, l2: float = 200.0):
         self.l2 = l2

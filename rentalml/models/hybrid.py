@@ -15,7 +15,9 @@ from rentalml.models.itemitem import SparseEASE
 from rentalml.models.neural import NeuralParams, TwoTower
 
 COLD_SHRINK = 0.9
-BETAS = (0.0, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0)
+# the grid reaches 2000: on Albany the choice sat at the old edge (200) with the item-item part at a large L2,
+# whose scores shrink as 1/L2
+BETAS = (0.0, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0)
 
 
 class Hybrid(Recommender):

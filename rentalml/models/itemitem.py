@@ -75,7 +75,9 @@ class SparseEASE(L2SelectedModel):
         self.neighbours = neighbours
         self.block = block
 
-    L2_GRID = (100.0, 200.0, 400.0)
+    # the EASE baseline's former grid: the old (100, 200, 400) put Albany's choice on its upper edge (400; EASE
+    # chose 1600); each extra L2 costs one batched solve and one validation pass
+    L2_GRID = (50.0, 100.0, 200.0, 400.0, 800.0, 1600.0)
 
     def fit(self, data: TrainData) -> SparseEASE:
         """Gather each item's neighbour system once and solve it for every L2 of the grid (the grid is chosen
