@@ -109,11 +109,12 @@ def drain(env: dict, home: Path, name: str, workers: int, idle_s: float, timeout
             "loadavg_after": [round(x, 2) for x in os.getloadavg()]}
 
 
-def profile_drain(settings, out: str | None) -> None:
+def profile_drain(settings, out: str | None, services: dict[str, int], read_ahead: bool = True) -> None:
     """One processor in this process until the backlog is drained: under cProfile (pstats file `out`), or with
-    `out` None without it (for a sampling profiler). Prints the process's CPU seconds over the drain (all its
-    threads: kafka-python's I/O threads included) per record, and the batch stages summed: CPU time is what load
-    on a shared machine inflates least."""
+    `out` None without it (for a sampling profiler). Prints the process's CPU seconds per record from the start of
+    its first batch to its exit (all its threads: kafka-python's I/O threads included; the start-up and group
+    join not, as in the events/s of a drain), the broker's and Redis's over the same span, and the batch stages
+    summed: CPU time is what load on a shared machine inflates least."""
     import cProfile
     import pstats
 
@@ -124,20 +125,39 @@ def profile_drain(settings, out: str | None) -> None:
         update={"group_id": f"cap-{tag}", "key_prefix": f"cap:{tag}"})})
     batches: list[dict] = []
     proc = Processor(s, log_fn=batches.append)
+    proc.read_ahead = read_ahead
     prof = cProfile.Profile() if out else None
-    t0, c0 = time.perf_counter(), time.process_time()
+    t0 = time.perf_counter()
+    first: dict = {}
+    process = proc.process
+
+    def timed(records, *rest):  # the CPU clocks start with the first batch
+        if not first:
+            first.update(c0=time.process_time(), svc0={name: cpu_s(pid) for name, pid in services.items()},
+                         t0=time.perf_counter())
+        n = process(records, *rest)
+        first["t1"] = time.perf_counter()
+        return n
+
+    proc.process = timed
     if prof:
         prof.enable()
     totals = proc.run(idle_exit_s=3.0)
     if prof:
         prof.disable()
-    cpu, records = time.process_time() - c0, totals["processed"] + totals["dead_letter"] + totals["duplicate"]
+    cpu, records = time.process_time() - first["c0"], totals["processed"] + totals["dead_letter"] + totals["duplicate"]
+    svc0 = first["svc0"]
     rows = [b for b in batches if b.get("records")]
     stages = {k: round(sum(b[k] for b in rows), 3) for k in
               ("parse_s", "apply_s", "frames_s", "push_s", "produce_s", "flush_commit_s", "batch_s")}
     print(json.dumps({"totals": totals, "wall_s": round(time.perf_counter() - t0, 2), "cpu_s": round(cpu, 2),
                       "cpu_us_per_record": round(cpu / max(records, 1) * 1e6, 1), "batches": len(rows),
-                      "stages_sum_s": stages, "profiled": bool(prof), "uptime": uptime()}))
+                      # first batch start -> last batch end (wall: moves with the load)
+                      "events_per_s": round(records / (first["t1"] - first["t0"]), 1),
+                      "services_cpu_us_per_record": {name: round((cpu_s(pid) - svc0[name]) / max(records, 1) * 1e6, 1)
+                                                     for name, pid in services.items()},
+                      "stages_sum_s": stages, "profiled": bool(prof), "read_ahead": read_ahead,
+                      "uptime": uptime()}))
     if prof:
         prof.dump_stats(out)
         pstats.Stats(out).sort_stats("cumulative").print_stats(45)
@@ -153,6 +173,8 @@ def main() -> None:
     ap.add_argument("--idle-s", type=float, default=6.0, help="a processor exits after this long without records")
     ap.add_argument("--profile", help="cProfile one in-process drain into this file instead ('-': no cProfile, "
                     "only the CPU seconds per record)")
+    ap.add_argument("--no-read-ahead", action="store_true", help="with --profile: the processor without its "
+                    "read-ahead (the next batch read while the state step runs), to compare")
     args = ap.parse_args()
 
     from rentalml.services import start_redis, start_tansu
@@ -179,7 +201,9 @@ def main() -> None:
         print(json.dumps({"prefilled": produced, "uptime": load0}), flush=True)
         total = produced["events"] + produced["malformed"]
         if args.profile:
-            profile_drain(settings, None if args.profile == "-" else args.profile)
+            profile_drain(settings, None if args.profile == "-" else args.profile,
+                          services={"broker": tansu.proc.pid, "redis": redis.proc.pid},
+                          read_ahead=not args.no_read_ahead)
             return
         runs = []
         for r in range(args.rounds):

@@ -11,6 +11,9 @@ Per polled batch, in this order (docs/architecture.md "Streaming"):
   5. commit the batch's offsets.
 A crash anywhere replays the uncommitted batch: the dedupe set makes the counters change once per event id
 (exactly-once effect), the re-push writes the same values, processed_data is at least once (dedupe by event_id).
+While step 2 runs (in a worker thread: Redis works, the processor waits), the next batch kafka-python has already
+fetched is taken and parsed (read-ahead, `Processor._read_ahead`); it is processed and committed after this one,
+so a crash or stop loses nothing there either: it is redelivered.
 
 Outages (a broker or Redis restart) never end the process: each step of a batch that fails on a connection
 error is retried with exponential backoff (0.5 s doubling to 5 s), logging "waiting for <dependency>" once per
@@ -203,6 +206,10 @@ class Processor:
         self.backoff_s, self.backoff_max_s = 0.5, 5.0  # retries of a step that failed on a connection error
         self.consumer = None
         self.producer = None
+        #: read the next batch while the state step runs (Processor._read_ahead); the batch read ahead, parsed
+        self.read_ahead = True
+        self._ahead: tuple | None = None
+        self._worker = None
         # the recommendation cache every server shares (Redis): rows of users with new events and rows listing
         # changed properties are dropped once their features are pushed (rentalml.cache.invalidate)
         self.rec_cache = None
@@ -378,6 +385,15 @@ class Processor:
             self._sleep(delay)
             delay = min(delay * 2, self.backoff_max_s)
             pending = failed
+            tm = getattr(self.producer, "_transaction_manager", None)
+            if tm is not None and tm.has_fatal_error():
+                # kafka-python 3.0.12 (producer/sender.py): once the idempotent producer's state is fatal (e.g. a
+                # restarted Tansu answered InitProducerId with an error) it fails every later send; a new one
+                # (a new producer id) recovers. Its resends may duplicate output records: at least once, as above
+                log.warning("kafka: the producer failed fatally; starting a new one")
+                self.producer.close(timeout=0)
+                self.producer = producer(self.settings, linger_ms=1000, batch_size=1024 * 1024,
+                                         max_in_flight_requests_per_connection=5)
 
     def close(self) -> None:
         if self.producer is not None:
@@ -386,6 +402,8 @@ class Processor:
             except Exception as exc:  # the broker is away at shutdown: the batch was not committed anyway
                 log.warning("producer flush at shutdown failed: %s", exc)
             self.producer.close(timeout=5)
+        if self._worker is not None:
+            self._worker.shutdown(wait=True)
         if self.consumer is not None:
             self.consumer.close(autocommit=False)
         self.state.close()
@@ -408,8 +426,9 @@ class Processor:
         handled = 0
         try:
             while not self.stopping:
+                ahead, self._ahead = self._ahead, None
                 try:
-                    records = self.retry("poll", lambda: self.consumer.poll(
+                    records = ahead[0] if ahead else self.retry("poll", lambda: self.consumer.poll(
                         timeout_ms=self.settings.stream.poll_timeout_ms), dependency="kafka")
                 except _Stopped:
                     break
@@ -428,7 +447,7 @@ class Processor:
                     continue
                 last_data = now
                 try:
-                    handled += self.process(records)
+                    handled += self.process(records, ahead[1] if ahead else None)
                 except _Stopped:  # stopped while waiting for a dependency: nothing committed, redelivered
                     log.warning("stopped while waiting: the batch in flight stays uncommitted (redelivered)")
                     break
@@ -441,11 +460,12 @@ class Processor:
         return dict(self.totals)
 
     # -------------------------------------------------------------------------------------- one batch
-    def process(self, records: dict) -> int:
-        from kafka.errors import CommitFailedError
+    @staticmethod
+    def _parse(records: dict) -> tuple:
+        """(encoded events, (partition, record, event) of each, dead_letter documents, offsets to commit, records)
+        of a polled batch: step 1."""
         from kafka.structs import OffsetAndMetadata
 
-        t0 = time.perf_counter()
         events, sources, dlq = [], [], []
         offsets = {}
         n = 0
@@ -460,10 +480,47 @@ class Processor:
                     events.append(encode_event(ev))
                     sources.append((tp, r, ev))
             offsets[tp] = OffsetAndMetadata(recs[-1].offset + 1, "", -1)
+        return events, sources, dlq, offsets, n
+
+    def _read_ahead(self) -> None:
+        """While the state step of a batch runs (Redis works, this thread waits): take the next batch kafka-python
+        has already fetched (poll without waiting) and parse it, so the Kafka decoding and the validation of
+        batch N+1 overlap the Lua step of batch N. Its offsets are committed after its own batch, as always; a
+        batch read ahead and never processed (stop, crash) is simply redelivered. A failed poll here is left to
+        the next regular poll, which retries it."""
+        if self._ahead is not None or self.stopping or not self.read_ahead:
+            return
+        try:
+            records = self.consumer.poll(timeout_ms=0)
+        except Exception as exc:  # noqa: BLE001 - the regular poll retries or raises it
+            log.debug("read-ahead poll failed: %s", exc)
+            return
+        if records:
+            self._ahead = (records, self._parse(records))
+
+    def process(self, records: dict, parsed: tuple | None = None) -> int:
+        from kafka.errors import CommitFailedError
+
+        t0 = time.perf_counter()
+        events, sources, dlq, offsets, n = parsed if parsed is not None else self._parse(records)
         t_apply = time.perf_counter()
         # one atomic step: retried until it succeeds, never applied again once it has (its outcomes are the batch's)
         batch = uuid.uuid4().hex  # the same id on every retry: a run whose reply was lost keeps its outcomes
-        applied = self.retry("state apply", lambda: self.state.apply(events, batch=batch), dependency="redis")
+        step = lambda: self.retry("state apply", lambda: self.state.apply(events, batch=batch),  # noqa: E731
+                                  dependency="redis")
+        if self.read_ahead and self.consumer is not None:
+            # the step in a worker thread (waiting on Redis releases the GIL), the next batch read meanwhile
+            if self._worker is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                self._worker = ThreadPoolExecutor(1, thread_name_prefix="stream-state")
+            running = self._worker.submit(step)
+            try:
+                self._read_ahead()
+            finally:
+                applied = running.result()
+        else:
+            applied = step()
         apply_s = time.perf_counter() - t_apply
         watermark = applied.clock - self.state.lateness
         for (tp, r, ev), outcome in zip(sources, applied.outcomes, strict=True):
