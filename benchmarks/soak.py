@@ -27,7 +27,8 @@ load for --duration seconds (default 600) at --load (default 0.8) of the capacit
    a core and its CPU per request answered.
 
 The issue's bars: zero errors (any non-2xx answer or transport error), RSS growth <= 10 % from the end of
---warmup-s to the end, overall p99 <= 3 x p50. Writes --out (benchmarks/results/soak.json), prints a table, and
+--warmup-s to the end, overall p99 <= 3 x p50 (and `kept_up`: no request waited > 1 s for a free client worker, as
+p99 <= 3 x p50 means nothing over a backlog). Writes --out (benchmarks/results/soak.json), prints a table, and
 exits 1 when any request failed.
 
     python benchmarks/soak.py [--duration 600] [--load 0.8] [--workers 16] [--ramp 2,4,8] [--capacity-s 10]
@@ -428,7 +429,7 @@ def summarize(load: Load, samples: list[dict], events: dict, duration: float, wa
                        for i, p in enumerate(PROTOCOLS)}
     reloads = [e for e in events if e["name"] == "reload" and "model_version" in e]
     out["old_version_after_reload"] = sum(
-        1 for e, nxt in zip(reloads, [*reloads[1:], None], strict=True) for r in rec
+        1 for e, nxt in zip(reloads, [*reloads[1:], None][:len(reloads)], strict=True) for r in rec
         if e["done_t"] < r[1] < (nxt["t"] if nxt else float("inf")) and r[4] not in (None, e["model_version"]))
     # windows
     wins = []
@@ -479,7 +480,10 @@ def summarize(load: Load, samples: list[dict], events: dict, duration: float, wa
     lat_ok = out["latency"]
     out["bars"] = {"zero_errors": load.n_errors == 0,
                    "rss_growth_le_10pct": bool(out.get("rss") and out["rss"]["growth"] <= 0.10),
-                   "p99_le_3x_p50": bool(lat_ok.get("n") and lat_ok["p99_ms"] <= 3 * lat_ok["p50_ms"])}
+                   "p99_le_3x_p50": bool(lat_ok.get("n") and lat_ok["p99_ms"] <= 3 * lat_ok["p50_ms"]),
+                   # not a bar of the issue: a backlog (requests waiting > 1 s for a free client worker) makes the
+                   # ratio above meaningless, e.g. p50 6.8 s and p99 10.8 s pass it
+                   "kept_up": bool(out["client_wait"].get("n") and out["client_wait"]["p99_ms"] < 1000)}
     return out
 
 
