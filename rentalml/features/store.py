@@ -29,7 +29,9 @@ import pyarrow.parquet as pq
 import yaml
 
 from rentalml.config import Settings, get_settings
-from rentalml.features import formulas
+from rentalml.features import feast_import, formulas
+
+feast_import.lean()  # before the process's first Feast import (the module says why: ~4.5 CPU-s, ~180 MB less)
 
 if TYPE_CHECKING:
     from feast import FeatureStore
