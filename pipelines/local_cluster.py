@@ -218,9 +218,6 @@ class LocalCluster:
         self.substitutions.append("MLflow backend store: SQLite instead of the rendered PostgreSQL URL")
         env["MLFLOW_S3_ENDPOINT_URL"] = self.loopback(env["MLFLOW_S3_ENDPOINT_URL"])
         env["HOME"] = str(self.workdir / "mlflow-home")
-        if "MLFLOW_SERVER_ENABLE_JOB_EXECUTION" not in env:  # MLflow 3's job runner: ~8 huey processes, 2x the
-            env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # CPU at start; rentalml submits no MLflow jobs
-            self._note("MLflow server: job execution off (no MLflow jobs here)")
         Path(env["HOME"]).mkdir(exist_ok=True)
         dest = env["MLFLOW_ARTIFACTS_DESTINATION"]
         bucket = re.match(r"s3://([^/]+)", dest)

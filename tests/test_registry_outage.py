@@ -47,7 +47,7 @@ class MlflowServer:
              "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
              "--artifacts-destination", (self.root / "artifacts").as_uri(), "--serve-artifacts"],
             stdout=log, stderr=subprocess.STDOUT, cwd=self.root, start_new_session=True,
-            env={**os.environ, "HOME": str(self.root)})
+            env={**os.environ, "HOME": str(self.root), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
         log.close()
         self.svc = Service("mlflow", self.url, self.port, proc)
 
