@@ -368,6 +368,36 @@ def test_broker_restart_mid_stream(tmp_path):
     assert _metric(out["scrape"], "ml_stream_retries_total") > 0
 
 
+def test_processor_replaces_a_fatally_failed_producer():
+    """An idempotent kafka-python producer whose state turned fatal (seen after a Tansu restart: InitProducerId
+    answered UnknownError) fails every later send, forever: the processor's resend loop starts a new producer and
+    the records are delivered. Before the fix the loop resent through the dead producer until stopped."""
+    from kafka.errors import KafkaError
+    from kafka_helpers import read_topic
+    from rentalml.streaming.processor import Processor
+
+    from rentalml.kafka import ensure_topics, producer
+
+    broker = _service(services.start_tansu)
+    proc = None
+    try:
+        settings = Settings(kafka={"bootstrap_servers": broker.url})
+        ensure_topics(settings)
+        proc = Processor(settings, sink=object(), state=object(), log_fn=lambda doc: None)
+        proc.backoff_s = 0.01
+        dead = proc.producer = producer(settings)
+        dead._transaction_manager.transition_to_fatal_error(KafkaError("injected"))
+        tag = uuid.uuid4().hex[:8]
+        proc._send_all([("dead_letter", None, json.dumps({"payload": tag}).encode(), 0)])
+        assert proc.producer is not dead
+        assert [d["payload"] for d in read_topic(broker.url, "dead_letter", lambda d: d.get("payload") == tag,
+                                                 idle_s=0.5)] == [tag]
+    finally:
+        if proc is not None and proc.producer is not None:
+            proc.producer.close(timeout=1)
+        broker.stop()
+
+
 def test_redis_restart_mid_stream_and_serving_keeps_answering(tmp_path):
     """Redis with the manifests' persistence (AOF) stopped (SIGTERM) for 10 s while 20k events flow, restarted on
     the same port and folder: the stream's promises hold as under a broker restart, and `rentalml serve` (cache
