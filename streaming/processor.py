@@ -498,6 +498,22 @@ class Processor:
         if records:
             self._ahead = (records, self._parse(records))
 
+    @staticmethod
+    def _doc_skeletons(sources: list[tuple]) -> list[dict]:
+        """The processed_data documents of a batch's valid events, in the contract's field order, but for what the
+        state step decides (`duplicate`, `engagement`) and `processed_at`: built while the step runs."""
+        out = []
+        for tp, _r, ev in sources:
+            doc = {"event_id": ev.event_id, "source_topic": tp.topic, "event_type": ev.event_type,
+                   "property_id": ev.property_id, "timestamp": ev.timestamp.isoformat(), "duplicate": False,
+                   "processed_at": None}
+            if hasattr(ev, "user_id"):
+                doc["user_id"] = ev.user_id
+            else:
+                doc["attributes"] = ev.changed()
+            out.append(doc)
+        return out
+
     def process(self, records: dict, parsed: tuple | None = None) -> int:
         from kafka.errors import CommitFailedError
 
@@ -517,10 +533,12 @@ class Processor:
             running = self._worker.submit(step)
             try:
                 self._read_ahead()
+                skeletons = self._doc_skeletons(sources)
             finally:
                 applied = running.result()
         else:
             applied = step()
+            skeletons = None
         apply_s = time.perf_counter() - t_apply
         watermark = applied.clock - self.state.lateness
         for (tp, r, ev), outcome in zip(sources, applied.outcomes, strict=True):
@@ -575,19 +593,15 @@ class Processor:
         now_iso = datetime.now(UTC).isoformat()
         counts = {"processed": 0, "duplicate": 0}
         docs: list[dict] = []
-        for (tp, _r, ev), outcome in zip(sources, applied.outcomes, strict=True):
+        if skeletons is None:
+            skeletons = self._doc_skeletons(sources)
+        for doc, outcome in zip(skeletons, applied.outcomes, strict=True):
             if outcome == "late":
                 continue
             counts[outcome] += 1
-            doc = {"event_id": ev.event_id, "source_topic": tp.topic, "event_type": ev.event_type,
-                   "property_id": ev.property_id, "timestamp": ev.timestamp.isoformat(),
-                   "duplicate": outcome == "duplicate", "processed_at": now_iso}
-            if hasattr(ev, "user_id"):
-                doc["user_id"] = ev.user_id
-                if ev.property_id in eng_by_pid:
-                    doc["engagement"] = eng_by_pid[ev.property_id]
-            else:
-                doc["attributes"] = ev.changed()
+            doc["duplicate"], doc["processed_at"] = outcome == "duplicate", now_iso
+            if "user_id" in doc and doc["property_id"] in eng_by_pid:
+                doc["engagement"] = eng_by_pid[doc["property_id"]]
             docs.append(doc)
         sends = self.retry("processed_data partitions", lambda: self._processed_records(docs), dependency="kafka")
         for d in dlq:
