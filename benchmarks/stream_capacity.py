@@ -173,6 +173,7 @@ def main() -> None:
     ap.add_argument("--idle-s", type=float, default=6.0, help="a processor exits after this long without records")
     ap.add_argument("--profile", help="cProfile one in-process drain into this file instead ('-': no cProfile, "
                     "only the CPU seconds per record)")
+    ap.add_argument("--out", type=Path, default=OUT, help="the result JSON")
     ap.add_argument("--no-read-ahead", action="store_true", help="with --profile: the processor without its "
                     "read-ahead (the next batch read while the state step runs), to compare")
     args = ap.parse_args()
@@ -230,8 +231,8 @@ def main() -> None:
             "all_complete": all(x["complete"] for x in runs),
             "targets": {"one_processor_events_per_s": 20_000, "speedup_2_vs_1": 1.3},
         }
-        OUT.parent.mkdir(parents=True, exist_ok=True)
-        OUT.write_text(json.dumps(result, indent=2) + "\n")
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
         print(json.dumps(result, indent=2))
         print(f"| {total:,} ({produced['malformed']:,} malformed), {args.partitions} partitions | "
               f"{' / '.join(f'{x:,.0f}' for x in one)} | {' / '.join(f'{x:,.0f}' for x in two)} | "
