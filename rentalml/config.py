@@ -26,6 +26,11 @@ class KafkaSettings(BaseModel):
     ssl_certfile: Path | None = None
     ssl_keyfile: Path | None = None
     ssl_check_hostname: bool = True
+    #: idempotent producers (kafka-python's default; right for Kafka/Strimzi). Tansu 0.6 stores an idempotent
+    #: producer's sequence before the batch itself, so a batch in flight when it stops is acknowledged as a
+    #: duplicate when resent and lost (tests/test_faults.py broker restart): false there, which makes the
+    #: processor's outputs at-least-once across a broker restart (state stays exactly-once: it dedupes by event id)
+    idempotence: bool = True
 
 
 class StreamSettings(BaseModel):

@@ -138,6 +138,8 @@ def ensure_topics(settings: Settings | None = None, topics: tuple[str, ...] = TO
 def producer(settings: Settings | None = None, **kw):
     from kafka import KafkaProducer
 
-    opts = {"acks": "all", "linger_ms": 5, "retries": 5, "max_in_flight_requests_per_connection": 1}
+    s = settings or get_settings()
+    opts = {"acks": "all", "linger_ms": 5, "retries": 5, "max_in_flight_requests_per_connection": 1,
+            "enable_idempotence": s.kafka.idempotence}
     opts.update(kw)
     return KafkaProducer(**client_config(settings), **opts)

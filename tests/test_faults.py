@@ -297,7 +297,7 @@ def run_outage(tmp_path: Path, tag: str, bootstrap: str, redis_url: str, stop, s
     assert proc.returncode == 0, log.read_text()[-3000:]
     assert processed_before > 0, "the outage began before the processor handled anything"
     return {"flow": flow, "store": store, "log": log.read_text(errors="replace"), "scrape": scrape,
-            "totals": _totals(log)}
+            "totals": _totals(log), "env": env}
 
 
 def check_stream(out: dict, tag: str, bootstrap: str, read_processed: bool = True) -> None:
@@ -343,8 +343,12 @@ def check_stream(out: dict, tag: str, bootstrap: str, read_processed: bool = Tru
         return
     processed = read_topic(bootstrap, "processed_data", lambda d: d["event_id"].startswith(f"{tag}-e"))
     assert {d["event_id"] for d in processed} == set(df["event_id"])
-    first = [d["event_id"] for d in processed if not d["duplicate"]]
-    assert len(first) == len(set(first)) == len(flow.valid)
+    first = Counter(d["event_id"] for d in processed if not d["duplicate"])
+    assert set(first) == set(df["event_id"]) and len(first) == len(flow.valid)
+    # each event's first delivery once; a non-idempotent output producer (idempotence off, as on Tansu) may have
+    # written a batch it resent across the outage twice: at most twice, never more
+    assert max(first.values()) <= (2 if out.get("env", {}).get("RENTALML_KAFKA__IDEMPOTENCE") == "false" else 1), \
+        first.most_common(3)
 
 
 def test_broker_restart_mid_stream(tmp_path):
@@ -362,7 +366,10 @@ def test_broker_restart_mid_stream(tmp_path):
     tag = uuid.uuid4().hex[:8]
     try:
         out = run_outage(tmp_path, tag, box["broker"].url, redis.url, flow_opts=BROKER_BATCHING, gate_flow=True,
-                         env={"RENTALML_STREAM__FETCH_MAX_WAIT_MS": str(BROKER_FETCH_MAX_WAIT_MS)},
+                         env={"RENTALML_STREAM__FETCH_MAX_WAIT_MS": str(BROKER_FETCH_MAX_WAIT_MS),
+                              # Tansu loses an idempotent producer's in-flight batch across a restart (config.py
+                              # KafkaSettings.idempotence): the processor's outputs become at-least-once there
+                              "RENTALML_KAFKA__IDEMPOTENCE": "false"},
                          stop=lambda: box["broker"].stop(), start=lambda: box.update(broker=start()))
         check_stream(out, tag, box["broker"].url)
     finally:
