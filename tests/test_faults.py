@@ -320,9 +320,12 @@ def check_stream(out: dict, tag: str, bootstrap: str, read_processed: bool = Tru
     taste = online_features(store, user_ids=users).set_index("user_id")["n_events_7d"].reindex(users)
     assert (taste.fillna(0).astype(int).to_numpy() == n7.to_numpy()).all()
 
+    # the processor's own outputs: exactly once with an idempotent producer; with idempotence off (as on Tansu,
+    # config.py KafkaSettings.idempotence) a batch it resent across the outage may be written twice, never more
+    out_copies = 2 if out.get("env", {}).get("RENTALML_KAFKA__IDEMPOTENCE") == "false" else 1
     dlq = read_topic(bootstrap, "dead_letter", _names_tag(tag))
     got_coords = Counter((d["topic"], d["partition"], d["offset"]) for d in dlq)
-    assert max(got_coords.values()) == 1, [c for c, n in got_coords.items() if n > 1][:5]
+    assert max(got_coords.values()) <= out_copies, [c for c, n in got_coords.items() if n > 1][:5]
     # each malformed record (by the index in its payload) from the topic/partition it was sent to, and the one at
     # the offset its producer was told. A batch an idempotent producer sent again across an outage, which the
     # broker had already written, completes with offset -1 (DUPLICATE_SEQUENCE_NUMBER is success, kafka-python
@@ -330,7 +333,7 @@ def check_stream(out: dict, tag: str, bootstrap: str, read_processed: bool = Tru
     # may have written a resent record twice (two offsets): each is dead-lettered once, so an index twice at most
     index = Counter(_bad_index(d, tag) for d in dlq)
     assert set(index) == set(range(len(flow.bad_coords))), (len(index), len(flow.bad_coords))
-    assert max(index.values()) <= (1 if flow.batching["enable_idempotence"] else 2), index.most_common(3)
+    assert max(index.values()) <= (1 if flow.batching["enable_idempotence"] else 2) * out_copies, index.most_common(3)
     coords: dict[int, set] = {}
     for d in dlq:
         coords.setdefault(_bad_index(d, tag), set()).add((d["topic"], d["partition"], d["offset"]))
@@ -345,10 +348,8 @@ def check_stream(out: dict, tag: str, bootstrap: str, read_processed: bool = Tru
     assert {d["event_id"] for d in processed} == set(df["event_id"])
     first = Counter(d["event_id"] for d in processed if not d["duplicate"])
     assert set(first) == set(df["event_id"]) and len(first) == len(flow.valid)
-    # each event's first delivery once; a non-idempotent output producer (idempotence off, as on Tansu) may have
-    # written a batch it resent across the outage twice: at most twice, never more
-    assert max(first.values()) <= (2 if out.get("env", {}).get("RENTALML_KAFKA__IDEMPOTENCE") == "false" else 1), \
-        first.most_common(3)
+    # each event's first delivery once, or twice where a resent output batch was written twice (out_copies)
+    assert max(first.values()) <= out_copies, first.most_common(3)
 
 
 def test_broker_restart_mid_stream(tmp_path):
