@@ -322,7 +322,7 @@ def check_stream(out: dict, tag: str, bootstrap: str, read_processed: bool = Tru
 
     # the processor's own outputs: exactly once with an idempotent producer; with idempotence off (as on Tansu,
     # config.py KafkaSettings.idempotence) a batch it resent across the outage may be written twice, never more
-    out_copies = 2 if out.get("env", {}).get("RENTALML_KAFKA__IDEMPOTENCE") == "false" else 1
+    out_copies = 2 if out["env"].get("RENTALML_KAFKA__IDEMPOTENCE") == "false" else 1
     dlq = read_topic(bootstrap, "dead_letter", _names_tag(tag))
     got_coords = Counter((d["topic"], d["partition"], d["offset"]) for d in dlq)
     assert max(got_coords.values()) <= out_copies, [c for c, n in got_coords.items() if n > 1][:5]
