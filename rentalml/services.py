@@ -29,10 +29,72 @@ class ServiceUnavailable(RuntimeError):
     """The server binary is not installed on this machine."""
 
 
-def free_port() -> int:
+PORT_FLOOR = 15000  # local servers get ports from here up to the kernel's ephemeral range
+_PORTS_PER_WORKER = 2000
+_next_port: dict[tuple[int, int], int] = {}
+
+
+def _ephemeral_low(path: str = "/proc/sys/net/ipv4/ip_local_port_range") -> int:
+    try:
+        return int(Path(path).read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
+def port_block(worker: str | None = None, ephemeral_low: int | None = None) -> tuple[int, int] | None:
+    """[lo, hi) that `free_port` draws from: below the ephemeral range, one block per pytest-xdist worker.
+
+    Why not `bind(0)`: the kernel hands out a port from the ephemeral range, the same range it gives every
+    outgoing connection its source port from. Between `free_port` returning and the server binding, any
+    client socket on the machine (another test's HTTP, Kafka or Redis client) can take that port as its
+    source, and the server dies with "address already in use" (seen once in CI: uvicorn exit 3 in
+    test_bundle_integrity). Ports below the ephemeral range are never used as source ports, and a block per
+    xdist worker keeps parallel test workers apart; processes a test starts inherit its worker's block.
+    None when the machine's ephemeral range leaves no room below it.
+    """
+    top = _ephemeral_low() if ephemeral_low is None else ephemeral_low
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "") if worker is None else worker
+    if top - PORT_FLOOR < _PORTS_PER_WORKER:  # an unusual ip_local_port_range
+        return None
+    if worker.startswith("gw") and worker[2:].isdigit():
+        slots = (top - PORT_FLOOR) // _PORTS_PER_WORKER
+        lo = PORT_FLOOR + (int(worker[2:]) % slots) * _PORTS_PER_WORKER
+        return lo, lo + _PORTS_PER_WORKER
+    return PORT_FLOOR, top
+
+
+def _bindable(port: int) -> bool:
+    # the wildcard address: it conflicts with a listener on any local address, as a server on 0.0.0.0 would
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        try:
+            s.bind(("", port))
+        except OSError:
+            return False
+        return True
+
+
+def free_port() -> int:
+    """A port no one listens on now, from `port_block()`; successive calls walk the block, so they differ.
+
+    Each process starts at a pid-derived offset, so processes sharing a block (a test and the servers it
+    starts) rarely try the same port; a port someone holds is skipped.
+    """
+    block = port_block()
+    if block is None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+    lo, hi = block
+    size = hi - lo
+    cursor = _next_port.get((lo, hi))
+    if cursor is None:
+        cursor = (os.getpid() * 7919) % size
+    for step in range(size):
+        port = lo + (cursor + step) % size
+        if _bindable(port):
+            _next_port[(lo, hi)] = (cursor + step + 1) % size
+            return port
+    raise OSError(f"no free port in [{lo}, {hi})")
 
 
 def stop_process(proc: subprocess.Popen, timeout: float = 20.0) -> int | None:
