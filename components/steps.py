@@ -68,8 +68,7 @@ def validate(dataset_dir: str | Path, report_html: str | Path, *, reference_dir:
     from rentalml.data import validation as v
 
     ref_dir = Path(reference_dir) if reference_dir else get_settings().home_dir / "validation"
-    ds = _load(dataset_dir)
-    report = v.validate(ds, v.load_reference(ref_dir), psi_error=psi_error)
+    report = v.validate_dir(dataset_dir, v.load_reference(ref_dir), psi_error=psi_error)  # DuckDB, no frame
     Path(report_html).parent.mkdir(parents=True, exist_ok=True)
     Path(report_html).write_text(report.html())
     print(report.text(), flush=True)

@@ -75,8 +75,7 @@ class Dataset:
     def snapshot_hash(self) -> str:
         """Content hash of the interactions (and item ids): lineage for MLflow and bundles."""
         h = hashlib.sha256()
-        cols = ["user_id", "property_id", "timestamp", "weight"]
-        h.update(pd.util.hash_pandas_object(self.interactions[cols], index=False).values.tobytes())
+        h.update(_row_hashes(self.interactions))
         if self.items is not None:
             h.update(pd.util.hash_pandas_object(self.items.index.to_series(), index=False).values.tobytes())
         return h.hexdigest()[:16]
@@ -93,6 +92,36 @@ class Dataset:
             "properties": int(df["property_id"].nunique()),
             "catalogue": int(len(self.items)) if self.items is not None else int(df["property_id"].nunique()),
         }
+
+
+_HASHED = ["user_id", "property_id", "timestamp", "weight"]
+
+
+def _row_hashes(interactions: pd.DataFrame) -> bytes:
+    """The per-row hashes `snapshot_hash` digests: a row's hash depends on that row only, so the digest of a
+    file's record batches in order is the digest of the whole frame."""
+    return pd.util.hash_pandas_object(interactions[_HASHED], index=False).values.tobytes()
+
+
+def snapshot_hash_dir(directory: str | Path, batch_rows: int = 1 << 20) -> str:
+    """`Dataset.load(directory).snapshot_hash()` without loading the directory: the interactions stream through
+    pyarrow record batches of `batch_rows` (each normalised as `Dataset` does), the properties' ids are read
+    alone. Same value for the same data."""
+    import pyarrow.parquet as pq
+
+    d = Path(directory)
+    pf = pq.ParquetFile(d / "interactions.parquet")
+    names = set(pf.schema_arrow.names)
+    props = d / "properties.parquet"
+    if not set(_HASHED) <= names or (props.exists() and "property_id" not in pq.read_schema(props).names):
+        return Dataset.load(d).snapshot_hash()  # defaults filled by position / ids in an index column: rare
+    h = hashlib.sha256()
+    for batch in pf.iter_batches(batch_size=batch_rows, columns=_HASHED):
+        h.update(_row_hashes(Dataset(batch.to_pandas()).interactions))
+    if props.exists():
+        ids = pq.read_table(props, columns=["property_id"]).column(0).to_pandas().astype(str)
+        h.update(pd.util.hash_pandas_object(ids, index=False).values.tobytes())
+    return h.hexdigest()[:16]
 
 
 @dataclass

@@ -4,6 +4,10 @@
 `report.ok` is False when an error-level check fails (the pipeline's validate step then fails the run and
 prints `report.text()`). `profile(dataset)` is what gets stored as the accepted reference.
 
+`validate_dir(path, reference)` does the same over a saved dataset directory without loading it: every check
+and statistic is one SQL implementation run by DuckDB, over the parquet files there or over the frames of an
+in-memory `Dataset` (DuckDB's pandas scan), so 10M interactions never become a pandas frame in the pipeline.
+
 Drift is the population stability index (PSI) between the reference and the new data, on binned numeric
 distributions (reference deciles) and on categorical shares: < 0.1 stable, 0.1–0.25 a warning, above
 `psi_error` (default 0.25) an error.
@@ -13,14 +17,17 @@ from __future__ import annotations
 
 import html
 import json
+import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import duckdb
 import numpy as np
 import pandas as pd
 
-from rentalml.data.dataset import Dataset, InteractionMatrix
+from rentalml.data.dataset import Dataset, snapshot_hash_dir
 from rentalml.schema import EVENT_WEIGHTS, PROPERTY_CATEGORICAL, PROPERTY_NUMERIC
 
 PSI_WARN = 0.1
@@ -90,16 +97,117 @@ class ValidationReport:
                 f"</table><h2>Statistics</h2><pre>{stats}</pre></body></html>")
 
 
+# ------------------------------------------------------------------------------------------ SQL engine
+# One implementation of the checks and statistics: SQL in DuckDB over two relations, `interactions` and
+# `properties`, that are either views over the parquet files of a dataset directory (`validate_dir`, the
+# pipeline's step: nothing is loaded into pandas, DuckDB streams the row groups and spills to disk past
+# `memory_limit`) or scans of the frames of an in-memory `Dataset` (`validate`, through DuckDB's pandas scan,
+# no copy).
+_QS = [float(q) for q in np.linspace(0, 1, 11)]  # the decile edges (the same floats numpy's quantile gets)
+_NUMERIC = ("TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT", "UTINYINT", "USMALLINT", "UINTEGER",
+            "UBIGINT", "FLOAT", "DOUBLE", "DECIMAL")
+
+
+def _connect(memory_limit: str | None = None) -> duckdb.DuckDBPyConnection:
+    con = duckdb.connect()
+    con.execute("SET preserve_insertion_order = false")
+    con.execute(f"SET memory_limit = '{memory_limit or os.environ.get('RENTALML_DUCKDB_MEMORY', '2GB')}'")
+    return con
+
+
+def _ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _dlist(values) -> str:
+    """A DuckDB DOUBLE[] literal with the exact floats (parsed from their repr, never via DECIMAL)."""
+    return "[" + ",".join(f"CAST('{float(v)!r}' AS DOUBLE)" for v in values) + "]::DOUBLE[]"
+
+
+def _columns(con, rel: str) -> dict[str, str]:
+    return {r[0]: r[1] for r in con.execute(f"DESCRIBE {rel}").fetchall()}
+
+
+def _num(expr: str) -> str:
+    return f"TRY_CAST({expr} AS DOUBLE)"
+
+
+def _label(col: str, dtype: str) -> str:
+    """`Series.astype(str)` in SQL: True/False for booleans, None (strings) / nan (numbers) for nulls."""
+    c = _ident(col)
+    if dtype == "BOOLEAN":
+        return f"CASE WHEN {c} IS NULL THEN 'None' WHEN {c} THEN 'True' ELSE 'False' END"
+    null = "'nan'" if dtype.startswith(_NUMERIC) else "'None'"
+    return f"coalesce(CAST({c} AS VARCHAR), {null})"
+
+
+def _bin_sql(expr: str, edges) -> str:
+    """The bin of `_shares` ((-inf, e1], (e1, e2], ..., (e_last-1, +inf)) as a CASE over the inner edges."""
+    inner = [float(e) for e in list(edges)[1:-1]]
+    if not inner:
+        return "0"
+    whens = " ".join(f"WHEN {expr} <= CAST('{e!r}' AS DOUBLE) THEN {i}" for i, e in enumerate(inner))
+    return f"CASE {whens} ELSE {len(inner)} END"
+
+
+def _shares_sql(con, rel: str, expr: str, edges) -> list[float]:
+    """`_shares` of the finite values of `expr` in `rel`."""
+    k = max(0, len(list(edges)) - 2)
+    rows = con.execute(f"SELECT {_bin_sql('v', edges)} AS b, count(*) FROM (SELECT {expr} AS v FROM {rel}) "
+                       "WHERE isfinite(v) GROUP BY b").fetchall()
+    counts = np.zeros(k + 1)
+    for b, c in rows:
+        counts[int(b)] = c
+    return (counts / max(1.0, counts.sum())).tolist()
+
+
+def _numeric_profile_sql(con, rel: str, expr: str) -> dict:
+    """`_numeric_profile` of the DOUBLE expression `expr` over `rel` (nulls and non-finite values are missing)."""
+    n, k, mean, std, lo, hi, qs = con.execute(
+        f"SELECT count(*), count(v) FILTER (isfinite(v)), avg(v) FILTER (isfinite(v)), "
+        f"stddev_samp(v) FILTER (isfinite(v)), min(v) FILTER (isfinite(v)), max(v) FILTER (isfinite(v)), "
+        f"quantile_cont(v, {_dlist(_QS)}) FILTER (isfinite(v)) FROM (SELECT {expr} AS v FROM {rel})").fetchone()
+    out = {"kind": "numeric", "null_frac": float(1 - k / max(1, n))}
+    if k:
+        edges = np.unique(np.asarray(qs, dtype=float))
+        out.update(mean=float(mean), std=float("nan") if std is None else float(std), min=float(lo),
+                   max=float(hi), edges=edges.tolist(), shares=_shares_sql(con, rel, expr, edges))
+    return out
+
+
+def _categorical_profile_sql(con, rel: str, col: str, dtype: str, prefer=()) -> dict:
+    """`_categorical_profile` of column `col`: the top `_TOP` labels by share, the rest `__other__`. Ties at the
+    cut go to the labels in `prefer` (the reference's), then by label: the same data gives the same bins as
+    its reference, so a PSI of 0 (pandas' value_counts left such ties in arbitrary order)."""
+    rows = con.execute(f"SELECT {_label(col, dtype)} AS k, count(*) AS c FROM {rel} GROUP BY k").fetchall()
+    prefer = set(prefer)
+    rows.sort(key=lambda r: (-r[1], r[0] not in prefer, r[0]))
+    total = float(sum(c for _, c in rows))
+    shares = {str(k): c / total for k, c in rows[:_TOP]}
+    if len(rows) > _TOP:
+        shares["__other__"] = float(sum(c for _, c in rows[_TOP:]) / total)
+    nulls, distinct = con.execute(f"SELECT count(*) - count({_ident(col)}), count(DISTINCT {_ident(col)}) "
+                                  f"FROM {rel}").fetchone()
+    return {"kind": "categorical", "null_frac": float(nulls / total) if total else float("nan"),
+            "shares": shares, "distinct": int(distinct)}
+
+
+def _frame_profile(s: pd.Series, numeric: bool) -> dict:
+    con = _connect()
+    con.register("s", pd.DataFrame({"v": s.to_numpy() if numeric else s}).astype(float if numeric else object))
+    if numeric:
+        return _numeric_profile_sql(con, "s", "v")
+    return _categorical_profile_sql(con, "s", "v", _columns(con, "s")["v"])
+
+
 # ------------------------------------------------------------------------------------------ statistics
 def _numeric_profile(s: pd.Series) -> dict:
-    v = pd.to_numeric(s, errors="coerce")
-    finite = v[np.isfinite(v)]
-    out = {"kind": "numeric", "null_frac": float(1 - len(finite) / max(1, len(v)))}
-    if len(finite):
-        edges = np.unique(np.quantile(finite, np.linspace(0, 1, 11)))
-        out.update(mean=float(finite.mean()), std=float(finite.std()), min=float(finite.min()),
-                   max=float(finite.max()), edges=edges.tolist(), shares=_shares(finite.to_numpy(), edges))
-    return out
+    """Profile of a numeric series (the monitoring reference uses it too): same SQL as the validation."""
+    return _frame_profile(pd.to_numeric(s, errors="coerce"), numeric=True)
+
+
+def _categorical_profile(s: pd.Series) -> dict:
+    return _frame_profile(s, numeric=False)
 
 
 def _shares(values: np.ndarray, edges: list | np.ndarray) -> list[float]:
@@ -110,48 +218,70 @@ def _shares(values: np.ndarray, edges: list | np.ndarray) -> list[float]:
     return (counts / max(1.0, counts.sum())).tolist()
 
 
-def _categorical_profile(s: pd.Series) -> dict:
-    vc = s.astype(str).value_counts(normalize=True)
-    top = vc.head(_TOP)
-    shares = {str(k): float(v) for k, v in top.items()}
-    if len(vc) > _TOP:
-        shares["__other__"] = float(vc.iloc[_TOP:].sum())
-    return {"kind": "categorical", "null_frac": float(s.isna().mean()), "shares": shares,
-            "distinct": int(s.nunique())}
+class _Tables:
+    """The two relations of one validation run and what is known about them."""
+
+    def __init__(self, con: duckdb.DuckDBPyConnection, name: str, snapshot: Callable[[], str], has_items: bool):
+        self.con, self.name, self.snapshot, self.has_items = con, name, snapshot, has_items
+        self.cols = _columns(con, "interactions")
+        self.item_cols = _columns(con, "properties") if has_items else {}
+        # distinct (user, property) pairs per user: the 10M-row step, done once (DuckDB spills past its limit)
+        con.execute("CREATE TEMP TABLE per_user AS SELECT user_id, count(DISTINCT property_id) AS n "
+                    "FROM interactions WHERE user_id IS NOT NULL GROUP BY user_id")
+
+    def one(self, sql: str):
+        return self.con.execute(sql).fetchone()
 
 
-def profile(ds: Dataset, _pairs: pd.DataFrame | None = None) -> dict:
-    """Statistics of a dataset, and the per-feature distributions drift is measured against."""
-    df = ds.interactions
-    distinct = df.drop_duplicates(["user_id", "property_id"]) if _pairs is None else _pairs
-    pairs = InteractionMatrix.build(distinct).binary()
-    per_user = np.diff(pairs.indptr)
-    per_item = np.asarray(pairs.sum(0)).ravel()
+def _profile_sql(t: _Tables, reference: dict | None = None) -> dict:
+    con = t.con
+    ref_feats = (reference or {}).get("features", {})
+
+    def prefer(name: str) -> list[str]:
+        return list(ref_feats.get(name, {}).get("shares", {}))
+
+    rows, users, props, ts_min, ts_max = t.one(
+        "SELECT count(*), count(DISTINCT user_id), count(DISTINCT property_id), "
+        "epoch_ns(min(timestamp)), epoch_ns(max(timestamp)) FROM interactions")
+    pairs = int(t.one("SELECT coalesce(sum(n), 0) FROM per_user")[0])
+    per_item = "(SELECT count(DISTINCT user_id) AS n FROM interactions WHERE property_id IS NOT NULL " \
+               "GROUP BY property_id)"
     stats: dict = {
-        "dataset": ds.name, "snapshot": ds.snapshot_hash(), "rows": int(len(df)),
-        "users": int(df["user_id"].nunique()), "properties": int(df["property_id"].nunique()),
-        "pairs": int(pairs.nnz),
-        "catalogue": int(len(ds.items)) if ds.items is not None else int(df["property_id"].nunique()),
-        "first_event": str(df["timestamp"].min()), "last_event": str(df["timestamp"].max()),
-        "pairs_per_user": {q: float(np.quantile(per_user, p)) for q, p in (("p50", .5), ("p90", .9), ("p99", .99))}
-        if len(per_user) else {},
-        "users_per_property": {q: float(np.quantile(per_item, p)) for q, p in (("p50", .5), ("p90", .9))}
-        if len(per_item) else {},
-        "features": {},
+        "dataset": t.name, "snapshot": t.snapshot(), "rows": int(rows), "users": int(users),
+        "properties": int(props), "pairs": pairs,
+        "catalogue": int(t.one("SELECT count(*) FROM properties")[0]) if t.has_items else int(props),
+        "first_event": _ts_str(ts_min), "last_event": _ts_str(ts_max), "features": {},
     }
+    if users:
+        q = t.one(f"SELECT quantile_cont(n, {_dlist([.5, .9, .99])}) FROM per_user")[0]
+        stats["pairs_per_user"] = dict(zip(("p50", "p90", "p99"), map(float, q), strict=True))
+    else:
+        stats["pairs_per_user"] = {}
+    q = t.one(f"SELECT quantile_cont(n, {_dlist([.5, .9])}) FROM {per_item}")[0] if props else None
+    stats["users_per_property"] = dict(zip(("p50", "p90"), map(float, q), strict=True)) if q else {}
+    stats = {k: stats[k] for k in ("dataset", "snapshot", "rows", "users", "properties", "pairs", "catalogue",
+                                   "first_event", "last_event", "pairs_per_user", "users_per_property",
+                                   "features")}  # the key order of the reports before
     feats = stats["features"]
-    feats["interactions.pairs_per_user"] = _numeric_profile(pd.Series(per_user))
-    feats["interactions.weight"] = _numeric_profile(df["weight"])
-    if "event_type" in df.columns:
-        feats["interactions.event_type"] = _categorical_profile(df["event_type"])
-    if ds.items is not None:
-        for col in PROPERTY_NUMERIC:
-            if col in ds.items.columns and pd.to_numeric(ds.items[col], errors="coerce").notna().any():
-                feats[f"properties.{col}"] = _numeric_profile(ds.items[col])
-        for col in PROPERTY_CATEGORICAL:
-            if col in ds.items.columns:
-                feats[f"properties.{col}"] = _categorical_profile(ds.items[col])
+    feats["interactions.pairs_per_user"] = _numeric_profile_sql(con, "per_user", "CAST(n AS DOUBLE)")
+    feats["interactions.weight"] = _numeric_profile_sql(con, "interactions", _num("weight"))
+    if "event_type" in t.cols:
+        feats["interactions.event_type"] = _categorical_profile_sql(con, "interactions", "event_type",
+                                                                    t.cols["event_type"],
+                                                                    prefer("interactions.event_type"))
+    for col in PROPERTY_NUMERIC:
+        v = _num(_ident(col))
+        if col in t.item_cols and t.one(f"SELECT count({v}) FILTER (NOT isnan({v})) FROM properties")[0]:
+            feats[f"properties.{col}"] = _numeric_profile_sql(con, "properties", _num(_ident(col)))
+    for col in PROPERTY_CATEGORICAL:
+        if col in t.item_cols:
+            feats[f"properties.{col}"] = _categorical_profile_sql(con, "properties", col, t.item_cols[col],
+                                                                        prefer(f"properties.{col}"))
     return stats
+
+
+def _ts_str(ns: int | None) -> str:
+    return str(pd.Timestamp(ns, tz="UTC")) if ns is not None else str(pd.NaT)
 
 
 def psi(expected: list[float] | np.ndarray, actual: list[float] | np.ndarray) -> float:
@@ -160,7 +290,7 @@ def psi(expected: list[float] | np.ndarray, actual: list[float] | np.ndarray) ->
     return float(np.sum((a - e) * np.log(a / e)))
 
 
-def _drift(ref: dict, cur_ds: Dataset, cur: dict) -> dict[str, float]:
+def _drift_sql(ref: dict, t: _Tables, cur: dict) -> dict[str, float]:
     out = {}
     for name, r in ref.get("features", {}).items():
         c = cur["features"].get(name)
@@ -169,14 +299,10 @@ def _drift(ref: dict, cur_ds: Dataset, cur: dict) -> dict[str, float]:
         if r["kind"] == "numeric" and "edges" in r:
             table, col = name.split(".", 1)
             if name == "interactions.pairs_per_user":
-                pairs = cur_ds.interactions.drop_duplicates(["user_id", "property_id"])
-                values = pairs.groupby("user_id").size().to_numpy(float)
-            elif table == "interactions":
-                values = pd.to_numeric(cur_ds.interactions[col], errors="coerce").to_numpy(float)
+                rel, expr = "per_user", "CAST(n AS DOUBLE)"
             else:
-                values = pd.to_numeric(cur_ds.items[col], errors="coerce").to_numpy(float)
-            values = values[np.isfinite(values)]
-            out[name] = psi(r["shares"], _shares(values, r["edges"]))
+                rel, expr = table, _num(_ident(col))
+            out[name] = psi(r["shares"], _shares_sql(t.con, rel, expr, r["edges"]))
         elif r["kind"] == "categorical":
             keys = sorted(set(r["shares"]) | set(c["shares"]))
             out[name] = psi([r["shares"].get(k, 0.0) for k in keys], [c["shares"].get(k, 0.0) for k in keys])
@@ -184,71 +310,72 @@ def _drift(ref: dict, cur_ds: Dataset, cur: dict) -> dict[str, float]:
 
 
 # ------------------------------------------------------------------------------------------ checks
-def _bad_ids(s: pd.Series) -> int:
-    # the string checks run over the distinct ids (1M users, not 10M events); rows are counted only when some
-    # distinct value is bad
-    uniq = pd.Series(pd.unique(s), dtype=object)
-    t = uniq.astype(str).str.strip()
-    bad = (t.eq("") | t.str.lower().isin({"nan", "none", "null", "<na>"})).to_numpy()
-    if not bad.any():
-        return 0
-    return int(s.isin(uniq[bad]).sum() + (s.isna().sum() if uniq[bad].isna().any() else 0))
+def _bad_ids(t: _Tables, col: str) -> int:
+    # the string tests run over the distinct ids (1M users, not 10M events), rows counted per distinct value
+    c = _ident(col)
+    return int(t.one(
+        f"SELECT coalesce(sum(k), 0) FROM (SELECT {c} AS v, count(*) AS k FROM interactions GROUP BY {c}) "
+        r"WHERE v IS NULL OR lower(regexp_replace(CAST(v AS VARCHAR), '^\s+|\s+$', '', 'g')) "
+        "IN ('', 'nan', 'none', 'null', '<na>')")[0])
 
 
-def validate(ds: Dataset, reference: dict | None = None, *, min_rows: int = 100, min_users: int = 10,
-             psi_error: float = PSI_ERROR, psi_warn: float = PSI_WARN, max_volume_change: float = 5.0,
-             now: datetime | None = None) -> ValidationReport:
-    """Schema and sanity checks (errors), statistics, and drift against `reference` (a `profile`)."""
-    df = ds.interactions
+def _validate(t: _Tables, reference: dict | None, *, min_rows: int, min_users: int, psi_error: float,
+              psi_warn: float, max_volume_change: float, now: datetime | None) -> ValidationReport:
     checks: list[Check] = []
 
     def check(name: str, ok: bool, message: str, severity: str = "error") -> None:
         checks.append(Check(name, bool(ok), message, severity))
 
-    n = len(df)
+    n = int(t.one("SELECT count(*) FROM interactions")[0])
     check("rows", n >= min_rows, f"{n} interactions (minimum {min_rows})")
-    bad_u, bad_p = _bad_ids(df["user_id"]), _bad_ids(df["property_id"])
+    bad_u, bad_p = _bad_ids(t, "user_id"), _bad_ids(t, "property_id")
     check("user_id", bad_u == 0, f"{bad_u} empty/null user ids" if bad_u else "no empty ids")
     check("property_id", bad_p == 0, f"{bad_p} empty/null property ids" if bad_p else "no empty ids")
-    ts = df["timestamp"]
     horizon = pd.Timestamp(now or datetime.now(UTC)) + timedelta(days=1)
-    future, missing = int((ts > horizon).sum()), int(ts.isna().sum())
+    horizon = horizon.tz_localize("UTC") if horizon.tzinfo is None else horizon
+    future, missing, ts_min, ts_max = t.one(
+        f"SELECT count(*) FILTER (epoch_ns(timestamp) > {int(horizon.value)}), count(*) - count(timestamp), "
+        "epoch_ns(min(timestamp)), epoch_ns(max(timestamp)) FROM interactions")
     check("timestamp", future == 0 and missing == 0,
-          f"{missing} missing, {future} in the future" if future or missing else f"{ts.min()} → {ts.max()}")
-    w = pd.to_numeric(df["weight"], errors="coerce")
-    bad_w = int((~np.isfinite(w) | (w < 0)).sum())
+          f"{missing} missing, {future} in the future" if future or missing else
+          f"{_ts_str(ts_min)} → {_ts_str(ts_max)}")
+    bad_w = int(t.one(f"SELECT count(*) FILTER (w IS NULL OR NOT isfinite(w) OR w < 0) "
+                      f"FROM (SELECT {_num('weight')} AS w FROM interactions)")[0])
     check("weight", bad_w == 0, f"{bad_w} negative or non-finite weights" if bad_w else "finite, non-negative")
-    if "event_type" in df.columns:
-        unknown = sorted(set(df["event_type"].dropna().astype(str)) - set(EVENT_WEIGHTS))
+    if "event_type" in t.cols:
+        seen = {r[0] for r in t.con.execute("SELECT DISTINCT CAST(event_type AS VARCHAR) FROM interactions "
+                                            "WHERE event_type IS NOT NULL").fetchall()}
+        unknown = sorted(seen - set(EVENT_WEIGHTS))
         check("event_type", not unknown, f"unknown event types {unknown[:5]}" if unknown else
               f"all in {sorted(EVENT_WEIGHTS)}")
-    pairs = df.drop_duplicates(["user_id", "property_id"])
-    multi = int((pairs.groupby("user_id").size() >= 2).sum())
+    multi = int(t.one("SELECT count(*) FROM per_user WHERE n >= 2")[0])
     check("users with ≥2 properties", multi >= min_users,
           f"{multi} users can be split into train/test (minimum {min_users})")
-    dup = int(df.duplicated().sum())
+    dup = n - int(t.one("SELECT count(*) FROM (SELECT DISTINCT * FROM interactions)")[0])
     check("duplicate rows", dup <= 0.05 * max(1, n), f"{dup} exact duplicate rows", "warning")
-    if ds.items is not None:
-        check("properties.property_id unique", ds.items.index.is_unique,
-              "unique" if ds.items.index.is_unique else f"{int(ds.items.index.duplicated().sum())} duplicates")
-        covered = float(df["property_id"].isin(ds.items.index).mean()) if n else 1.0
+    if t.has_items:
+        n_items, distinct = t.one("SELECT count(*), count(DISTINCT property_id) FROM properties")
+        unique = n_items == distinct
+        check("properties.property_id unique", unique, "unique" if unique else f"{n_items - distinct} duplicates")
+        hit = int(t.one("SELECT count(*) FROM interactions WHERE property_id IN "
+                        "(SELECT property_id FROM properties)")[0])
+        covered = hit / n if n else 1.0
         check("properties coverage", covered >= 0.95,
               f"{covered:.1%} of interactions have a property row (features)", "warning" if covered >= 0.5 else "error")
-        if "price" in ds.items.columns:
-            price = pd.to_numeric(ds.items["price"], errors="coerce")
-            bad = int((price <= 0).sum())
+        if "price" in t.item_cols:
+            bad = int(t.one(f"SELECT count(*) FILTER ({_num('price')} <= 0) FROM properties")[0])
             check("properties.price", bad == 0, f"{bad} non-positive prices" if bad else "positive")
         for col, lo, hi in (("lat", -90, 90), ("lon", -180, 180)):
-            if col in ds.items.columns:
-                v = pd.to_numeric(ds.items[col], errors="coerce")
-                bad = int(((v < lo) | (v > hi)).sum())
+            if col in t.item_cols:
+                v = _num(_ident(col))
+                bad = int(t.one(f"SELECT count(*) FILTER ({v} < {lo} OR {v} > {hi}) FROM properties")[0])
                 check(f"properties.{col}", bad == 0, f"{bad} out of [{lo}, {hi}]" if bad else "in range")
-    stats = profile(ds, pairs)
+    stats = _profile_sql(t, reference)
     drift: dict[str, float] = {}
     ref_snapshot = None
     if reference:
         ref_snapshot = reference.get("snapshot")
-        drift = _drift(reference, ds, stats)
+        drift = _drift_sql(reference, t, stats)
         for name, value in sorted(drift.items()):
             sev = "error" if value > psi_error else "warning"
             check(f"drift {name}", value <= psi_warn, f"PSI {value:.3f} (warn > {psi_warn}, fail > {psi_error})",
@@ -257,6 +384,60 @@ def validate(ds: Dataset, reference: dict | None = None, *, min_rows: int = 100,
         check("volume", 1 / max_volume_change <= ratio <= max_volume_change,
               f"{n} rows vs {reference.get('rows')} in the accepted snapshot (×{ratio:.2f})")
     return ValidationReport(checks, stats, drift, ref_snapshot)
+
+
+def _frame_tables(ds: Dataset, memory_limit: str | None = None) -> _Tables:
+    con = _connect(memory_limit)
+    con.register("interactions", ds.interactions)
+    if ds.items is not None:
+        keep = [c for c in (*PROPERTY_NUMERIC, *PROPERTY_CATEGORICAL) if c in ds.items.columns]
+        con.register("properties", ds.items[keep].rename_axis("property_id").reset_index())
+    return _Tables(con, ds.name, ds.snapshot_hash, ds.items is not None)
+
+
+def _dir_tables(directory: str | Path, name: str | None = None, memory_limit: str | None = None) -> _Tables:
+    d = Path(directory)
+    if not (d / "interactions.parquet").exists():
+        raise FileNotFoundError(f"{d}/interactions.parquet not found")
+    con = _connect(memory_limit)
+
+    def path(p: Path) -> str:
+        return "'" + str(p).replace("'", "''") + "'"
+
+    con.execute(f"CREATE VIEW interactions AS SELECT * FROM read_parquet({path(d / 'interactions.parquet')})")
+    has_items = (d / "properties.parquet").exists()
+    if has_items:
+        con.execute(f"CREATE VIEW properties AS SELECT * FROM read_parquet({path(d / 'properties.parquet')})")
+        if "property_id" not in _columns(con, "properties"):  # ids in the index column: the frame path knows it
+            con.close()
+            return _frame_tables(Dataset.load(d, name), memory_limit)
+    return _Tables(con, name or d.name, lambda: snapshot_hash_dir(d), has_items)
+
+
+def profile(ds: Dataset) -> dict:
+    """Statistics of a dataset, and the per-feature distributions drift is measured against."""
+    return _profile_sql(_frame_tables(ds))
+
+
+def validate(ds: Dataset, reference: dict | None = None, *, min_rows: int = 100, min_users: int = 10,
+             psi_error: float = PSI_ERROR, psi_warn: float = PSI_WARN, max_volume_change: float = 5.0,
+             now: datetime | None = None) -> ValidationReport:
+    """Schema and sanity checks (errors), statistics, and drift against `reference` (a `profile`) of an
+    in-memory dataset (the same SQL as `validate_dir`, over DuckDB scans of its frames)."""
+    return _validate(_frame_tables(ds), reference, min_rows=min_rows, min_users=min_users, psi_error=psi_error,
+                     psi_warn=psi_warn, max_volume_change=max_volume_change, now=now)
+
+
+def validate_dir(directory: str | Path, reference: dict | None = None, *, name: str | None = None,
+                 min_rows: int = 100, min_users: int = 10, psi_error: float = PSI_ERROR, psi_warn: float = PSI_WARN,
+                 max_volume_change: float = 5.0, now: datetime | None = None,
+                 memory_limit: str | None = None) -> ValidationReport:
+    """`validate` of a saved dataset directory (`Dataset.save`), without loading it: DuckDB reads the parquet
+    files (its memory bounded by `memory_limit`, default $RENTALML_DUCKDB_MEMORY or 2GB; it spills to disk past
+    it) and the snapshot hash streams over record batches. Same report as `validate(Dataset.load(directory))`."""
+    return _validate(_dir_tables(directory, name, memory_limit), reference, min_rows=min_rows,
+                     min_users=min_users, psi_error=psi_error, psi_warn=psi_warn,
+                     max_volume_change=max_volume_change, now=now)
 
 
 # ------------------------------------------------------------------------------------------ reference store
