@@ -88,17 +88,22 @@ def build_features(dataset_dir: str | Path, out_dir: str | Path) -> list[str]:
     description. With `feast.training` set, the property attributes come from the Feast store, point in time at
     the snapshot's end (offline tables rebuilt, definitions applied, online store refreshed), and the Feast views
     lead the returned names as `view:version`. Returns the feature view names (lineage)."""
+    from rentalml.data.dataset import link_interactions, load_feature_tables, save_feature_tables
     from rentalml.data.features import FeatureEncoder
 
-    ds = _load(dataset_dir)
     feast_views: list[str] = []
-    if get_settings().feast.training:
+    if get_settings().feast.training:  # Feast reads the interactions (offline tables, the snapshot's end)
         from rentalml.features.store import dataset_with_features
 
-        ds, feast_views = dataset_with_features(ds)
-    ds.save(out_dir)
+        ds, feast_views = dataset_with_features(_load(dataset_dir))
+        items, users = ds.items, ds.users
+    else:  # only the small tables are read
+        items, users = load_feature_tables(dataset_dir)
+    # the interactions are not changed here: the file is carried over (hard link or copy), not re-written
+    link_interactions(dataset_dir, out_dir)
+    save_feature_tables(out_dir, items, users)
     views, encoders = list(feast_views), {}
-    for view, table in (("property_features", ds.items), ("user_features", ds.users)):
+    for view, table in (("property_features", items), ("user_features", users)):
         if table is not None and len(table.columns):
             enc = FeatureEncoder.fit(table)
             if enc.dim:

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from datetime import UTC, datetime
 
 import numpy as np
 import pandas as pd
 import pytest
 import validation_pandas_reference as old
+from rentalml.components import steps
 
 from rentalml.data import validation as v
 from rentalml.data.dataset import Dataset, snapshot_hash_dir
@@ -126,3 +128,16 @@ def test_snapshot_hash_streams_with_the_same_value(clean, tmp_path):
     other = clean.subset(clean.interactions.assign(weight=clean.interactions["weight"] + 1))
     assert snapshot_hash_dir(other.save(tmp_path / "other")) != want
 
+
+def test_build_features_carries_the_interactions_without_rewriting(clean, tmp_path):
+    src = clean.save(tmp_path / "ds")
+    out = tmp_path / "features"
+    views = steps.build_features(src, out)
+    assert "property_features" in views
+    a, b = src / "interactions.parquet", out / "interactions.parquet"
+    assert a.read_bytes() == b.read_bytes()  # the file itself: no pandas round trip
+    assert os.path.samefile(a, b)  # a hard link (same file system); a copy across file systems
+    pd.testing.assert_frame_equal(Dataset.load(out).interactions, Dataset.load(src).interactions)
+    assert Dataset.load(out).snapshot_hash() == clean.snapshot_hash()
+    clean.subset(clean.interactions.head(100)).save(out)  # a save over the link replaces it, never writes through
+    assert not os.path.samefile(a, b) and Dataset.load(src).snapshot_hash() == clean.snapshot_hash()

@@ -8,6 +8,7 @@ are optional feature tables.
 from __future__ import annotations
 
 import hashlib
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,26 +42,26 @@ class Dataset:
             df["timestamp"] = pd.to_datetime(df["timestamp"], utc=True)
         self.interactions = df.reset_index(drop=True) if not isinstance(df.index, pd.RangeIndex) or \
             df.index.start != 0 or df.index.step != 1 else df
-        if self.items is not None:
-            self.items = self.items.copy()
-            if "property_id" in self.items.columns:
-                self.items = self.items.set_index("property_id")
-            self.items.index = self.items.index.astype(str)
-        if self.users is not None:
-            self.users = self.users.copy()
-            if "user_id" in self.users.columns:
-                self.users = self.users.set_index("user_id")
-            self.users.index = self.users.index.astype(str)
+        self.items = _feature_table(self.items, "property_id")
+        self.users = _feature_table(self.users, "user_id")
 
     # ------------------------------------------------------------------ io
-    def save(self, directory: str | Path) -> Path:
+    def save(self, directory: str | Path, rows_per_write: int = 1 << 20) -> Path:
+        """interactions.parquet (written `rows_per_write` rows at a time: the Arrow copy of a 10M-row frame is
+        never whole), properties.parquet, users.parquet. Each file is written aside and renamed into place, so
+        a file hard-linked from another directory (`link_interactions`) is replaced, never written through."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        self.interactions.to_parquet(d / "interactions.parquet", index=False)
-        if self.items is not None:
-            self.items.reset_index().to_parquet(d / "properties.parquet", index=False)
-        if self.users is not None:
-            self.users.reset_index().to_parquet(d / "users.parquet", index=False)
+        df = self.interactions
+        schema = pa.Schema.from_pandas(df, preserve_index=False)
+        with _replacing(d / "interactions.parquet") as tmp, pq.ParquetWriter(tmp, schema) as writer:
+            for start in range(0, max(1, len(df)), rows_per_write):
+                chunk = df.iloc[start:start + rows_per_write]
+                writer.write_table(pa.Table.from_pandas(chunk, schema=schema, preserve_index=False))
+        save_feature_tables(d, self.items, self.users)
         return d
 
     @classmethod
@@ -68,8 +69,7 @@ class Dataset:
         d = Path(directory)
         if not (d / "interactions.parquet").exists():
             raise FileNotFoundError(f"{d}/interactions.parquet not found")
-        items = pd.read_parquet(d / "properties.parquet") if (d / "properties.parquet").exists() else None
-        users = pd.read_parquet(d / "users.parquet") if (d / "users.parquet").exists() else None
+        items, users = load_feature_tables(d)
         return cls(pd.read_parquet(d / "interactions.parquet"), items, users, name=name or d.name)
 
     def snapshot_hash(self) -> str:
@@ -95,6 +95,63 @@ class Dataset:
 
 
 _HASHED = ["user_id", "property_id", "timestamp", "weight"]
+
+
+def _feature_table(table: pd.DataFrame | None, key: str) -> pd.DataFrame | None:
+    """A property/user table indexed by its str id (`key` column or the index)."""
+    if table is None:
+        return None
+    table = table.copy()
+    if key in table.columns:
+        table = table.set_index(key)
+    table.index = table.index.astype(str)
+    return table
+
+
+@contextmanager
+def _replacing(path: Path):
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        yield tmp
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_feature_tables(directory: str | Path, items: pd.DataFrame | None, users: pd.DataFrame | None) -> None:
+    """properties.parquet and users.parquet of `Dataset.save`."""
+    d = Path(directory)
+    for table, name in ((items, "properties.parquet"), (users, "users.parquet")):
+        if table is not None:
+            with _replacing(d / name) as tmp:
+                table.reset_index().to_parquet(tmp, index=False)
+
+
+def load_feature_tables(directory: str | Path) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
+    """The properties and users tables of a saved dataset as `Dataset.load` gives them, without its
+    interactions."""
+    d = Path(directory)
+    items = pd.read_parquet(d / "properties.parquet") if (d / "properties.parquet").exists() else None
+    users = pd.read_parquet(d / "users.parquet") if (d / "users.parquet").exists() else None
+    return _feature_table(items, "property_id"), _feature_table(users, "user_id")
+
+
+def link_interactions(src_dir: str | Path, dst_dir: str | Path) -> Path:
+    """Carry a saved dataset's interactions.parquet into `dst_dir` as it is: a hard link (a copy across file
+    systems), never a read and re-write."""
+    import os
+    import shutil
+
+    src, dst = Path(src_dir) / "interactions.parquet", Path(dst_dir) / "interactions.parquet"
+    if not src.exists():
+        raise FileNotFoundError(f"{src} not found")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.unlink(missing_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+    return dst
 
 
 def _row_hashes(interactions: pd.DataFrame) -> bytes:
