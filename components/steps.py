@@ -47,8 +47,11 @@ def ingest(source: str, out_dir: str | Path) -> dict:
     """Load the source (synthetic[:u,p,e,seed] | CSV | parquet file or dir | `db`, the database of record from
     the settings | sql:<table or SELECT> | a database URL) and save it as parquet tables. Returns the summary
     with the content hash (`snapshot`); `source` in it never shows a password."""
-    from rentalml.data.loaders import load_dataset
+    from rentalml.data.loaders import ingest_parquet, load_dataset
 
+    streamed = ingest_parquet(source, out_dir)  # parquet: record batches, never one frame
+    if streamed is not None:
+        return streamed
     ds = load_dataset(source)
     ds.save(out_dir)
     return {**ds.summary(), "snapshot": ds.snapshot_hash(), "source": ds.meta.get("source", source)}

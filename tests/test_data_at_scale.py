@@ -21,6 +21,7 @@ from rentalml.components import steps
 from rentalml.data import validation as v
 from rentalml.data.dataset import Dataset, snapshot_hash_dir
 from rentalml.data.generator import generate_marketplace
+from rentalml.data.loaders import ingest_parquet, load_dataset
 
 NOW = datetime(2024, 6, 1, tzinfo=UTC)
 
@@ -141,3 +142,35 @@ def test_build_features_carries_the_interactions_without_rewriting(clean, tmp_pa
     assert Dataset.load(out).snapshot_hash() == clean.snapshot_hash()
     clean.subset(clean.interactions.head(100)).save(out)  # a save over the link replaces it, never writes through
     assert not os.path.samefile(a, b) and Dataset.load(src).snapshot_hash() == clean.snapshot_hash()
+
+
+def _ingest_old(spec, out) -> dict:
+    ds = load_dataset(spec)
+    ds.save(out)
+    return {**ds.summary(), "snapshot": ds.snapshot_hash(), "source": ds.meta.get("source", spec)}
+
+
+@pytest.mark.parametrize("kind", ["file", "dir"])
+def test_ingest_streams_parquet_to_the_same_tables(kind, clean, tmp_path):
+    if kind == "file":  # aliased headers, unix-second timestamps, one weight missing: load_parquet's rules
+        raw = clean.interactions.rename(columns={"user_id": "userId", "property_id": "listing_id"})
+        raw = raw.assign(timestamp=raw["timestamp"].astype("int64") // 10**9,
+                         weight=raw["weight"].where(raw.index != 3))
+        spec = tmp_path / "events.parquet"
+        raw.to_parquet(spec)
+    else:
+        spec = clean.save(tmp_path / "saved")
+    want = _ingest_old(str(spec), tmp_path / "old")
+    got = steps.ingest(str(spec), tmp_path / "new")
+    assert got == want
+    a, b = Dataset.load(tmp_path / "old"), Dataset.load(tmp_path / "new")
+    pd.testing.assert_frame_equal(b.interactions, a.interactions)
+    for x, y in ((a.items, b.items), (a.users, b.users)):
+        assert (x is None and y is None) or x.equals(y)
+    assert got["snapshot"] == b.snapshot_hash() == snapshot_hash_dir(tmp_path / "new")
+    assert ingest_parquet(str(spec), tmp_path / "small", batch_rows=701) == want  # many record batches
+
+
+def test_ingest_of_other_sources_is_not_streamed(tmp_path):
+    assert ingest_parquet("synthetic:50,20,300", tmp_path) is None
+    assert not (tmp_path / "interactions.parquet").exists()

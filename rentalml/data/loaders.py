@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -11,7 +12,12 @@ import numpy as np
 import pandas as pd
 
 from rentalml.data.columns import canonical_names, interactions_frame, require_columns
-from rentalml.data.dataset import Dataset
+from rentalml.data.dataset import (
+    Dataset,
+    _row_hashes,
+    load_feature_tables,
+    save_feature_tables,
+)
 
 _ROOM_TYPES = {"entire home/apt": "entire_home", "private room": "private_room",
                "shared room": "shared_room", "hotel room": "hotel_room"}
@@ -180,6 +186,92 @@ def load_parquet(path: str | Path, name: str | None = None) -> Dataset:
     if "property_id" in df.columns and "item_id" not in df.columns:
         df = df.rename(columns={"property_id": "item_id"})
     return Dataset(interactions_frame(df, path), name=name or path.name.split(".")[0], meta={"source": str(path)})
+
+
+def _parquet_source(spec: str) -> tuple[Path, str, bool] | None:
+    """(interactions file, dataset name, is a saved dataset dir) when `spec` is parquet `ingest_parquet` takes."""
+    path = Path(spec)
+    if path.is_dir() and (path / "interactions.parquet").exists():
+        import pyarrow.parquet as pq
+
+        names = pq.read_schema(path / "interactions.parquet").names
+        props = path / "properties.parquet"
+        if {"timestamp", "user_id", "property_id"} <= set(names) and \
+                (not props.exists() or "property_id" in pq.read_schema(props).names):
+            return path / "interactions.parquet", path.name, True
+        return None  # timestamps filled by position, ids in an index column: the whole-frame path
+    if path.is_file() and path.name.lower().endswith(".parquet"):
+        return path, path.name.split(".")[0], False
+    return None
+
+
+def ingest_parquet(spec: str | Path, out_dir: str | Path, batch_rows: int = 1 << 20) -> dict | None:
+    """`load_dataset(spec).save(out_dir)` for a parquet file or a saved dataset directory, streamed: pyarrow
+    record batches of `batch_rows` are normalised one at a time (`interactions_frame` for a file, `Dataset`'s
+    column rules for both) and appended to out_dir/interactions.parquet, so the table is never one frame.
+    Returns what `ingest` reports (the summary, `snapshot`, `source`), or None when `spec` is not parquet."""
+    import duckdb
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    found = _parquet_source(str(spec))
+    if found is None:
+        return None
+    src, name, is_dir = found
+    pf = pq.ParquetFile(src)
+    unit = None
+    if not is_dir:  # the timestamp unit of load_csv's rule (ms when any value is that large) is a file-wide choice
+        ts = {canonical_names(pd.Index(pf.schema_arrow.names)).get(n): n for n in pf.schema_arrow.names}.get(
+            "timestamp")
+        if ts is not None and (pa.types.is_integer(pf.schema_arrow.field(ts).type) or
+                               pa.types.is_floating(pf.schema_arrow.field(ts).type)):
+            top = pc.max_element_wise(*(pc.abs(pc.min_max(pq.read_table(src, columns=[ts]).column(0))[k])
+                                        for k in ("min", "max")))
+            unit = "ms" if top.as_py() is not None and top.as_py() > 1e11 else "s"
+    items, users = load_feature_tables(src.parent) if is_dir else (None, None)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    target, tmp = out / "interactions.parquet", out / ".interactions.parquet.tmp"
+    h = hashlib.sha256()
+    writer = schema = None
+    try:
+        for batch in pf.iter_batches(batch_size=batch_rows):
+            df = batch.to_pandas()
+            if not is_dir:
+                if "property_id" in df.columns and "item_id" not in df.columns:
+                    df = df.rename(columns={"property_id": "item_id"})
+                df = df.rename(columns=canonical_names(df.columns))
+                if unit is not None:
+                    df["timestamp"] = pd.to_datetime(df["timestamp"], unit=unit, utc=True)
+                df = interactions_frame(df, src)
+            df = Dataset(df).interactions
+            h.update(_row_hashes(df))
+            if writer is None:
+                fields = pa.Schema.from_pandas(df, preserve_index=False)
+                for i, f in enumerate(fields):  # a column null throughout the first batch: the source's type
+                    if pa.types.is_null(f.type) and f.name in pf.schema_arrow.names:
+                        fields = fields.set(i, pa.field(f.name, pf.schema_arrow.field(f.name).type))
+                schema = fields
+                writer = pq.ParquetWriter(tmp, schema)
+            writer.write_table(pa.Table.from_pandas(df, schema=schema, preserve_index=False))
+        if writer is None:  # an empty file: the whole-frame path writes its schema
+            return None
+        writer.close()
+        tmp.replace(target)
+    finally:
+        if writer is not None:
+            writer.close()
+        tmp.unlink(missing_ok=True)
+    save_feature_tables(out, items, users)
+    if items is not None:
+        h.update(pd.util.hash_pandas_object(items.index.to_series(), index=False).values.tobytes())
+    q = "'" + str(target).replace("'", "''") + "'"
+    rows, n_users, n_props = duckdb.connect().execute(
+        f"SELECT count(*), count(DISTINCT user_id), count(DISTINCT property_id) FROM read_parquet({q})").fetchone()
+    return {"name": name, "interactions": int(rows), "users": int(n_users), "properties": int(n_props),
+            "catalogue": int(len(items)) if items is not None else int(n_props), "snapshot": h.hexdigest()[:16],
+            "source": str(spec) if is_dir else str(src)}
 
 
 def load_sql(source: str = "interactions", url: str | None = None, items_table: str = "properties",
