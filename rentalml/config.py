@@ -176,6 +176,8 @@ class TrainSettings(BaseModel):
     #: `rentalml train --device` default: cpu | cuda (bf16 autocast; an error at startup without CUDA) | auto (cuda
     #: when available). NeuralParams.device; the model comes back to the CPU in float32 either way
     device: Literal["auto", "cpu", "cuda"] = "cpu"
+    #: DuckDB's memory limit in the data steps (validation over the parquet files); past it DuckDB spills to disk
+    data_memory: str = "2GB"
 
 
 class Settings(BaseSettings):

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import html
 import json
-import os
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -111,7 +111,13 @@ _NUMERIC = ("TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT", "UTINYINT", "
 def _connect(memory_limit: str | None = None) -> duckdb.DuckDBPyConnection:
     con = duckdb.connect()
     con.execute("SET preserve_insertion_order = false")
-    con.execute(f"SET memory_limit = '{memory_limit or os.environ.get('RENTALML_DUCKDB_MEMORY', '2GB')}'")
+    if memory_limit is None:
+        from rentalml.config import get_settings
+
+        memory_limit = get_settings().train.data_memory
+    con.execute(f"SET memory_limit = '{memory_limit}'")
+    spill = Path(tempfile.gettempdir()) / "rentalml-duckdb"  # not the working directory (read-only in a pod)
+    con.execute("SET temp_directory = '" + str(spill).replace("'", "''") + "'")
     return con
 
 
@@ -433,8 +439,9 @@ def validate_dir(directory: str | Path, reference: dict | None = None, *, name: 
                  max_volume_change: float = 5.0, now: datetime | None = None,
                  memory_limit: str | None = None) -> ValidationReport:
     """`validate` of a saved dataset directory (`Dataset.save`), without loading it: DuckDB reads the parquet
-    files (its memory bounded by `memory_limit`, default $RENTALML_DUCKDB_MEMORY or 2GB; it spills to disk past
-    it) and the snapshot hash streams over record batches. Same report as `validate(Dataset.load(directory))`."""
+    files (its memory bounded by `memory_limit`, default settings.train.data_memory, i.e.
+    RENTALML_TRAIN__DATA_MEMORY, 2GB; it spills to disk past it) and the snapshot hash streams over record
+    batches. Same report as `validate(Dataset.load(directory))`."""
     return _validate(_dir_tables(directory, name, memory_limit), reference, min_rows=min_rows,
                      min_users=min_users, psi_error=psi_error, psi_warn=psi_warn,
                      max_volume_change=max_volume_change, now=now)
