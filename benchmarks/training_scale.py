@@ -103,13 +103,6 @@ def wrap(rec: Recorder, cls, method: str, name: str) -> None:
     setattr(cls, method, timed)
 
 
-def sample_users(test, n: int, seed: int):
-    users = np.sort(test["user_id"].unique())
-    if n and len(users) > n:
-        users = np.random.default_rng(seed).choice(users, n, replace=False)
-    return test[test["user_id"].isin(set(users))], len(users)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--users", type=int, default=1_000_000)
@@ -174,7 +167,10 @@ def main() -> None:
     result["selected_params"] = {k: v for k, v in fitted.params.items() if isinstance(v, int | float | str)}
     result["training_curve"] = fitted.training_curve
     with rec.stage("evaluate"):
-        sub, n_eval = sample_users(test, a.eval_users, a.seed)
+        from rentalml.evaluation.evaluate import sample_test_users
+
+        sub, _ = sample_test_users(test, a.eval_users, a.seed)
+        n_eval = int(sub["user_id"].nunique())
         quality = {"hybrid": evaluate(fitted, sub, a.k)}
         for name in [b for b in a.baselines.split(",") if b]:
             with rec.stage(f"evaluate.{name}") as s:

@@ -251,7 +251,7 @@ def evaluate(dataset_dir: str | Path, eval_model_path: str | Path, protocol: str
     ds = _load(dataset_dir)
     fitted = load_fitted(eval_model_path)
     _, test = split(ds.interactions, protocol, seed)
-    metrics = run_eval(fitted, test, k)
+    metrics = run_eval(fitted, test, k, max_users=get_settings().train.eval_users, seed=seed)
     metrics["fit_seconds"] = round(fitted.fit_seconds, 2)
     curves = {fitted.name: fitted.training_curve}
     write_report({"dataset": ds.name, "protocol": protocol, "k": k, "seed": seed, "models": {fitted.name: metrics}},

@@ -178,6 +178,10 @@ class TrainSettings(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = "cpu"
     #: DuckDB's memory limit in the data steps (validation over the parquet files); past it DuckDB spills to disk
     data_memory: str = "2GB"
+    #: test users scored by the evaluation of `rentalml train` and the pipeline's evaluate step (a seeded random
+    #: sample; 0: all). 100k users put nDCG@10's standard error near 3e-4 while the evaluation of 1M users × 100k
+    #: properties stays minutes, not an hour; datasets with fewer test users are evaluated whole
+    eval_users: int = 100_000
 
 
 class Settings(BaseSettings):

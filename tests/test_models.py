@@ -36,6 +36,18 @@ def test_evaluation_document_shape(random_metrics, splits):
     assert m["users"] == test["user_id"].nunique()
 
 
+def test_evaluation_scores_a_seeded_sample_of_test_users(fit, splits):
+    _, test = splits("random-75-25")
+    model, n = fit("popularity"), test["user_id"].nunique()
+    full = evaluate(model, test, 10)
+    a, b = (evaluate(model, test, 10, max_users=n // 3, seed=7) for _ in range(2))
+    other = evaluate(model, test, 10, max_users=n // 3, seed=8)
+    assert (a["users"], a["test_users"], full["users"], full["test_users"]) == (n // 3, n, n, n)
+    assert a == b and a["ndcg@10"] != other["ndcg@10"]  # the sample is the seed's, and the seed matters
+    assert evaluate(model, test, 10, max_users=n, seed=7) == full  # no sample when all users fit
+    assert abs(a["ndcg@10"] - full["ndcg@10"]) < 0.5 * full["ndcg@10"]  # an estimate of the same quantity
+
+
 def test_hybrid_and_collaborative_beat_popularity(random_metrics):
     pop = random_metrics["popularity"]["ndcg@10"]
     assert random_metrics["collaborative"]["ndcg@10"] > pop

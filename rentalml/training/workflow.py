@@ -25,7 +25,7 @@ def train_and_evaluate(dataset: Dataset, model: str = "hybrid", protocol: str = 
     (refit_all) refit on every interaction with the selected parameters, so the shipped model sees all data."""
     train, test = split(dataset.interactions, protocol, seed)
     fitted = fit_model(model, dataset, train, params=params, seed=seed, progress=progress)
-    metrics = evaluate(fitted, test, k)
+    metrics = evaluate(fitted, test, k, max_users=get_settings().train.eval_users, seed=seed)
     metrics["fit_seconds"] = round(fitted.fit_seconds, 2)
     if refit_all:
         fitted = fit_model(model, dataset, None, params=fitted.params, seed=seed, valid_frac=0.0, progress=progress)
