@@ -102,6 +102,21 @@ def test_topk_indices_best_first():
     assert topk_indices(scores, 1).tolist() == [[1], [4]]
 
 
+def test_topk_indices_equals_the_exact_partition_on_ties_and_minus_infinity():
+    """torch.topk's choice among equal scores is unspecified: rows tied at the k-th score must still get the
+    lowest-index ties (the exact path), with integer counts (popularity), masked items and all-equal rows."""
+    from rentalml.evaluation.metrics import _topk_exact
+
+    rng = np.random.default_rng(0)
+    for trial in range(120):
+        b, n = int(rng.integers(1, 12)), int(rng.integers(1, 200))
+        s = [rng.normal(size=(b, n)).astype(np.float32), rng.integers(0, 4, size=(b, n)).astype(np.float64),
+             np.zeros((b, n), dtype=np.float32)][trial % 3]
+        s[rng.random((b, n)) < 0.3] = -np.inf  # seen items, masked as evaluate does
+        for k in (1, 5, 10, 300):
+            assert np.array_equal(topk_indices(s, k), _topk_exact(s, min(k, n))), (trial, k)
+
+
 def test_topk_indices_ties_broken_by_lower_index():
     scores = np.array([[1.0, 2.0, 2.0, 0.0, 2.0, 1.0]])
     assert topk_indices(scores, 2).tolist() == [[1, 2]]

@@ -12,11 +12,32 @@ METRIC_NAMES = ("ndcg", "recall", "precision", "map")
 
 
 def topk_indices(scores: np.ndarray, k: int) -> np.ndarray:
-    """Row-wise indices of the k largest scores, best first (ties broken by index)."""
+    """Row-wise indices of the k largest scores, best first (ties broken by index).
+
+    torch.topk picks the k largest of each row (multi-threaded, no copy of the rows: at 512 users × 100k
+    properties 0.2 s against 2.3–3 s for a numpy partition with the tie bookkeeping below). Which of several
+    equal scores it keeps is unspecified, so rows whose k-th score is tied with a score it left out — common for
+    popularity counts, rare for real-valued scores — are redone exactly by `_topk_exact`."""
     k = min(k, scores.shape[1])
+    if k == 0 or scores.shape[0] == 0:
+        return np.zeros((scores.shape[0], k), dtype=np.int64)
+    import torch
+
+    vals, idx = torch.topk(torch.from_numpy(np.ascontiguousarray(scores)), k, dim=1, sorted=False)
+    vals, idx = vals.numpy(), idx.numpy()
+    kth = vals.min(axis=1, keepdims=True)
+    redo = np.flatnonzero((scores == kth).sum(1) > (vals == kth).sum(1))
+    if len(redo):
+        idx[redo] = _topk_exact(scores[redo], k)
+        vals[redo] = np.take_along_axis(scores[redo], idx[redo], axis=1)
+    order = np.lexsort((idx, -vals))  # per row: score descending, then index ascending
+    return np.take_along_axis(idx, order, axis=1)
+
+
+def _topk_exact(scores: np.ndarray, k: int) -> np.ndarray:
+    """`topk_indices` by partition: every score above the k-th largest, then the lowest-index ties."""
     kth = -np.partition(-scores, k - 1, axis=1)[:, k - 1:k]  # each row's k-th largest score
     above, tied = scores > kth, scores == kth
-    # all scores above the k-th largest, then the lowest-index ties until k are taken
     take = above | (tied & (np.cumsum(tied, axis=1, dtype=np.int32) <= k - above.sum(1, keepdims=True)))
     part = np.nonzero(take)[1].reshape(scores.shape[0], k)  # ascending index within each row
     part_scores = np.take_along_axis(scores, part, axis=1)
