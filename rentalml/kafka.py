@@ -135,11 +135,18 @@ def ensure_topics(settings: Settings | None = None, topics: tuple[str, ...] = TO
         admin.close()
 
 
+def producer_options(settings: Settings | None = None, **kw) -> dict:
+    """The producer's settings: acks=all and `kafka.idempotence`, overridden by `kw`. Idempotence needs acks=all
+    (kafka-python refuses the pair otherwise), so a caller that asks for acks 0 or 1 — a latency probe, a
+    best-effort sink — gets a plain producer instead of a configuration error."""
+    s = settings or get_settings()
+    opts = {"acks": "all", "linger_ms": 5, "retries": 5, "max_in_flight_requests_per_connection": 1}
+    opts.update(kw)
+    opts.setdefault("enable_idempotence", s.kafka.idempotence and opts["acks"] in ("all", -1))
+    return opts
+
+
 def producer(settings: Settings | None = None, **kw):
     from kafka import KafkaProducer
 
-    s = settings or get_settings()
-    opts = {"acks": "all", "linger_ms": 5, "retries": 5, "max_in_flight_requests_per_connection": 1,
-            "enable_idempotence": s.kafka.idempotence}
-    opts.update(kw)
-    return KafkaProducer(**client_config(settings), **opts)
+    return KafkaProducer(**client_config(settings), **producer_options(settings, **kw))

@@ -381,6 +381,23 @@ def test_broker_restart_mid_stream(tmp_path):
     assert _metric(out["scrape"], "ml_stream_retries_total") > 0
 
 
+def test_a_producer_asking_for_acks_0_or_1_is_built_without_idempotence():
+    """kafka-python refuses idempotence without acks=all at construction (the freshness benchmark's acks=1
+    probe producer broke when `kafka.idempotence` became the default); real KafkaProducer construction, no
+    broker needed with a pinned api_version."""
+    from kafka import KafkaProducer
+    from kafka.errors import KafkaConfigurationError
+
+    from rentalml.kafka import producer_options
+
+    with pytest.raises(KafkaConfigurationError):
+        KafkaProducer(bootstrap_servers="127.0.0.1:9", api_version=(3, 0), acks=1, enable_idempotence=True)
+    for acks, idempotent in (("all", True), (-1, True), (1, False), (0, False)):
+        opts = producer_options(None, acks=acks)
+        assert opts["enable_idempotence"] is idempotent
+        KafkaProducer(bootstrap_servers="127.0.0.1:9", api_version=(3, 0), **opts).close(timeout=0)
+
+
 def test_processor_replaces_a_fatally_failed_producer():
     """An idempotent kafka-python producer whose state turned fatal (seen after a Tansu restart: InitProducerId
     answered UnknownError) fails every later send, forever: the processor's resend loop starts a new producer and
