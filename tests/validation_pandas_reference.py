@@ -14,83 +14,28 @@ distributions (reference deciles) and on categorical shares: < 0.1 stable, 0.1â€
 
 from __future__ import annotations
 
-import html
-import json
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+# the report, its constants and the PSI/bin arithmetic are shared with the DuckDB implementation: what is frozen
+# here is the pandas computation of the checks, statistics and drift
 from rentalml.data.dataset import Dataset, InteractionMatrix
+from rentalml.data.validation import (
+    _EPS,
+    _TOP,
+    PSI_ERROR,
+    PSI_WARN,
+    Check,
+    ValidationReport,
+    _shares,
+    drift_checks,
+    psi,
+)
 from rentalml.schema import EVENT_WEIGHTS, PROPERTY_CATEGORICAL, PROPERTY_NUMERIC
 
-PSI_WARN = 0.1
-PSI_ERROR = 0.25
-_EPS = 1e-4
-_TOP = 20  # categorical values kept per column (the rest is "__other__")
-
-
-@dataclass
-class Check:
-    name: str
-    ok: bool
-    message: str
-    severity: str = "error"  # error | warning
-
-
-@dataclass
-class ValidationReport:
-    checks: list[Check]
-    stats: dict
-    drift: dict[str, float] = field(default_factory=dict)
-    reference_snapshot: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        return all(c.ok for c in self.checks if c.severity == "error")
-
-    @property
-    def errors(self) -> list[Check]:
-        return [c for c in self.checks if not c.ok and c.severity == "error"]
-
-    @property
-    def warnings(self) -> list[Check]:
-        return [c for c in self.checks if not c.ok and c.severity == "warning"]
-
-    def text(self) -> str:
-        s = self.stats
-        lines = [f"data validation {'PASSED' if self.ok else 'FAILED'}: {s.get('dataset')} "
-                 f"(snapshot {s.get('snapshot')}, {s.get('rows')} interactions, {s.get('users')} users, "
-                 f"{s.get('properties')} properties)"]
-        if self.reference_snapshot:
-            lines.append(f"drift against accepted snapshot {self.reference_snapshot}")
-        else:
-            lines.append("no accepted snapshot yet: drift not checked")
-        for c in self.checks:
-            mark = "ok  " if c.ok else ("FAIL" if c.severity == "error" else "WARN")
-            lines.append(f"  [{mark}] {c.name}: {c.message}")
-        return "\n".join(lines)
-
-    def to_dict(self) -> dict:
-        return {"ok": self.ok, "checks": [c.__dict__ for c in self.checks], "stats": self.stats,
-                "drift": self.drift, "reference_snapshot": self.reference_snapshot}
-
-    def html(self) -> str:
-        rows = "".join(
-            f"<tr style='background:{'#eaf5ea' if c.ok else ('#fbe3e3' if c.severity == 'error' else '#fff4d6')}'>"
-            f"<td>{'ok' if c.ok else c.severity}</td><td>{html.escape(c.name)}</td>"
-            f"<td>{html.escape(c.message)}</td></tr>" for c in self.checks)
-        drift = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.4f}</td></tr>" for k, v in sorted(self.drift.items()))
-        stats = html.escape(json.dumps({k: v for k, v in self.stats.items() if k != "features"}, indent=2,
-                                       default=str))
-        return ("<html><body style='font-family:sans-serif'>"
-                f"<h1>Data validation: {'passed' if self.ok else 'FAILED'}</h1>"
-                f"<p>reference snapshot: {html.escape(str(self.reference_snapshot))}</p>"
-                f"<table border=1 cellpadding=4><tr><th>status</th><th>check</th><th>detail</th></tr>{rows}</table>"
-                f"<h2>Drift (PSI)</h2><table border=1 cellpadding=4><tr><th>feature</th><th>PSI</th></tr>{drift}"
-                f"</table><h2>Statistics</h2><pre>{stats}</pre></body></html>")
+__all__ = ["PSI_ERROR", "PSI_WARN", "_EPS", "Check", "ValidationReport", "profile", "psi", "validate"]
 
 
 # ------------------------------------------------------------------------------------------ statistics
@@ -103,14 +48,6 @@ def _numeric_profile(s: pd.Series) -> dict:
         out.update(mean=float(finite.mean()), std=float(finite.std()), min=float(finite.min()),
                    max=float(finite.max()), edges=edges.tolist(), shares=_shares(finite.to_numpy(), edges))
     return out
-
-
-def _shares(values: np.ndarray, edges: list | np.ndarray) -> list[float]:
-    """Shares of `values` in the bins (-inf, e1], (e1, e2], ..., (e_last-1, +inf) of the reference edges."""
-    inner = np.asarray(edges, dtype=float)[1:-1]
-    idx = np.searchsorted(inner, values, side="left")
-    counts = np.bincount(idx, minlength=len(inner) + 1).astype(float)
-    return (counts / max(1.0, counts.sum())).tolist()
 
 
 def _categorical_profile(s: pd.Series) -> dict:
@@ -155,12 +92,6 @@ def profile(ds: Dataset, _pairs: pd.DataFrame | None = None) -> dict:
             if col in ds.items.columns:
                 feats[f"properties.{col}"] = _categorical_profile(ds.items[col])
     return stats
-
-
-def psi(expected: list[float] | np.ndarray, actual: list[float] | np.ndarray) -> float:
-    e = np.clip(np.asarray(expected, dtype=float), _EPS, None)
-    a = np.clip(np.asarray(actual, dtype=float), _EPS, None)
-    return float(np.sum((a - e) * np.log(a / e)))
 
 
 def _drift(ref: dict, cur_ds: Dataset, cur: dict) -> dict[str, float]:
@@ -252,33 +183,6 @@ def validate(ds: Dataset, reference: dict | None = None, *, min_rows: int = 100,
     if reference:
         ref_snapshot = reference.get("snapshot")
         drift = _drift(reference, ds, stats)
-        for name, value in sorted(drift.items()):
-            sev = "error" if value > psi_error else "warning"
-            check(f"drift {name}", value <= psi_warn, f"PSI {value:.3f} (warn > {psi_warn}, fail > {psi_error})",
-                  sev)
-        ratio = n / max(1, reference.get("rows", n))
-        check("volume", 1 / max_volume_change <= ratio <= max_volume_change,
-              f"{n} rows vs {reference.get('rows')} in the accepted snapshot (Ã—{ratio:.2f})")
+        drift_checks(check, drift, reference, n, psi_warn=psi_warn, psi_error=psi_error,
+                     max_volume_change=max_volume_change)
     return ValidationReport(checks, stats, drift, ref_snapshot)
-
-
-# ------------------------------------------------------------------------------------------ reference store
-def reference_path(directory: str | Path) -> Path:
-    return Path(directory) / "accepted.json"
-
-
-def load_reference(directory: str | Path) -> dict | None:
-    p = reference_path(directory)
-    return json.loads(p.read_text()) if p.exists() else None
-
-
-def accept(report: ValidationReport, directory: str | Path) -> Path:
-    """Store the validated statistics as the accepted reference (and keep a copy per snapshot)."""
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    doc = json.dumps(report.stats, indent=2, default=str)
-    (d / f"{report.stats['snapshot']}.json").write_text(doc)
-    tmp = d / ".accepted.json.tmp"
-    tmp.write_text(doc)
-    tmp.replace(reference_path(d))
-    return reference_path(d)

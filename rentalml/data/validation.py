@@ -331,6 +331,18 @@ def _drift_sql(ref: dict, t: _Tables, cur: dict) -> dict[str, float]:
 
 
 # ------------------------------------------------------------------------------------------ checks
+def drift_checks(check: Callable[..., None], drift: dict[str, float], reference: dict, n: int, *, psi_warn: float,
+                 psi_error: float, max_volume_change: float) -> None:
+    """The checks a reference adds: one per drifted feature (a warning past `psi_warn`, an error past
+    `psi_error`) and the volume against the accepted snapshot's rows."""
+    for name, value in sorted(drift.items()):
+        sev = "error" if value > psi_error else "warning"
+        check(f"drift {name}", value <= psi_warn, f"PSI {value:.3f} (warn > {psi_warn}, fail > {psi_error})", sev)
+    ratio = n / max(1, reference.get("rows", n))
+    check("volume", 1 / max_volume_change <= ratio <= max_volume_change,
+          f"{n} rows vs {reference.get('rows')} in the accepted snapshot (×{ratio:.2f})")
+
+
 def _bad_ids(t: _Tables, col: str) -> int:
     # the string tests run over the distinct ids (1M users, not 10M events), rows counted per distinct value
     c = _ident(col)
@@ -404,13 +416,8 @@ def _checks(t: _Tables, reference: dict | None, *, min_rows: int, min_users: int
     if reference:
         ref_snapshot = reference.get("snapshot")
         drift = _drift_sql(reference, t, stats)
-        for name, value in sorted(drift.items()):
-            sev = "error" if value > psi_error else "warning"
-            check(f"drift {name}", value <= psi_warn, f"PSI {value:.3f} (warn > {psi_warn}, fail > {psi_error})",
-                  sev)
-        ratio = n / max(1, reference.get("rows", n))
-        check("volume", 1 / max_volume_change <= ratio <= max_volume_change,
-              f"{n} rows vs {reference.get('rows')} in the accepted snapshot (×{ratio:.2f})")
+        drift_checks(check, drift, reference, n, psi_warn=psi_warn, psi_error=psi_error,
+                     max_volume_change=max_volume_change)
     return ValidationReport(checks, stats, drift, ref_snapshot)
 
 
