@@ -8,6 +8,7 @@ are optional feature tables.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,16 +52,12 @@ class Dataset:
         never whole), properties.parquet, users.parquet. Each file is written aside and renamed into place, so
         a file hard-linked from another directory (`link_interactions`) is replaced, never written through."""
         import pyarrow as pa
-        import pyarrow.parquet as pq
 
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         df = self.interactions
-        schema = pa.Schema.from_pandas(df, preserve_index=False)
-        with _replacing(d / "interactions.parquet") as tmp, pq.ParquetWriter(tmp, schema) as writer:
-            for start in range(0, max(1, len(df)), rows_per_write):
-                chunk = df.iloc[start:start + rows_per_write]
-                writer.write_table(pa.Table.from_pandas(chunk, schema=schema, preserve_index=False))
+        chunks = (df.iloc[start:start + rows_per_write] for start in range(0, max(1, len(df)), rows_per_write))
+        write_interactions(d / "interactions.parquet", chunks, pa.Schema.from_pandas(df, preserve_index=False))
         save_feature_tables(d, self.items, self.users)
         return d
 
@@ -77,7 +74,7 @@ class Dataset:
         h = hashlib.sha256()
         h.update(_row_hashes(self.interactions))
         if self.items is not None:
-            h.update(pd.util.hash_pandas_object(self.items.index.to_series(), index=False).values.tobytes())
+            h.update(_id_hashes(self.items.index))
         return h.hexdigest()[:16]
 
     def subset(self, interactions: pd.DataFrame) -> Dataset:
@@ -160,6 +157,23 @@ def _row_hashes(interactions: pd.DataFrame) -> bytes:
     return pd.util.hash_pandas_object(interactions[_HASHED], index=False).values.tobytes()
 
 
+def _id_hashes(ids: pd.Index | pd.Series) -> bytes:
+    """The property ids' part of `snapshot_hash`."""
+    return pd.util.hash_pandas_object(pd.Series(ids), index=False).values.tobytes()
+
+
+def write_interactions(path: Path, frames: Iterable[pd.DataFrame], schema) -> None:
+    """Interaction frames appended one after another to the parquet file `path` (pyarrow `schema`), written aside
+    and renamed into place: the file is never one Arrow table, and a hard link at `path` is never written
+    through."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    with _replacing(path) as tmp, pq.ParquetWriter(tmp, schema) as writer:
+        for df in frames:
+            writer.write_table(pa.Table.from_pandas(df, schema=schema, preserve_index=False))
+
+
 def snapshot_hash_dir(directory: str | Path, batch_rows: int = 1 << 20) -> str:
     """`Dataset.load(directory).snapshot_hash()` without loading the directory: the interactions stream through
     pyarrow record batches of `batch_rows` (each normalised as `Dataset` does), the properties' ids are read
@@ -176,8 +190,7 @@ def snapshot_hash_dir(directory: str | Path, batch_rows: int = 1 << 20) -> str:
     for batch in pf.iter_batches(batch_size=batch_rows, columns=_HASHED):
         h.update(_row_hashes(Dataset(batch.to_pandas()).interactions))
     if props.exists():
-        ids = pq.read_table(props, columns=["property_id"]).column(0).to_pandas().astype(str)
-        h.update(pd.util.hash_pandas_object(ids, index=False).values.tobytes())
+        h.update(_id_hashes(pq.read_table(props, columns=["property_id"]).column(0).to_pandas().astype(str)))
     return h.hexdigest()[:16]
 
 

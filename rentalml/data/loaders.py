@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import itertools
 import json
 import re
 from pathlib import Path
@@ -14,9 +15,11 @@ import pandas as pd
 from rentalml.data.columns import canonical_names, interactions_frame, require_columns
 from rentalml.data.dataset import (
     Dataset,
+    _id_hashes,
     _row_hashes,
     load_feature_tables,
     save_feature_tables,
+    write_interactions,
 )
 
 _ROOM_TYPES = {"entire home/apt": "entire_home", "private room": "private_room",
@@ -230,42 +233,40 @@ def ingest_parquet(spec: str | Path, out_dir: str | Path, batch_rows: int = 1 <<
                                         for k in ("min", "max")))
             unit = "ms" if top.as_py() is not None and top.as_py() > 1e11 else "s"
     items, users = load_feature_tables(src.parent) if is_dir else (None, None)
+    if pf.metadata.num_rows == 0:  # an empty file: the whole-frame path writes its schema
+        return None
+
+    def normalised(batch) -> pd.DataFrame:
+        df = batch.to_pandas()
+        if not is_dir:
+            if "property_id" in df.columns and "item_id" not in df.columns:
+                df = df.rename(columns={"property_id": "item_id"})
+            df = df.rename(columns=canonical_names(df.columns))
+            if unit is not None:
+                df["timestamp"] = pd.to_datetime(df["timestamp"], unit=unit, utc=True)
+            df = interactions_frame(df, src)
+        return Dataset(df).interactions
+
+    batches = (normalised(b) for b in pf.iter_batches(batch_size=batch_rows))
+    first = next(batches)
+    schema = pa.Schema.from_pandas(first, preserve_index=False)
+    for i, f in enumerate(schema):  # a column null throughout the first batch: the source's type
+        if pa.types.is_null(f.type) and f.name in pf.schema_arrow.names:
+            schema = schema.set(i, pa.field(f.name, pf.schema_arrow.field(f.name).type))
+    h = hashlib.sha256()
+
+    def hashed(frames):
+        for df in frames:
+            h.update(_row_hashes(df))
+            yield df
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    target, tmp = out / "interactions.parquet", out / ".interactions.parquet.tmp"
-    h = hashlib.sha256()
-    writer = schema = None
-    try:
-        for batch in pf.iter_batches(batch_size=batch_rows):
-            df = batch.to_pandas()
-            if not is_dir:
-                if "property_id" in df.columns and "item_id" not in df.columns:
-                    df = df.rename(columns={"property_id": "item_id"})
-                df = df.rename(columns=canonical_names(df.columns))
-                if unit is not None:
-                    df["timestamp"] = pd.to_datetime(df["timestamp"], unit=unit, utc=True)
-                df = interactions_frame(df, src)
-            df = Dataset(df).interactions
-            h.update(_row_hashes(df))
-            if writer is None:
-                fields = pa.Schema.from_pandas(df, preserve_index=False)
-                for i, f in enumerate(fields):  # a column null throughout the first batch: the source's type
-                    if pa.types.is_null(f.type) and f.name in pf.schema_arrow.names:
-                        fields = fields.set(i, pa.field(f.name, pf.schema_arrow.field(f.name).type))
-                schema = fields
-                writer = pq.ParquetWriter(tmp, schema)
-            writer.write_table(pa.Table.from_pandas(df, schema=schema, preserve_index=False))
-        if writer is None:  # an empty file: the whole-frame path writes its schema
-            return None
-        writer.close()
-        tmp.replace(target)
-    finally:
-        if writer is not None:
-            writer.close()
-        tmp.unlink(missing_ok=True)
+    target = out / "interactions.parquet"
+    write_interactions(target, hashed(itertools.chain([first], batches)), schema)
     save_feature_tables(out, items, users)
     if items is not None:
-        h.update(pd.util.hash_pandas_object(items.index.to_series(), index=False).values.tobytes())
+        h.update(_id_hashes(items.index))
     q = "'" + str(target).replace("'", "''") + "'"
     rows, n_users, n_props = duckdb.connect().execute(
         f"SELECT count(*), count(DISTINCT user_id), count(DISTINCT property_id) FROM read_parquet({q})").fetchone()
