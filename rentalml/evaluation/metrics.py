@@ -28,8 +28,9 @@ def topk_indices(scores: np.ndarray, k: int) -> np.ndarray:
     kth = vals.min(axis=1, keepdims=True)
     redo = np.flatnonzero((scores == kth).sum(1) > (vals == kth).sum(1))
     if len(redo):
-        idx[redo] = _topk_exact(scores[redo], k)
-        vals[redo] = np.take_along_axis(scores[redo], idx[redo], axis=1)
+        rows = scores[redo]
+        idx[redo] = exact = _topk_exact(rows, k)
+        vals[redo] = np.take_along_axis(rows, exact, axis=1)
     order = np.lexsort((idx, -vals))  # per row: score descending, then index ascending
     return np.take_along_axis(idx, order, axis=1)
 
