@@ -41,16 +41,15 @@ def step_name(cmdline: list[str]) -> str | None:
 
 
 class TreeSampler:
-    """Peak RSS and first/last sighting per kfp step, and the peak of the whole tree's RSS."""
+    """Peak RSS per kfp step (GB), and the peak of the whole tree's RSS (bytes)."""
 
     def __init__(self, root: psutil.Process, interval: float = 0.5):
         self.root, self.interval = root, interval
-        self.steps: dict[str, dict] = {}
+        self.steps: dict[str, float] = {}
         self.peak_tree = 0
         self._names: dict[int, str | None] = {}
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
-        self._t0 = time.perf_counter()
         self._t.start()
 
     def _run(self) -> None:
@@ -58,7 +57,6 @@ class TreeSampler:
             self.sample()
 
     def sample(self) -> None:
-        now = round(time.perf_counter() - self._t0, 1)
         try:
             procs = [self.root, *self.root.children(recursive=True)]
         except psutil.Error:
@@ -78,9 +76,7 @@ class TreeSampler:
                 per_step[name] = per_step.get(name, 0) + rss
         self.peak_tree = max(self.peak_tree, total)
         for name, rss in per_step.items():
-            s = self.steps.setdefault(name, {"first_s": now, "peak_rss_gb": 0.0})
-            s["last_s"] = now
-            s["peak_rss_gb"] = max(s["peak_rss_gb"], round(rss / GB, 3))
+            self.steps[name] = max(self.steps.get(name, 0.0), round(rss / GB, 3))
 
     def close(self) -> None:
         self._stop.set()
@@ -138,7 +134,7 @@ def main() -> None:
     seconds = round(time.perf_counter() - t0, 1)
     run = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     times = task_times((work / "pipeline.log").read_text(errors="replace"))
-    peaks = {name.replace("_", "-"): s["peak_rss_gb"] for name, s in sampler.steps.items()}
+    peaks = {name.replace("_", "-"): peak for name, peak in sampler.steps.items()}
     steps = [{"step": task, "seconds": t.get("seconds"), "status": t.get("status"),
               "peak_rss_gb": peaks.get(task)} for task, t in times.items()]  # too short to sample: None
     result = {
