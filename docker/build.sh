@@ -62,7 +62,9 @@ make_base() {
   local t0=$SECONDS rootfs mirror
   mirror=$(apt_mirror)
   rootfs=$(mktemp -d /var/tmp/rentalml-rootfs.XXXXXX)
-  trap 'rm -rf "$rootfs"' RETURN
+  # a RETURN trap stays set after the function returns and would fire again at main's return, where the local
+  # rootfs no longer exists (set -u: "unbound variable", the first build on a fresh machine failed so): clear it
+  trap '$SUDO rm -rf "$rootfs"; trap - RETURN' RETURN
   log "debootstrap bookworm from $mirror"
   $SUDO debootstrap --variant=minbase --include=python3,python3-venv,python3-pip,python-is-python3,ca-certificates \
     bookworm "$rootfs" "$mirror" >"$STATE/debootstrap.log" 2>&1 \
