@@ -8,6 +8,7 @@ PostgreSQL instead. Nothing here is imported by the serving or streaming hot pat
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import signal
@@ -429,9 +430,15 @@ def triton_args(args: list[str] | None, *, binary: str, model_repository: str, h
     return out
 
 
+#: the python backend's known start-up abort under CPU contention: a stub's shared-memory mutex times out and
+#: tritonserver dies with SIGABRT while loading the models (triton-inference-server/server#8882, open; seen here
+#: with four test workers on two cores). A fresh start on new ports then loads; start_triton retries it.
+TRITON_SHM_ABORT = "boost::interprocess::lock_exception"
+
+
 def start_triton(model_repository: str | Path, *, args: list[str] | None = None, http_port: int | None = None,
                  grpc_port: int | None = None, metrics_port: int | None = None, log: str | Path | None = None,
-                 timeout: float = 180.0, install: TritonInstall | None = None) -> Service:
+                 timeout: float = 180.0, install: TritonInstall | None = None, attempts: int = 3) -> Service:
     """A real Triton Inference Server (nvidia-pytriton's binary, python backend only) on `model_repository`,
     on 127.0.0.1. `model_repository` must hold python-backend models (the twin repository that
     `rentalml.export.triton.write_python_twin` writes); the onnxruntime configs of the cluster do not load here.
@@ -440,10 +447,31 @@ def start_triton(model_repository: str | Path, *, args: list[str] | None = None,
     store, ports and backend directory are substituted. Waits for /v2/health/ready. Returns a Service with
     url "http://127.0.0.1:<http>", port = the HTTP port, and attributes grpc_port / metrics_port / grpc_url.
     Raises ServiceUnavailable with the log's tail when Triton cannot be prepared or exits / is not ready in time.
+    A start that aborts with TRITON_SHM_ABORT (an upstream race, not our models) is retried, up to `attempts`
+    starts in all, each logged as a warning; any other exit fails at once.
     """
+    inst = install or prepare_triton()
+    for attempt in range(1, attempts + 1):
+        try:
+            return _start_triton_once(model_repository, args=args, http_port=http_port, grpc_port=grpc_port,
+                                      metrics_port=metrics_port, log=log, timeout=timeout, inst=inst)
+        except _TritonAborted as exc:
+            if attempt == attempts:
+                raise ServiceUnavailable(str(exc)) from None
+            logging.getLogger(__name__).warning("tritonserver aborted at start-up (%s, attempt %d of %d); "
+                                                "starting it again", TRITON_SHM_ABORT, attempt, attempts)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+class _TritonAborted(ServiceUnavailable):
+    """tritonserver died of TRITON_SHM_ABORT before it was ready."""
+
+
+def _start_triton_once(model_repository: str | Path, *, args: list[str] | None, http_port: int | None,
+                       grpc_port: int | None, metrics_port: int | None, log: str | Path | None, timeout: float,
+                       inst: TritonInstall) -> Service:
     import httpx
 
-    inst = install or prepare_triton()
     http_port, grpc_port, metrics_port = http_port or free_port(), grpc_port or free_port(), \
         metrics_port or free_port()
     workdir = Path(tempfile.mkdtemp(prefix="rentalml-triton-"))
@@ -454,6 +482,7 @@ def start_triton(model_repository: str | Path, *, args: list[str] | None = None,
     env = {**os.environ, TRITON_SITE_ENV: str(inst.site), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
            "LD_LIBRARY_PATH": os.pathsep.join(p for p in (str(inst.libs), os.environ.get("LD_LIBRARY_PATH"))
                                               if p)}
+    start = log_path.stat().st_size if log_path.exists() else 0  # a retry appends to the same log
     out = open(log_path, "ab")  # noqa: SIM115 - closed by the Service's cleanup
     proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     svc = TritonService("triton", f"http://127.0.0.1:{http_port}", http_port, proc, workdir)
@@ -461,7 +490,7 @@ def start_triton(model_repository: str | Path, *, args: list[str] | None = None,
     svc._cleanup += [out.close, lambda: shutil.rmtree(workdir, ignore_errors=True)]
 
     def tail() -> str:  # Triton's error lines (E<date> ..., e.g. a model that failed to load), then the end
-        text = log_path.read_text(errors="replace") if log_path.exists() else ""
+        text = log_path.read_bytes()[start:].decode(errors="replace") if log_path.exists() else ""
         errors = [line for line in text.splitlines() if line.startswith("E") and line[1:5].isdigit()]
         return "\n".join(errors)[-6000:] + "\n...\n" + text[-1500:]
 
@@ -476,7 +505,9 @@ def start_triton(model_repository: str | Path, *, args: list[str] | None = None,
         text = tail()
         svc.stop()
         if proc.poll() is not None:
-            raise ServiceUnavailable(f"tritonserver exited with code {proc.returncode}:\n{text}") from None
+            kind = _TritonAborted if proc.returncode == -signal.SIGABRT and TRITON_SHM_ABORT in text \
+                else ServiceUnavailable
+            raise kind(f"tritonserver exited with code {proc.returncode}:\n{text}") from None
         raise ServiceUnavailable(f"tritonserver not ready after {timeout:g}s:\n{text}") from None
     return svc
 
