@@ -13,6 +13,7 @@ parameters, headers) is described in protocol/__init__.py.
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -46,6 +47,19 @@ class Answer:
     query: decode.Query
     rec: RoutedRecommendations
     params: dict
+
+
+def settle_heap() -> int:
+    """After a (re)load: make the previous model's objects collectable again (gc.unfreeze), collect once, then move
+    everything that survived (the loaded bundles, the app, the imported modules) into the permanent generation
+    (gc.freeze), where the cyclic collector no longer walks it. Without this every full (generation-2) collection
+    walked the whole model while requests waited: 50-86 ms pauses under the soak's load (benchmarks/soak.py,
+    2026-12-03), the largest single stall between events. Refcounting still frees frozen objects; a reload
+    unfreezes first, so the old model's cycles are collected too. Returns the permanent generation's size."""
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
 
 
 class RecommenderModel(Model):
@@ -119,6 +133,7 @@ class RecommenderModel(Model):
 
     def load(self) -> bool:
         self.routing = self._load(self._sources[CHAMPION], self._sources[CHALLENGER], self.challenger_percent)
+        settle_heap()
         self.ready = True
         self.start_watcher()
         return self.ready
@@ -156,6 +171,7 @@ class RecommenderModel(Model):
             self.reloads += 1
             m.MODEL_RELOADS.labels(self.name).inc()
             after = routing.describe()
+            settle_heap()  # the old routing is unreferenced now (requests still on it keep it until they end)
             log.info("reloaded in %.2fs (%d cache rows pre-warmed): %s", time.perf_counter() - t0, prewarmed, after)
             return {"before": before, "after": after, "seconds": round(time.perf_counter() - t0, 3),
                     "prewarmed_rows": prewarmed}
@@ -205,6 +221,7 @@ class RecommenderModel(Model):
                     m.MODEL_LOAD_SECONDS.labels(self.name, arm.label).set(self.load_seconds)
                     m.CACHE_HIT_RATE.labels(self.name, arm.label).set(0.0)
             self.start_watcher()
+            settle_heap()  # a spawned REST worker's own heap, as load() does in the main process
         if self.worker_init is not None:  # inside a spawned REST worker (see server.serve)
             self.worker_init(self)
 
