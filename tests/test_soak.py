@@ -116,3 +116,15 @@ def test_open_loop_capacity_is_the_highest_rate_within_the_slo(monkeypatch):
     asked.clear()
     none = soak.open_loop_capacity(None, [], [], 0.7, 16, 1000.0, 20.0, floor=0.8)  # never sustained
     assert asked == [1000, 900, 800] and none["rps"] is None
+
+
+def test_a_step_past_saturation_is_not_sustained():
+    """The steps of the 2026-12-03 10-minute runs (benchmarks/results/soak_open_capacity*.json): 571/s sustained;
+    912/s had p99 <= 3 x p50 only because the queue lifted p50 itself; 762/s just over the knee."""
+    soak = _soak_module()
+    step = {"n": 11423, "p50_ms": 2.85, "p99_ms": 6.86}
+    assert soak.sustained(step, {"p50_ms": 2.24}, 11423, 11423, 0)
+    assert not soak.sustained({"n": 18240, "p50_ms": 65.22, "p99_ms": 192.34}, {"p50_ms": 12.51}, 18240, 18241, 0)
+    assert not soak.sustained({"n": 15230, "p50_ms": 3.84, "p99_ms": 11.78}, {"p50_ms": 3.27}, 15230, 15231, 0)
+    assert not soak.sustained(step, {"p50_ms": 2.24}, 11423, 11423, 1)  # an error
+    assert not soak.sustained(step, {"p50_ms": 2.24}, 11000, 11423, 0)  # requests left unsent
