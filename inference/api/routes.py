@@ -27,6 +27,7 @@ from pydantic import BaseModel, ValidationError
 
 from .. import metrics as m
 from ..errors import RequestTimeout
+from ..model import trim_heap
 from ..protocol import FILTER_PARAMS, decode
 from .schemas import ExplainRequest, FeedbackRequest, InvalidateRequest, PredictRequest, ReloadRequest
 
@@ -195,8 +196,12 @@ async def invalidate(request: Request):
         return bad
     from rentalml.cache import invalidate as drop
 
-    n = await asyncio.get_running_loop().run_in_executor(
-        None, lambda: drop(body.user_ids, body.property_ids, cache=model.cache))
+    def dropped() -> int:
+        n = drop(body.user_ids, body.property_ids, cache=model.cache)
+        trim_heap()  # the key lists of a large invalidation are freed: their pages go back too
+        return n
+
+    n = await asyncio.get_running_loop().run_in_executor(None, dropped)
     return JSONResponse({"invalidated": n, "backend": model.cache.backend})
 
 
