@@ -31,9 +31,8 @@ def soak(redis_url, tmp_path_factory):
     # cheap on 2 cores: one short capacity step, few client threads, 20 s of load
     cmd = [sys.executable, str(SOAK), "--duration", "20", "--bundle", str(b1), "--reload-bundle", str(b2),
            "--redis-url", url, "--ramp", "3", "--capacity-s", "2", "--capacity", "closed", "--no-miss-capacity",
-           "--workers", "6",
-           "--sample-s", "1", "--window-s", "2", "--warmup-s", "4", "--hot-users", "100", "--storm-calls", "3",
-           "--storm-properties", "20", "--out", str(out)]
+           "--workers", "6", "--sample-s", "1", "--window-s", "2", "--warmup-s", "4", "--hot-users", "100",
+           "--storm-calls", "3", "--storm-properties", "20", "--out", str(out)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert out.exists(), res.stdout[-3000:] + res.stderr[-3000:]
     return res, json.loads(out.read_text())
