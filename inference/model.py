@@ -6,6 +6,7 @@ A thin layer, shaped like KServe's `Model`: every recommendation comes from the 
   routing.py   the champion/challenger arms and the sticky A/B split
   batching.py  the recommendation cache (in-process LRU or Redis) and the batching of its misses
   loading.py   the bundles and engines behind the arms, and the registry watcher
+  heap.py      the process heap: malloc settings at start-up, collect / freeze / trim after a (re)load
 `predict` answers within the request timeout, logs impressions (outcomes.py) and records the Prometheus metrics
 (metrics.py); `reload` swaps in new versions without dropping a request. The v2 interface (inputs, outputs,
 parameters, headers) is described in protocol/__init__.py.
@@ -13,8 +14,6 @@ parameters, headers) is described in protocol/__init__.py.
 
 from __future__ import annotations
 
-import ctypes
-import gc
 import logging
 import threading
 import time
@@ -32,6 +31,7 @@ from . import MODEL_NAME
 from . import metrics as m
 from .batching import Batcher
 from .errors import RequestTimeout
+from .heap import settle_heap, tune_malloc
 from .loading import RegistryWatcher, load_routing, make_engine, mark_registry, registry_versions, served_version
 from .outcomes import OutcomeLog
 from .protocol import INPUT_K, INPUT_USER, OUTPUT_IDS, OUTPUT_SCORES, decode, encode
@@ -48,31 +48,6 @@ class Answer:
     query: decode.Query
     rec: RoutedRecommendations
     params: dict
-
-
-def settle_heap() -> int:
-    """After a (re)load: make the previous model's objects collectable again (gc.unfreeze), collect once, then move
-    everything that survived (the loaded bundles, the app, the imported modules) into the permanent generation
-    (gc.freeze), where the cyclic collector no longer walks it. Without this every full (generation-2) collection
-    walked the whole model while requests waited: 50-86 ms pauses under the soak's load (benchmarks/soak.py,
-    2026-12-03), the largest single stall between events. Refcounting still frees frozen objects; a reload
-    unfreezes first, so the old model's cycles are collected too. Returns the permanent generation's size."""
-    gc.unfreeze()
-    gc.collect()
-    gc.freeze()
-    trim_heap()
-    return gc.get_freeze_count()
-
-
-def trim_heap() -> None:
-    """Hand the heap's free pages back to the OS (glibc's malloc_trim; nothing elsewhere). glibc keeps what a
-    reload freed (the old model, the bundle's parquet reads) in its arenas, so RSS stayed at the peak: in-process,
-    three reloads of the soak's bundle added +31, +27 and +8 MB without the trim and +6, +2 and -1 MB with it
-    (2026-12-03, docs/benchmarks.md "Soak")."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
 
 
 class RecommenderModel(Model):
@@ -224,6 +199,7 @@ class RecommenderModel(Model):
         return state
 
     def __setstate__(self, state):
+        tune_malloc()  # a spawned REST worker is a new process: glibc's defaults again
         self.__dict__.update(state)
         self._init_process_state()
         if self.routing is not None:

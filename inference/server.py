@@ -143,6 +143,9 @@ def serve(bundle: Path | None = None, *, alias: str = "champion", variant: str |
         bundle = resolve_bundle(None, alias)
     _sanitize_argv()
     configure_logging()
+    from .heap import tune_malloc
+
+    tune_malloc()  # before the model and the servers' threads allocate (inference/heap.py)
 
     from . import MODEL_NAME
     from .auth import Verifier, grpc_interceptor

@@ -124,6 +124,11 @@ class ServeSettings(BaseModel):
     # which scorer graph answers: "fp32" (scorer.onnx) | "int8" (scorer.int8.onnx, dynamic quantization; check its
     # accuracy first: `rentalml optimize` marks it deployable or not, docs/benchmarks.md)
     precision: Literal["fp32", "int8"] = "fp32"
+    # glibc malloc at start-up (rentalml.inference.heap.tune_malloc; 0 = glibc's default): blocks of this many bytes
+    # or more in mappings of their own, so what a reload frees goes back to the OS; at most this many arenas (off:
+    # no better than the threshold alone in the soak, docs/benchmarks.md "Soak")
+    malloc_arena_max: int = Field(0, ge=0)
+    malloc_mmap_threshold: int = Field(128 * 1024, ge=0, le=32 * 1024 * 1024)
 
 
 class AuthSettings(BaseModel):

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ValidationError
 
 from .. import metrics as m
 from ..errors import RequestTimeout
-from ..model import trim_heap
+from ..heap import trim_heap
 from ..protocol import FILTER_PARAMS, decode
 from .schemas import ExplainRequest, FeedbackRequest, InvalidateRequest, PredictRequest, ReloadRequest
 
