@@ -97,3 +97,19 @@ def test_tune_malloc_limits_arenas_and_keeps_large_blocks_mapped():
     default, tuned = malloc_state("default"), malloc_state("tuned")
     assert not default["second_block_mapped"] and default["arenas"] > 2  # what the soak's +12.6 % came from
     assert tuned["second_block_mapped"] and tuned["arenas"] <= 2
+
+
+def test_runtime_sessions_run_without_the_ort_arena(tmp_path):
+    """Every ONNX Runtime session the runtime opens (rentalml.runtime.bundle.onnx_session: the scorer, the two
+    stages, the fold-in graph) has ORT's CPU arena off: the arena grows to the largest batch a session has run
+    and keeps it, which is what a storm's batches of misses left in the soak's RSS (docs/benchmarks.md "Soak")."""
+    from rentalml.runtime.bundle import Bundle, onnx_session
+    from rentalml.runtime.two_stage import TwoStage
+
+    path = make_bundle(tmp_path / "b", "1")
+    bundle = Bundle(path)
+    assert bundle.session.get_session_options().enable_cpu_mem_arena is False
+    two_stage = TwoStage(path)
+    for graph in ("retrieval", "ranker"):
+        options = onnx_session(path / two_stage.meta[graph]).get_session_options()
+        assert options.enable_cpu_mem_arena is False and options.intra_op_num_threads == 1

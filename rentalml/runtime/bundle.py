@@ -35,6 +35,23 @@ REGISTRY_KEYS = ("model_version", "registry")
 log = logging.getLogger(__name__)
 
 
+def onnx_session(path: str | Path, threads: int = 1):
+    """An ONNX Runtime CPU session of one of the bundle's graphs, as every runtime path opens them (the scorer, the
+    two stages, the fold-in graph). ORT's CPU memory arena is off: it grows to the largest batch the session has
+    run and never gives that back, so a storm's batches of misses left +23 MB in one scorer session for good
+    (in-process, the soak's bundle, batches of up to 64 users: 231 -> 254 MB with the arena, 233 -> 234 without;
+    the soak's RSS step after its storm). The calls cost the same without it: 0.48 / 0.68 / 7.33 ms at 1 / 4 / 64
+    users against 0.53 / 0.70 / 6.92 ms with it, alternated in one process (2026-12-03, docs/benchmarks.md
+    "Soak")."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.enable_cpu_mem_arena = False
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
 class BundleIntegrityError(ValueError):
     """A bundle's files or bundle.json differ from its checksums.json (truncated, swapped or edited)."""
 
@@ -154,13 +171,8 @@ class Bundle:
     @property
     def session(self):
         if self._session is None:
-            import onnxruntime as ort
-
-            so = ort.SessionOptions()
-            so.intra_op_num_threads = self.threads
-            so.inter_op_num_threads = 1
             name = "scorer.int8.onnx" if self.int8 and (self.path / "scorer.int8.onnx").exists() else "scorer.onnx"
-            self._session = ort.InferenceSession(str(self.path / name), so, providers=["CPUExecutionProvider"])
+            self._session = onnx_session(self.path / name, self.threads)
         return self._session
 
     @property

@@ -38,12 +38,9 @@ class LiveCatalogue:
     @property
     def session(self):
         if self._session is None:
-            import onnxruntime as ort
+            from rentalml.runtime.bundle import onnx_session
 
-            so = ort.SessionOptions()
-            so.intra_op_num_threads = 1
-            self._session = ort.InferenceSession(str(Path(self.bundle.path) / FOLDIN_FILE), so,
-                                                 providers=["CPUExecutionProvider"])
+            self._session = onnx_session(Path(self.bundle.path) / FOLDIN_FILE)
         return self._session
 
     def __len__(self) -> int:

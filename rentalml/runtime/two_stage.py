@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rentalml.runtime.bundle import Bundle, read_meta
+from rentalml.runtime.bundle import Bundle, onnx_session, read_meta
 from rentalml.runtime.history import pad_histories
 from rentalml.runtime.interfaces import Retriever
 
@@ -42,13 +42,7 @@ class TwoStage(Retriever):
 
     def _session(self, name: str):
         if name not in self._sessions:
-            import onnxruntime as ort
-
-            so = ort.SessionOptions()
-            so.intra_op_num_threads = self.threads
-            so.inter_op_num_threads = 1
-            self._sessions[name] = ort.InferenceSession(str(self.path / self.meta[name]), so,
-                                                        providers=["CPUExecutionProvider"])
+            self._sessions[name] = onnx_session(self.path / self.meta[name], self.threads)
         return self._sessions[name]
 
     @property
