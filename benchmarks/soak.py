@@ -42,6 +42,7 @@ exits 1 when any request failed.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import queue
@@ -355,6 +356,39 @@ def open_loop_capacity(served: Served, hot: list[str], known: list[str], hot_sha
     return {"steps": steps, "rps": found, "slo_p99_ms": SLO_P99_S * 1000, "knee": KNEE}
 
 
+class ClientGC:
+    """The load generator's own garbage collections (gc.callbacks): a collection stops every client thread, and
+    the requests due meanwhile count it as latency, though the server had nothing to do with it (wrk2, in C, has
+    none). The client freezes what it built before the load (gc.freeze) so full collections do not walk it, and
+    the pauses that are left are recorded beside the latencies."""
+
+    def __init__(self):
+        self.pauses: list[tuple[int, float]] = []
+        self._t = 0.0
+
+    def __call__(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._t = time.perf_counter()
+        else:
+            self.pauses.append((info["generation"], time.perf_counter() - self._t))
+
+    def __enter__(self) -> ClientGC:
+        gc.collect()
+        gc.freeze()
+        gc.callbacks.append(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        gc.callbacks.remove(self)
+
+    def summary(self) -> dict:
+        ms = np.array([d for _, d in self.pauses]) * 1000
+        full = [d for g, d in self.pauses if g == 2]
+        return {"collections": len(ms), "full": len(full), "total_ms": round(float(ms.sum()), 1) if len(ms) else 0.0,
+                "max_ms": round(float(ms.max()), 2) if len(ms) else 0.0,
+                "full_max_ms": round(max(full) * 1000, 2) if full else 0.0}
+
+
 # ---- what happens during the soak ------------------------------------------------------------------------------
 class Sampler(threading.Thread):
     """Every `every` s: RSS, the server's metric samples, Redis INFO; `t` relative to the load's t0."""
@@ -658,7 +692,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name} at {t:.1f} s: {events[-1]}", flush=True)
 
         soak = Load(served, Mix(hot, known, a.hot_share, seed=11), a.workers, rate)
-        lasted = soak.run(a.duration, during=timeline)
+        with ClientGC() as client_gc:
+            lasted = soak.run(a.duration, during=timeline)
         sampler.halt.set()
         sampler.join()
         sampler.sample()
@@ -669,6 +704,7 @@ def main(argv: list[str] | None = None) -> int:
         result["events"] = events
         result["soak"] = summarize(soak, sampler.samples, events, a.duration, warmup, window)
         result["soak"]["seconds"] = round(lasted, 1)
+        result["soak"]["client_gc"] = client_gc.summary()
         result["samples"] = sampler.samples
         result["model_version_at_end"] = served.version()
         rc = 0 if soak.n_errors == 0 and all("failed" not in e for e in events) else 1
@@ -717,6 +753,8 @@ def print_table(r: dict) -> None:
           f"{s['client_wait'].get('p99_ms')}); RSS "
           f"{rss.get('after_warmup_mb')} MB after warm-up -> {rss.get('end_mb')} MB at the end "
           f"({rss.get('growth', 0):+.1%}); hit ratio {s.get('hit_ratio_overall')}; bars {s['bars']}")
+    if "client_gc" in s:
+        print(f"the client's own collections during the soak: {s['client_gc']}")
     for seg in rss.get("between_events", []):
         print(f"RSS after {seg['after']} ({seg['from_t']:.0f} s) to {seg['before']} ({seg['to_t']:.0f} s): "
               f"{seg['from_mb']} -> {seg['to_mb']} MB ({seg['mb_per_min']:+.2f} MB/min)")
