@@ -24,6 +24,11 @@ runs under bf16 autocast (`autocast`); the softmax/log-sum-exp is taken in float
 back to the CPU in float32, so scoring, fold-in and the ONNX export are the same whatever the training device.
 The CPU path is the original one, step for step (same seed, same weights). The distributed trainer
 (rentalml.training.distributed) uses the same `resolve_device`, `autocast` and `Batch.to`.
+
+Weight EMA (`NeuralParams.ema`, off by default): torch's AveragedModel keeps an exponential moving average of the
+weights, updated after every step; validation, early stopping and the fitted model use the average. Small
+batches (the collaborative tower's 128 users per step) make the last weights noisy, and the average smooths
+that. Each update touches every parameter, so its cost grows with the catalogue: SCALE_DEFAULTS keep it off.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from rentalml.models.base import Recommender, TrainData, validation_ndcg
@@ -65,6 +71,7 @@ class NeuralParams:
     use_ids: bool = True
     use_content: bool = True
     device: str = "cpu"  # cpu | cuda | auto (cuda when available), see resolve_device
+    ema: float = 0.0  # weight EMA decay per step (0: off); validation, early stopping and the result use the average
 
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -432,6 +439,10 @@ class TwoTower(Recommender):
         user_dim = 0 if self.user_feats is None else self.user_feats.shape[1]
         self.net = TwoTowerNet(n_items, feat_dim, user_dim, p).to(dev)  # initialised on the CPU: same weights
         active = np.flatnonzero(np.diff(x.indptr) > 0)
+        if not 0.0 <= p.ema < 1.0:
+            raise ValueError(f"ema must be in [0, 1), got {p.ema}")
+        self._ema = (AveragedModel(self.net, multi_avg_fn=get_ema_multi_avg_fn(p.ema), use_buffers=True)
+                     if p.ema else None)
         step = self._make_step(x, mode, p.lr if mode == "full" else p.sampled_lr, dev)
         best, best_state, bad = -1.0, None, 0
         self.samples_seen = 0
@@ -446,7 +457,7 @@ class TwoTower(Recommender):
                     self.on_validate(epoch + 1, rec["val_ndcg@10"])
                 if rec["val_ndcg@10"] > best:
                     best, bad = rec["val_ndcg@10"], 0
-                    best_state = copy.deepcopy(self.net.state_dict())
+                    best_state = copy.deepcopy(self._scored_net().state_dict())
                     self.best_epoch = epoch + 1
                 else:
                     bad += p.eval_every
@@ -458,7 +469,10 @@ class TwoTower(Recommender):
         if best_state is not None:
             self.net.load_state_dict(best_state)
         else:
+            if self._ema is not None:  # no holdout: the average of the last steps
+                self.net.load_state_dict(self._ema.module.state_dict())
             self.best_epoch = len(self.history_)
+        self._ema = None
         self.best_val = best
         self.net.cpu()  # scoring and export: the CPU float32 network, whatever the training device
         self._freeze()
@@ -508,6 +522,7 @@ class TwoTower(Recommender):
             loss.backward()
             opt.step()
             row_opt.step(b.items, rows)
+            self._average()
             total += loss.detach().double() * len(ub)
         return float(total) / max(1, len(perm))
 
@@ -530,8 +545,18 @@ class TwoTower(Recommender):
             opt.zero_grad()
             loss.backward()
             opt.step()
+            self._average()
             total += loss.detach().double() * len(ub)
         return float(total) / max(1, len(perm))
+
+    def _average(self) -> None:
+        """After a step: fold the weights into the EMA (when `ema` is on and fit is running)."""
+        if getattr(self, "_ema", None) is not None:
+            self._ema.update_parameters(self.net)
+
+    def _scored_net(self) -> nn.Module:
+        """The network that validation scores and early stopping keeps: the EMA's copy when it is on."""
+        return self._ema.module if getattr(self, "_ema", None) is not None else self.net
 
     def finetune(self, data: TrainData, epochs: int = 2, lr: float | None = None,
                  device: str | None = None) -> TwoTower:
@@ -562,8 +587,15 @@ class TwoTower(Recommender):
         return self
 
     def _validate(self, x: sp.csr_matrix, valid: sp.csr_matrix) -> float:
-        self._freeze()
-        return validation_ndcg(self, x, valid)
+        if getattr(self, "_ema", None) is None:
+            self._freeze()
+            return validation_ndcg(self, x, valid)
+        trained, self.net = self.net, self._ema.module  # score the average, then train on
+        try:
+            self._freeze()
+            return validation_ndcg(self, x, valid)
+        finally:
+            self.net = trained
 
     def selected_params(self) -> dict:
         chosen = {"epochs": max(1, self.best_epoch)}

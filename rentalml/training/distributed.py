@@ -44,8 +44,12 @@ from rentalml.models.neural import NeuralParams, TwoTower, TwoTowerNet, autocast
 
 CHECKPOINT = "checkpoint.pt"
 MODELS = {"hybrid": {}, "collaborative": {"use_content": False}, "content": {"use_ids": False}}
-#: NeuralParams fields that are command-line options (use_ids/use_content follow from --model)
-PARAM_FIELDS = [f for f in fields(NeuralParams) if f.type in ("int", "float", int, float)]
+#: NeuralParams fields that are command-line options (use_ids/use_content follow from --model). Not `ema`: the
+#: weight average is TwoTower.fit's (the collaborative tower's small-data default), and this loop has none, so an
+#: `--ema` that would do nothing is refused by the parser instead.
+NOT_DISTRIBUTED = {"ema"}
+PARAM_FIELDS = [f for f in fields(NeuralParams)
+                if f.type in ("int", "float", int, float) and f.name not in NOT_DISTRIBUTED]
 
 
 # ------------------------------------------------------------------------------------------ launcher env

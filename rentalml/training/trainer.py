@@ -30,15 +30,17 @@ NEURAL_KEYS = set(NeuralParams.__dataclass_fields__)
 SCALE_MIN_ROWS = 500_000
 SCALE_DEFAULTS = {"softmax": "sampled", "dim": 64, "hidden": 128, "sampled_batch_size": 1024, "sampled_lr": 8e-3,
                   "negatives": 512, "input_dropout": 0.5, "epochs": 3, "eval_every": 1, "patience": 1,
-                  "neighbours": 64}
+                  "neighbours": 64, "ema": 0.0}
 
 
 #: the collaborative (ID-only) tower's own defaults, under any parameter the caller (or SCALE_DEFAULTS) sets. On a
 #: small dataset the shared 512 users per step leave it undertrained: ml-latest-small has ~550 training users, so
 #: an epoch is two steps and the validation curve still rises at epoch 200. 128 users per step and input dropout
 #: 0.2 lift it (docs/benchmarks.md, issue 14 point 2, "Levers tried"); the hybrid and content towers keep the
-#: shared defaults (input dropout 0.2 hurt the Albany hybrid). At scale SCALE_DEFAULTS win (batch and dropout).
-COLLABORATIVE_DEFAULTS = {"sampled_batch_size": 128, "input_dropout": 0.2}
+#: shared defaults (input dropout 0.2 hurt the Albany hybrid). A weight EMA (0.95 per step) smooths what those small
+#: steps leave noisy (docs/benchmarks.md, issue 14 point 2). At scale SCALE_DEFAULTS win (batch, dropout, no EMA:
+#: its update touches every row of the tables, a cost that grows with the catalogue).
+COLLABORATIVE_DEFAULTS = {"sampled_batch_size": 128, "input_dropout": 0.2, "ema": 0.95}
 
 
 def build_model(name: str, params: dict | None = None, progress: bool = False) -> Recommender:
