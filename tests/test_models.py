@@ -149,3 +149,106 @@ def test_unknown_model_name_lists_names(market):
     assert "transformer" in msg
     for name in (*MODEL_NAMES, "ease", "itemknn", "als"):
         assert name in msg
+
+
+# side information (collective EASE: Jeunen, Van Balen, Goethals, "Closed-form models for collaborative
+# filtering with side-information", RecSys 2020): the item-item Gram matrix becomes XᵀX + α·TTᵀ
+
+
+def test_side_information_links_items_that_share_a_value():
+    import pandas as pd
+
+    from rentalml.data.features import side_information
+
+    items = pd.DataFrame({
+        "landlord_id": ["a", "a", "b", None, "c"],
+        "neighbourhood": ["x", "unknown", "x", "y", "z"],
+        "lat": [42.650, 42.651, 42.700, 42.800, np.nan], "lon": [-73.75, -73.75, -73.60, -73.50, -73.7],
+    }, index=pd.Index(["p0", "p1", "p2", "p3", "p4"], name="property_id"))
+    t = side_information(items, np.array(["p0", "p1", "p2", "p3", "p4"], dtype=object)).toarray()
+    links = t @ t.T
+    assert links[0, 1] == 2  # same landlord and the same 1 km cell ("unknown" neighbourhood links nothing)
+    assert links[0, 2] == 1  # same neighbourhood only
+    assert links[1, 2] == 0
+    assert links[3].sum() == links[3, 3] == 0 and links[4].sum() == 0  # only values that no other item has
+    assert t.shape[1] == 3  # landlord a, neighbourhood x, one shared cell: singletons are dropped
+    assert side_information(items[[]], items.index.to_numpy()) is None
+    assert side_information(None, items.index.to_numpy()) is None
+
+
+def _side_data():
+    # items 0-2 co-occur; items 3-5 co-occur; item 6 has one user of its own and co-occurs with nothing; it shares
+    # a landlord with items 0-2 (so each group is a clique of the augmented Gram matrix)
+    rng = np.random.default_rng(1)
+    x = np.zeros((201, 7), dtype=np.float32)
+    x[:100, :3] = rng.random((100, 3)) < 0.5
+    x[100:200, 3:6] = rng.random((100, 3)) < 0.5
+    x[200, 6] = 1
+    side = sp.csr_matrix(np.array([[1], [1], [1], [0], [0], [0], [1]], dtype=np.float32))
+    return TrainData(sp.csr_matrix(x), item_side=side)
+
+
+def test_sparse_ease_with_side_information_is_collective_ease():
+    data = _side_data()
+    x = data.matrix.toarray().astype(np.float64)
+    t = data.item_side.toarray().astype(np.float64)
+    n = data.n_items
+    model = SparseEASE(l2=10.0, neighbours=n - 1, side=2.0).fit(data)
+    # the closed form on the augmented Gram (all neighbours, every pair linked here by co-occurrence or side)
+    p = np.linalg.inv(x.T @ x + 2.0 * t @ t.T + 10.0 * np.eye(n))
+    b = -p / np.diag(p)
+    np.fill_diagonal(b, 0)
+    w = model.W.toarray()
+    linked = (x.T @ x + t @ t.T) > 0
+    np.fill_diagonal(linked, False)
+    np.testing.assert_allclose(w[linked], b[linked], atol=1e-5)
+    # the landlord link alone makes item 6 a neighbour of item 0: a user of item 0 now gets a score for item 6
+    # (the closed form on the augmented Gram matrix is exact here: each linked group is a clique)
+    assert w[0, 6] > 0 and w[6, 0] > 0
+    plain = SparseEASE(l2=10.0, neighbours=n - 1, side=0.0).fit(data)
+    assert plain.W[0, 6] == 0 and plain.W[6, 0] == 0
+    assert plain.selected_params() == {"l2": 10.0, "side": 0.0}
+
+
+def test_side_weight_is_chosen_on_validation_and_absent_without_side_information():
+    data = _side_data()
+    # validation: the users of item 0 held out item 6 (the landlord's other listing; none of them has it in train)
+    valid = sp.lil_matrix(data.matrix.shape, dtype=np.float32)
+    for u in np.flatnonzero(data.matrix[:, 0].toarray().ravel())[:20]:
+        valid[u, 6] = 1
+    data.valid = valid.tocsr()
+    chosen = SparseEASE(neighbours=6).fit(data)
+    assert chosen.side in SparseEASE.SIDE_GRID  # side information wins where the held-out item is only linked by it
+    without = SparseEASE(neighbours=6).fit(TrainData(data.matrix, valid=data.valid))
+    assert without.side is None and "side" not in without.selected_params()
+    assert without.W[0, 6] == 0
+
+
+def test_the_scale_profile_builds_no_side_information(market, monkeypatch):
+    import rentalml.training.trainer as trainer
+
+    calls = []
+    real = trainer.side_information
+    monkeypatch.setattr(trainer, "side_information", lambda *a, **k: calls.append(1) or real(*a, **k))
+    small = market.subset(market.interactions.head(3000))
+    fit_model("itemitem", small, params={"side": 0.0, "neighbours": 16}, seed=1)
+    assert not calls
+    fitted = fit_model("itemitem", small, params={"neighbours": 16}, seed=1)
+    assert calls and "side" in fitted.params  # the synthetic catalogue has neighbourhoods and lat/lon
+    assert trainer.SCALE_DEFAULTS["side"] == 0.0
+
+
+def test_finetune_refits_the_item_item_part_with_its_side_information(market):
+    from rentalml.training.incremental import extend, finetune
+
+    small = market.subset(market.interactions.head(3000))
+    fitted = fit_model("itemitem", small, params={"side": 2.0, "neighbours": 16}, seed=1)
+    assert fitted.item_side is not None and fitted.model.side == 2.0
+    recent = aggregate_pairs(market.interactions.iloc[3000:3400])
+    tuned = finetune(fitted, recent)
+    ext = extend(fitted, recent)
+    expect = SparseEASE(l2=fitted.model.l2, neighbours=16, side=2.0).fit(
+        TrainData(ext.train, item_side=fitted.item_side))
+    none = SparseEASE(l2=fitted.model.l2, neighbours=16, side=0.0).fit(TrainData(ext.train))
+    np.testing.assert_array_equal(tuned.model.W.toarray(), expect.W.toarray())
+    assert (tuned.model.W != none.W).nnz > 0

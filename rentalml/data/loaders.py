@@ -141,6 +141,9 @@ def load_airbnb(directory: str | Path | None = None, min_user_reviews: int = 1) 
         "available_from": None,
         "listed_at": pd.to_datetime(first_review, utc=True, errors="coerce"),
         "accommodates": accommodates,
+        # who lets it: the item-item model's side information (features.SIDE_COLUMNS), not a dense feature
+        "landlord_id": listings["host_id"].astype("Int64").astype(str).replace("<NA>", None)
+        if "host_id" in listings else None,
     }).drop_duplicates("property_id").set_index("property_id")
 
     reviews = pd.read_csv(_first(d, "reviews"))

@@ -15,7 +15,9 @@ class TrainData:
     `matrix` is users × catalogue (items with no training interactions — cold items — are zero columns);
     `item_features` [n_items, F] and `user_features` [n_users, Fu] are aligned with it when present.
     `valid` (same shape as matrix) holds a per-user validation holdout used for early stopping and
-    model selection; it is never part of `matrix`.
+    model selection; it is never part of `matrix`. `item_side` [n_items, V] (0/1, sparse) marks which attribute
+    values (landlord, neighbourhood, geo cell: data.features.side_information) each item has, for the item-item
+    model's side information; None when the catalogue has none.
     """
 
     matrix: sp.csr_matrix
@@ -23,6 +25,7 @@ class TrainData:
     user_features: np.ndarray | None = None
     valid: sp.csr_matrix | None = None
     seed: int = 42
+    item_side: sp.csr_matrix | None = None
 
     @property
     def n_users(self) -> int:

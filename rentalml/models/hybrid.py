@@ -24,9 +24,10 @@ class Hybrid(Recommender):
     name = "hybrid"
 
     def __init__(self, params: NeuralParams | None = None, l2: float = 200.0, neighbours: int = 256,
-                 dropout: float = 0.0, beta: float | None = None, progress: bool = False, **overrides):
+                 dropout: float = 0.0, beta: float | None = None, progress: bool = False,
+                 side: float | None = None, **overrides):
         self.tower = TwoTower(params, name="hybrid", progress=progress, **overrides)
-        self.itemitem = SparseEASE(l2=l2, neighbours=neighbours, dropout=dropout)
+        self.itemitem = SparseEASE(l2=l2, neighbours=neighbours, dropout=dropout, side=side)
         self.beta = beta
 
     @property
@@ -56,7 +57,9 @@ class Hybrid(Recommender):
     def _cold_proxies(self, data: TrainData) -> tuple[np.ndarray, np.ndarray]:
         """Item-item scores need interactions; a property with none (cold) borrows the item-item score of
         its nearest interacted property in the content tower's space, shrunk by COLD_SHRINK, so content can
-        bring never-seen properties into the blended top-k. Warm properties are their own proxy (weight 1)."""
+        bring never-seen properties into the blended top-k. Warm properties are their own proxy (weight 1).
+        A cold property that side information links into the item-item model still takes its proxy: on Albany's
+        cold-start split its own side-only score ranked worse (hybrid nDCG@10 0.0473 → 0.0283 at seed 42)."""
         n = data.n_items
         proxy, weight = np.arange(n), np.ones(n, dtype=np.float32)
         pop = np.asarray(data.binary().sum(0)).ravel()

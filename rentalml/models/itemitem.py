@@ -66,7 +66,7 @@ class SparseEASE(L2SelectedModel):
     name = "itemitem"
 
     def __init__(self, l2: float = 200.0, neighbours: int = 256, block: int = 256, dropout: float = 0.0,
-                 max_out_degree: int | None = None):
+                 max_out_degree: int | None = None, side: float | None = None):
         # every source item keeps at most max_out_degree targets (default 2·neighbours) so the ONNX graph can
         # scatter-add a fixed-width row per history item
         self.max_out_degree = max_out_degree or 2 * neighbours
@@ -74,17 +74,28 @@ class SparseEASE(L2SelectedModel):
         self.dropout = dropout  # > 0: denoising (EDLAE-style) penalty p/(1-p)·diag(G) added to the ridge
         self.neighbours = neighbours
         self.block = block
+        # side-information weight α: the Gram matrix is XᵀX + α·TTᵀ (TrainData.item_side, collective EASE); None =
+        # chosen on data.valid from (0, *SIDE_GRID) after the L2 (0 without valid data or without item_side)
+        self.side = side
 
     # the EASE baseline's former grid: the old (100, 200, 400) put Albany's choice on its upper edge (400; EASE
     # chose 1600); each extra L2 costs one batched solve and one validation pass
     L2_GRID = (50.0, 100.0, 200.0, 400.0, 800.0, 1600.0)
 
+    #: side-information weights tried on validation (after the L2, at the chosen L2). On Albany one shared
+    #: landlord, neighbourhood or 1 km cell counts as much as one co-review at α = 1 (docs/benchmarks.md)
+    SIDE_GRID = (0.5, 1.0, 2.0)
+
     def fit(self, data: TrainData) -> SparseEASE:
         """Gather each item's neighbour system once and solve it for every L2 of the grid (the grid is chosen
-        on data.valid when given), so the selection costs one gather plus one batched solve per L2."""
+        on data.valid when given), so the selection costs one gather plus one batched solve per L2. With side
+        information and no fixed `side`, each α of SIDE_GRID then costs one gather and one solve at that L2."""
+        has_side = data.item_side is not None and data.item_side.shape[1] > 0
+        choose_side = has_side and self.side is None and data.valid is not None
+        side = (self.side or 0.0) if has_side else 0.0
         grid = tuple(self.L2_GRID) if data.valid is not None and self.L2_GRID else (self.l2,)
-        nbr, weights = self._weights(data, grid)
-        if len(grid) > 1:
+        nbr, weights = self._weights(data, grid, side)
+        if len(grid) > 1 or choose_side:
             from rentalml.models.base import validation_ndcg
 
             x = data.binary()
@@ -94,17 +105,35 @@ class SparseEASE(L2SelectedModel):
                 self._build(nbr, w)
                 v = validation_ndcg(self, x, data.valid)
                 if v > best:
-                    best, best_l2, best_w = v, l2, w
-            self.l2, weights = best_l2, [best_w]
+                    best, best_l2, best_w, best_nbr = v, l2, w, nbr
+            self.l2 = best_l2
+            if choose_side:
+                for alpha in self.SIDE_GRID:
+                    a_nbr, (w,) = self._weights(data, (best_l2,), alpha)
+                    self._build(a_nbr, w)
+                    v = validation_ndcg(self, x, data.valid)
+                    if v > best:
+                        best, side, best_w, best_nbr = v, alpha, w, a_nbr
+            nbr, weights = best_nbr, [best_w]
+        self.side = side if has_side else self.side
         return self._build(nbr, weights[0])
+
+    def selected_params(self) -> dict:
+        return {"l2": self.l2} if self.side is None else {"l2": self.l2, "side": self.side}
 
     def _solve(self, data: TrainData) -> SparseEASE:
-        nbr, weights = self._weights(data, (self.l2,))
+        has_side = data.item_side is not None and data.item_side.shape[1] > 0
+        nbr, weights = self._weights(data, (self.l2,), (self.side or 0.0) if has_side else 0.0)
         return self._build(nbr, weights[0])
 
-    def _weights(self, data: TrainData, l2s: tuple[float, ...]) -> tuple[np.ndarray, list[np.ndarray]]:
+    def _weights(self, data: TrainData, l2s: tuple[float, ...],
+                 side: float = 0.0) -> tuple[np.ndarray, list[np.ndarray]]:
         x = data.binary()
         n = x.shape[1]
+        if side > 0:
+            # the side attributes as extra pseudo-users, each scaled by √α: their Gram adds α·TTᵀ, and items that
+            # share a value become neighbours (regressors) even with no co-occurrence
+            x = sp.vstack([x, data.item_side.T.tocsr() * np.float32(np.sqrt(side))]).tocsr()
         nbr, _ = cooccurrence_topk(x, self.neighbours)
         m = nbr.shape[1]
         gram = (x.T @ x).tocsr().astype(np.float32)

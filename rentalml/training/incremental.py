@@ -66,7 +66,9 @@ def finetune(fitted, recent_pairs: pd.DataFrame, epochs: int = 2, lr: float | No
     ext = extend(fitted, recent_pairs)
     model = copy.deepcopy(fitted.model)
     tower = model.tower if isinstance(model, Hybrid) else model if isinstance(model, TwoTower) else None
-    data = TrainData(ext.train, ext.item_features, ext.user_features, seed=seed)
+    # the item-item refit keeps the side information it was fit with (checkpoints from before it have none)
+    data = TrainData(ext.train, ext.item_features, ext.user_features, seed=seed,
+                     item_side=getattr(fitted, "item_side", None))
     if tower is not None:
         tower.finetune(data, epochs=epochs, lr=lr)
     if isinstance(model, Hybrid):

@@ -11,7 +11,7 @@ import scipy.sparse as sp
 import torch
 
 from rentalml.data.dataset import Dataset, InteractionMatrix
-from rentalml.data.features import FeatureEncoder
+from rentalml.data.features import FeatureEncoder, side_information
 from rentalml.evaluation.protocols import aggregate_pairs, holdout_split
 from rentalml.models.base import Popularity, Recommender, TrainData
 from rentalml.models.hybrid import Hybrid
@@ -25,12 +25,14 @@ NEURAL_KEYS = set(NeuralParams.__dataclass_fields__)
 #: sampled trainer at the tuned size, a few epochs, validation every epoch), and (refit=None) the model selected
 #: on the validation holdout is kept instead of being refit on the whole of train: at 10M events a second fit
 #: would double the time for a 10 % larger training set. The item-item part keeps 64 neighbours per item (its
-#: solve costs n·M³: 256 → 64 is 64× less). The shipped model is still refit on everything (refit_all).
+#: solve costs n·M³: 256 → 64 is 64× less) and no side information (a neighbourhood of thousands of properties
+#: would add a dense block of their pairs to the Gram matrix and one more solve per α tried). The shipped model
+#: is still refit on everything (refit_all).
 #: input_dropout 0.5 is NeuralParams' own default, stated so COLLABORATIVE_DEFAULTS' 0.2 stays a small-data choice.
 SCALE_MIN_ROWS = 500_000
 SCALE_DEFAULTS = {"softmax": "sampled", "dim": 64, "hidden": 128, "sampled_batch_size": 1024, "sampled_lr": 8e-3,
                   "negatives": 512, "input_dropout": 0.5, "epochs": 3, "eval_every": 1, "patience": 1,
-                  "neighbours": 64, "ema": 0.0}
+                  "neighbours": 64, "ema": 0.0, "side": 0.0}
 
 
 #: the collaborative (ID-only) tower's own defaults, under any parameter the caller (or SCALE_DEFAULTS) sets. On a
@@ -54,12 +56,12 @@ def build_model(name: str, params: dict | None = None, progress: bool = False) -
     if name == "content":
         return TwoTower(name="content", progress=progress, **{**nn_kw, "use_ids": False})
     if name == "hybrid":
-        ii_kw = {k: params[k] for k in ("l2", "neighbours", "dropout", "beta") if k in params}
+        ii_kw = {k: params[k] for k in ("l2", "neighbours", "dropout", "beta", "side") if k in params}
         return Hybrid(progress=progress, **ii_kw, **nn_kw)
     if name == "itemitem":
         from rentalml.models.itemitem import SparseEASE
 
-        return SparseEASE(**{k: params[k] for k in ("l2", "neighbours", "dropout") if k in params})
+        return SparseEASE(**{k: params[k] for k in ("l2", "neighbours", "dropout", "side") if k in params})
     if name == "ease":
         from rentalml.models.baselines import EASE
 
@@ -91,6 +93,7 @@ class Fitted:
     user_encoder: FeatureEncoder | None
     fit_seconds: float
     params: dict = field(default_factory=dict)
+    item_side: sp.csr_matrix | None = None  # the item-item model's side information (TrainData.item_side)
 
     @property
     def training_curve(self) -> list[dict]:
@@ -151,6 +154,9 @@ def fit_model(name: str, dataset: Dataset, train: pd.DataFrame | None = None, pa
     item_enc, item_x, user_enc, user_x = _features(dataset, item_ids, user_ids)
     full = InteractionMatrix.build(train, item_ids=item_ids, user_ids=user_ids).matrix
     params = dict(params or {})
+    # only the item-item models read it, and only when their side weight is not fixed at 0 (SCALE_DEFAULTS)
+    side = (side_information(dataset.items, item_ids)
+            if name in ("hybrid", "itemitem") and params.get("side", None) != 0 else None)
     model = build_model(name, params, progress)
     if on_validate is not None:
         model.on_validate = on_validate
@@ -158,15 +164,15 @@ def fit_model(name: str, dataset: Dataset, train: pd.DataFrame | None = None, pa
         tr, va = holdout_split(train, valid_frac, seed + 1)
         m_tr = InteractionMatrix.build(tr, item_ids=item_ids, user_ids=user_ids).matrix
         m_va = InteractionMatrix.build(va, item_ids=item_ids, user_ids=user_ids).matrix
-        model.fit(TrainData(m_tr, item_x, user_x, valid=m_va, seed=seed))
+        model.fit(TrainData(m_tr, item_x, user_x, valid=m_va, seed=seed, item_side=side))
         if refit:
             chosen = {**params, **model.selected_params()}
             model = build_model(name, chosen, progress)
-            model.fit(TrainData(full, item_x, user_x, seed=seed))
+            model.fit(TrainData(full, item_x, user_x, seed=seed, item_side=side))
             params = chosen
     else:
-        model.fit(TrainData(full, item_x, user_x, seed=seed))
+        model.fit(TrainData(full, item_x, user_x, seed=seed, item_side=side))
     full_bin = full.copy()
     full_bin.data[:] = 1.0
     return Fitted(name, model, item_ids, user_ids, full_bin, item_x, user_x, item_enc, user_enc,
-                  time.perf_counter() - t0, params)
+                  time.perf_counter() - t0, params, side)
