@@ -82,9 +82,11 @@ class SparseEASE(L2SelectedModel):
     # chose 1600); each extra L2 costs one batched solve and one validation pass
     L2_GRID = (50.0, 100.0, 200.0, 400.0, 800.0, 1600.0)
 
-    #: side-information weights tried on validation (after the L2, at the chosen L2). On Albany one shared
-    #: landlord, neighbourhood or 1 km cell counts as much as one co-review at α = 1 (docs/benchmarks.md)
-    SIDE_GRID = (0.5, 1.0, 2.0)
+    #: side-information weights tried on validation against none (after the L2, at the chosen L2): at α = 1 one
+    #: shared landlord, neighbourhood or 1 km cell counts as much as one co-review. One value, not a grid: each α
+    #: costs a gather and a solve (the demo's 1,000-property itemitem fit: 17.2 s without, 20.7 s with one α,
+    #: 28.6 s with three), and of (0.5, 1, 2) Albany's validation chose 1 on four seeds of five (docs/benchmarks.md)
+    SIDE_GRID = (1.0,)
 
     def fit(self, data: TrainData) -> SparseEASE:
         """Gather each item's neighbour system once and solve it for every L2 of the grid (the grid is chosen
