@@ -62,6 +62,10 @@ def _gram_blocks(gram: sp.csr_matrix, nbr: np.ndarray, budget: int = 4096):
         yield start, stop, sub[pos[:, :, None], pos[:, None, :]], sub[pos, own[:, None]]
 
 
+def _has_side(data: TrainData) -> bool:
+    return data.item_side is not None and data.item_side.shape[1] > 0
+
+
 class SparseEASE(L2SelectedModel):
     name = "itemitem"
 
@@ -92,9 +96,9 @@ class SparseEASE(L2SelectedModel):
         """Gather each item's neighbour system once and solve it for every L2 of the grid (the grid is chosen
         on data.valid when given), so the selection costs one gather plus one batched solve per L2. With side
         information and no fixed `side`, each α of SIDE_GRID then costs one gather and one solve at that L2."""
-        has_side = data.item_side is not None and data.item_side.shape[1] > 0
+        has_side = _has_side(data)
         choose_side = has_side and self.side is None and data.valid is not None
-        side = (self.side or 0.0) if has_side else 0.0
+        side = self.side or 0.0
         grid = tuple(self.L2_GRID) if data.valid is not None and self.L2_GRID else (self.l2,)
         nbr, weights = self._weights(data, grid, side)
         if len(grid) > 1 or choose_side:
@@ -117,22 +121,22 @@ class SparseEASE(L2SelectedModel):
                     if v > best:
                         best, side, best_w, best_nbr = v, alpha, w, a_nbr
             nbr, weights = best_nbr, [best_w]
-        self.side = side if has_side else self.side
+        if has_side:
+            self.side = side
         return self._build(nbr, weights[0])
 
     def selected_params(self) -> dict:
         return {"l2": self.l2} if self.side is None else {"l2": self.l2, "side": self.side}
 
     def _solve(self, data: TrainData) -> SparseEASE:
-        has_side = data.item_side is not None and data.item_side.shape[1] > 0
-        nbr, weights = self._weights(data, (self.l2,), (self.side or 0.0) if has_side else 0.0)
+        nbr, weights = self._weights(data, (self.l2,), self.side or 0.0)
         return self._build(nbr, weights[0])
 
     def _weights(self, data: TrainData, l2s: tuple[float, ...],
                  side: float = 0.0) -> tuple[np.ndarray, list[np.ndarray]]:
         x = data.binary()
         n = x.shape[1]
-        if side > 0:
+        if side > 0 and _has_side(data):
             # the side attributes as extra pseudo-users, each scaled by √α: their Gram adds α·TTᵀ, and items that
             # share a value become neighbours (regressors) even with no co-occurrence
             x = sp.vstack([x, data.item_side.T.tocsr() * np.float32(np.sqrt(side))]).tocsr()
