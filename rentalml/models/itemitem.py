@@ -111,16 +111,15 @@ class SparseEASE(L2SelectedModel):
                 self._build(nbr, w)
                 v = validation_ndcg(self, x, data.valid)
                 if v > best:
-                    best, best_l2, best_w, best_nbr = v, l2, w, nbr
-            self.l2 = best_l2
+                    best, best_l2, best_w = v, l2, w
+            self.l2, weights = best_l2, [best_w]
             if choose_side:
                 for alpha in self.SIDE_GRID:
-                    a_nbr, (w,) = self._weights(data, (best_l2,), alpha)
-                    self._build(a_nbr, w)
+                    a_nbr, a_weights = self._weights(data, (best_l2,), alpha)
+                    self._build(a_nbr, a_weights[0])
                     v = validation_ndcg(self, x, data.valid)
                     if v > best:
-                        best, side, best_w, best_nbr = v, alpha, w, a_nbr
-            nbr, weights = best_nbr, [best_w]
+                        best, side, nbr, weights = v, alpha, a_nbr, a_weights
         if has_side:
             self.side = side
         return self._build(nbr, weights[0])
