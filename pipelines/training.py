@@ -58,9 +58,10 @@ def _ensure_container_spec_exists(self: PipelineTask) -> None:
     computed before the check and on every call. `inspect.stack` reads the source context of every frame on the
     stack, and each of those goes through `inspect.getmodule`, a scan of all of `sys.modules`; the pipeline calls
     the check 70 times (every `set_cpu_request`, `set_env_variable`, ...). In a process that has imported torch,
-    Feast and MLflow (3,100 modules: the demo, a test worker) building the pipeline took 15.8 CPU-s, 14.5 of them
-    in `getmodule`; with this check 1.6 (docs/architecture.md "Test time"). Same condition, same message: the
-    caller's name is read from its frame, and only when the error is raised."""
+    Feast and MLflow (3,107 modules: a test worker, a notebook) building the pipeline took 15.8 CPU-s, 14.5 of
+    them in `getmodule`; with this check 0.39 (1.6 in a fresh process either way; docs/architecture.md "Test
+    time"). Same condition, same message: the caller's name is read from its frame, and only when the error is
+    raised."""
     if self.container_spec is None:
         raise ValueError(_NOT_A_CONTAINER.format(sys._getframe(1).f_code.co_name))
 
