@@ -105,7 +105,7 @@ class ServeSettings(BaseModel):
     registry_cache_dir: Path | None = None
     registry_timeout_s: float = 5.0
     registry_retries: int = 1
-    # cluster mode of `rentalml ab promote|rollback`: patch the InferenceService's canaryTrafficPercent
+    # cluster mode of `rentalml ab promote|rollback`: JSON-patch the InferenceService's transformer arms (env)
     cluster: bool = False
     isvc_name: str = "rental-recommender"
     namespace: str | None = None
