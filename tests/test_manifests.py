@@ -168,13 +168,18 @@ def test_core_objects_validate_against_the_kubernetes_schema(rendered):
         kubernetes_validate.validate(bad, K8S_VERSION, strict=True)
 
 
-def test_katib_and_trainer_objects_validate_against_the_kubeflow_sdk_models(rendered):
+@pytest.fixture(scope="module")
+def job_docs() -> list[dict]:
+    """manifests/jobs/{trainer,mpi,prod} rendered: the one-shot TrainJob, Katib Experiments and MPIJob."""
+    return [d for rel in ("trainer", "mpi", "prod") for d in yaml.safe_load_all(
+        _kustomize(MANIFESTS / "jobs" / rel).stdout) if d]
+
+
+def test_katib_and_trainer_objects_validate_against_the_kubeflow_sdk_models(rendered, job_docs):
     from rentalml.training import jobs, katib
 
     seen = 0
-    jobs_docs = [d for rel in ("trainer", "mpi", "prod") for d in yaml.safe_load_all(
-        _kustomize(MANIFESTS / "jobs" / rel).stdout) if d]
-    for d in [doc for _, doc in _all_docs(rendered)] + jobs_docs:
+    for d in [doc for _, doc in _all_docs(rendered)] + job_docs:
         if d["kind"] == "Experiment":
             assert katib.validate_experiment(d) == [], d["metadata"]["name"]
             seen += 1
@@ -201,51 +206,57 @@ def test_mpijobs_pass_the_structural_checks_of_jobs_py():
 
 # --- policies ------------------------------------------------------------------------------------------------------
 
-def _containers(doc: dict):
-    """(where, pod security context, container, long_running, is_kserve_model) of every container a
-    rendered object runs."""
+def _pod_specs(doc: dict):
+    """(where, pod spec, long_running, names of KServe model containers) of every pod a rendered object makes
+    Kubernetes run: workload templates, each InferenceService component (its `model` as a container, since it
+    runs the ServingRuntime's container with the ISVC's overrides), ServingRuntimes, the TrainJob's node pods
+    (the trainer's image and resources in the runtime patch's pod spec), Katib trials and MPIJob replicas."""
     kind, name, spec = doc["kind"], doc["metadata"]["name"], doc.get("spec", {})
-
-    def pod(where, pod_spec, long_running):
-        for c in pod_spec.get("initContainers", []) + pod_spec["containers"]:
-            yield f"{where}/{c['name']}", pod_spec.get("securityContext", {}), c, long_running, False
-
     if kind in ("Deployment", "StatefulSet", "DaemonSet"):
-        yield from pod(f"{kind}/{name}", spec["template"]["spec"], True)
+        yield f"{kind}/{name}", spec["template"]["spec"], True, ()
     elif kind == "Job":
-        yield from pod(f"{kind}/{name}", spec["template"]["spec"], False)
+        yield f"{kind}/{name}", spec["template"]["spec"], False, ()
     elif kind == "CronJob":
-        yield from pod(f"{kind}/{name}", spec["jobTemplate"]["spec"]["template"]["spec"], False)
+        yield f"{kind}/{name}", spec["jobTemplate"]["spec"]["template"]["spec"], False, ()
     elif kind == "InferenceService":
         for comp in ("predictor", "transformer", "explainer"):
             if comp in spec:
-                yield from pod(f"{kind}/{name}/{comp}", {"containers": [], **spec[comp]}, True)
-                if "model" in spec[comp]:  # runs the ServingRuntime's container (probes, image, securityContext)
-                    c = {"name": "model", **spec[comp]["model"]}
-                    yield f"{kind}/{name}/{comp}/model", spec[comp].get("securityContext", {}), c, True, True
+                pod = {k: v for k, v in spec[comp].items() if k != "model"}
+                pod["containers"] = list(pod.get("containers", []))
+                if "model" in spec[comp]:
+                    pod["containers"].append({"name": "model", **spec[comp]["model"]})
+                yield f"{kind}/{name}/{comp}", pod, True, ("model",) if "model" in spec[comp] else ()
     elif kind == "ServingRuntime":
-        yield from pod(f"{kind}/{name}", {"containers": spec["containers"]}, True)
+        yield f"{kind}/{name}", {"containers": spec["containers"], "volumes": spec.get("volumes", [])}, True, ()
     elif kind == "TrainJob":
         patched = spec["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0][
             "template"]["spec"]["template"]["spec"]
         c = {"name": "node", "image": spec["trainer"]["image"], "resources": spec["trainer"]["resourcesPerNode"],
              "securityContext": patched["containers"][0].get("securityContext", {})}
-        yield f"{kind}/{name}/node", patched.get("securityContext", {}), c, False, False
+        yield f"{kind}/{name}", {**patched, "containers": [c]}, False, ()
     elif kind == "Experiment":
         trial = {**spec["trialTemplate"]["trialSpec"], "metadata": {"name": f"{name}-trial"}}
-        yield from _containers(trial)
+        yield from _pod_specs(trial)
     elif kind == "MPIJob":
         for role, r in spec["mpiReplicaSpecs"].items():
-            yield from pod(f"{kind}/{name}/{role}", r["template"]["spec"], False)
+            yield f"{kind}/{name}/{role}", r["template"]["spec"], False, ()
+
+
+def _containers(doc: dict):
+    """(where, pod security context, container, long_running, is_kserve_model) of every container a
+    rendered object runs."""
+    for where, pod, long_running, models in _pod_specs(doc):
+        for c in pod.get("initContainers", []) + pod["containers"]:
+            yield f"{where}/{c['name']}", pod.get("securityContext", {}), c, long_running, c["name"] in models
 
 
 PINNED_IMAGE = re.compile(r"[\w.\-/:]+:[\w.\-]+(@sha256:[0-9a-f]{64})?|[\w.\-/:]+@sha256:[0-9a-f]{64}")
 
 
-@pytest.mark.parametrize("target", TARGETS)
-def test_policy_images_resources_probes_non_root(rendered, target):
+@pytest.mark.parametrize("target", [*TARGETS, "jobs"])
+def test_policy_images_resources_probes_non_root(rendered, job_docs, target):
     problems, n = [], 0
-    for d in rendered[target]:
+    for d in job_docs if target == "jobs" else rendered[target]:
         for where, pod_sc, c, long_running, is_model in _containers(d):
             n += 1
             sc = c.get("securityContext", {})
@@ -268,8 +279,10 @@ def test_policy_images_resources_probes_non_root(rendered, target):
             non_root = sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot"))
             if non_root is not True or 0 in (sc.get("runAsUser"), pod_sc.get("runAsUser")):
                 problems.append(f"{where}: must run as non-root (runAsNonRoot: true)")
-    assert n >= (1 if target == "bad" else 9)
+    assert n >= {"bad": 1, "jobs": 8}.get(target, 9)
     assert not problems, "\n".join(problems)
+    if target == "jobs":
+        return
     kafka = _by_kind(rendered[target], "Kafka")["rentalml"]
     assert kafka["spec"]["kafka"]["template"]["pod"]["securityContext"]["runAsNonRoot"] is True
 
@@ -282,9 +295,95 @@ def test_probe_and_policy_checks_catch_violations(rendered):
     dep["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] = False
     rendered_bad = {"bad": [dep, *[d for d in rendered["root"] if d["kind"] == "Kafka"]]}
     with pytest.raises(AssertionError) as info:
-        test_policy_images_resources_probes_non_root(rendered_bad, "bad")
+        test_policy_images_resources_probes_non_root(rendered_bad, [], "bad")
     for expected in ("not pinned", "probes", "limits.memory", "non-root"):
         assert expected in str(info.value)
+
+
+#: Pod Security Standards, `restricted` level, as the PodSecurity admission plugin checks a pod spec
+#: (kubernetes/pod-security-admission v0.32.0, the library the 1.32 API server runs, policy/check_*.go); the
+#: baseline checks the restricted level includes come first
+PSS_VOLUME_SOURCES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
+                      "projected", "secret"}  # check_restrictedVolumes.go (hostPath: check_hostPathVolumes.go)
+PSS_SECCOMP = {"RuntimeDefault", "Localhost"}  # check_seccompProfile_restricted.go
+PSS_ADD_CAPABILITIES = {"NET_BIND_SERVICE"}  # check_capabilities_restricted.go
+
+
+def pod_security_restricted(where: str, pod: dict) -> list[str]:
+    """What the `restricted` Pod Security level refuses in one pod spec (or pod template)."""
+    problems = []
+    psc = pod.get("securityContext", {})
+    containers = pod.get("initContainers", []) + pod.get("containers", []) + pod.get("ephemeralContainers", [])
+    for f in ("hostNetwork", "hostPID", "hostIPC"):  # check_hostNamespaces.go
+        if pod.get(f):
+            problems.append(f"{where}: {f}")
+    if psc.get("sysctls"):  # check_sysctls.go allows only a safe set; we set none
+        problems.append(f"{where}: securityContext.sysctls")
+    for v in pod.get("volumes", []):  # check_hostPathVolumes.go, check_restrictedVolumes.go
+        source = set(v) - {"name"}
+        if not source <= PSS_VOLUME_SOURCES:
+            problems.append(f"{where}: volume {v['name']} of type {sorted(source)}")
+    if psc.get("runAsUser") == 0:  # check_runAsUser.go
+        problems.append(f"{where}: pod runAsUser 0")
+    for c in containers:
+        at, sc = f"{where}/{c['name']}", c.get("securityContext", {})
+        if sc.get("privileged"):  # check_privileged.go
+            problems.append(f"{at}: privileged")
+        if any(p.get("hostPort") for p in c.get("ports", [])):  # check_hostPorts.go
+            problems.append(f"{at}: hostPort")
+        if sc.get("procMount", "Default") != "Default":  # check_procMount.go
+            problems.append(f"{at}: procMount")
+        if sc.get("allowPrivilegeEscalation") is not False:  # check_allowPrivilegeEscalation.go
+            problems.append(f"{at}: allowPrivilegeEscalation must be false")
+        caps = sc.get("capabilities", {})  # check_capabilities_restricted.go
+        if "ALL" not in caps.get("drop", []) or not set(caps.get("add", [])) <= PSS_ADD_CAPABILITIES:
+            problems.append(f"{at}: capabilities must drop ALL and add at most NET_BIND_SERVICE")
+        if sc.get("runAsNonRoot", psc.get("runAsNonRoot")) is not True:  # check_runAsNonRoot.go
+            problems.append(f"{at}: runAsNonRoot must be true (container or pod)")
+        if sc.get("runAsUser") == 0:  # check_runAsUser.go
+            problems.append(f"{at}: runAsUser 0")
+        seccomp = (sc.get("seccompProfile") or psc.get("seccompProfile") or {}).get("type")
+        if seccomp not in PSS_SECCOMP:  # check_seccompProfile_restricted.go
+            problems.append(f"{at}: seccompProfile.type must be RuntimeDefault or Localhost (container or pod)")
+    return problems
+
+
+@pytest.mark.parametrize("target", [*TARGETS, "jobs"])
+def test_pods_meet_pod_security_restricted(rendered, job_docs, target):
+    """Every pod our manifests make Kubernetes run meets the `restricted` Pod Security level, one above the
+    `baseline` the Profile controller enforces on the namespace (docs/operations.md "What runs"). Not covered: what
+    the platforms build or inject themselves (Strimzi's Kafka pods, Knative's queue-proxy, KServe's storage
+    initializer, Istio's sidecar)."""
+    docs = job_docs if target == "jobs" else rendered[target]
+    pods = [p for d in docs for p in _pod_specs(d)]
+    assert len(pods) >= (5 if target == "jobs" else 12), [w for w, *_ in pods]
+    problems = [m for where, pod, _, _ in pods for m in pod_security_restricted(where, pod)]
+    assert not problems, "\n".join(problems)
+
+
+def test_pod_security_check_refuses_each_restricted_field(rendered):
+    """The check above reports each field the `restricted` level refuses, so it cannot pass by checking nothing."""
+    dep = _by_kind(rendered["root"], "Deployment")["rentalml-stream-processor"]
+    assert pod_security_restricted("ok", dep["spec"]["template"]["spec"]) == []
+    cases = {"hostNetwork": lambda p, c: p.update(hostNetwork=True),
+             "sysctls": lambda p, c: p["securityContext"].update(sysctls=[{"name": "net.core.somaxconn",
+                                                                          "value": "1024"}]),
+             "hostPath": lambda p, c: p.setdefault("volumes", []).append({"name": "h", "hostPath": {"path": "/"}}),
+             "privileged": lambda p, c: c["securityContext"].update(privileged=True),
+             "hostPort": lambda p, c: c.setdefault("ports", []).append({"containerPort": 80, "hostPort": 80}),
+             "procMount": lambda p, c: c["securityContext"].update(procMount="Unmasked"),
+             "allowPrivilegeEscalation": lambda p, c: c["securityContext"].pop("allowPrivilegeEscalation"),
+             "capabilities": lambda p, c: c["securityContext"]["capabilities"].update(add=["NET_ADMIN"]),
+             "runAsNonRoot": lambda p, c: (p["securityContext"].pop("runAsNonRoot", None),
+                                           c["securityContext"].pop("runAsNonRoot", None)),
+             "runAsUser 0": lambda p, c: c["securityContext"].update(runAsUser=0),
+             "seccompProfile": lambda p, c: (p["securityContext"].pop("seccompProfile", None),
+                                             c["securityContext"].pop("seccompProfile", None))}
+    for expected, mutate in cases.items():
+        pod = copy.deepcopy(dep["spec"]["template"]["spec"])
+        mutate(pod, pod["containers"][0])
+        found = pod_security_restricted("bad", pod)
+        assert any(expected in m for m in found), (expected, found)
 
 
 SENSITIVE_ENV = re.compile(r"PASSWORD|SECRET|TOKEN|CREDENTIAL|ACCESS_KEY|API_KEY|AUTH", re.I)
