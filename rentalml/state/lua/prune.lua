@@ -1,5 +1,5 @@
 -- drop the hourly ('<letter>:<hour>') and fine ('v5:<bucket>') counter fields older than the windows need
--- (min_h, min_m in scope); returns the kept fields as a flat list. Included by apply.lua and touch.lua.
+-- (min_h, min_m in scope); returns the kept fields as a flat list. Included by touch.lua.
 local function prune(key)
   local flat = redis.call('HGETALL', key)
   local keep = {}
