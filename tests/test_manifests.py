@@ -243,61 +243,10 @@ def _pod_specs(doc: dict):
 
 
 def _containers(doc: dict):
-    """(where, pod security context, container, long_running, is_kserve_model) of every container a
-    rendered object runs."""
+    """(where, container, long_running, is_kserve_model) of every container a rendered object runs."""
     for where, pod, long_running, models in _pod_specs(doc):
         for c in pod.get("initContainers", []) + pod["containers"]:
-            yield f"{where}/{c['name']}", pod.get("securityContext", {}), c, long_running, c["name"] in models
-
-
-PINNED_IMAGE = re.compile(r"[\w.\-/:]+:[\w.\-]+(@sha256:[0-9a-f]{64})?|[\w.\-/:]+@sha256:[0-9a-f]{64}")
-
-
-@pytest.mark.parametrize("target", [*TARGETS, "jobs"])
-def test_policy_images_resources_probes_non_root(rendered, job_docs, target):
-    problems, n = [], 0
-    for d in job_docs if target == "jobs" else rendered[target]:
-        for where, pod_sc, c, long_running, is_model in _containers(d):
-            n += 1
-            sc = c.get("securityContext", {})
-            if not is_model:
-                image = c.get("image", "")
-                if not PINNED_IMAGE.fullmatch(image) or image.rsplit(":", 1)[-1] == "latest":
-                    problems.append(f"{where}: image {image!r} is not pinned to a version tag or digest")
-                if sc.get("allowPrivilegeEscalation") is not False or "ALL" not in sc.get("capabilities", {}).get(
-                        "drop", []):
-                    problems.append(f"{where}: needs allowPrivilegeEscalation: false and capabilities.drop [ALL]")
-                if long_running and not (c.get("readinessProbe") and c.get("livenessProbe")):
-                    problems.append(f"{where}: long-running container without readiness and liveness probes")
-            res = c.get("resources", {})
-            req, lim = res.get("requests", {}), res.get("limits", {})
-            if not (req.get("cpu") and req.get("memory") and lim.get("memory")):
-                problems.append(f"{where}: needs requests.cpu, requests.memory and limits.memory")
-            if ("nvidia.com/gpu" in req or "nvidia.com/gpu" in lim) and req.get("nvidia.com/gpu") != lim.get(
-                    "nvidia.com/gpu"):
-                problems.append(f"{where}: GPU requests and limits must be equal")
-            non_root = sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot"))
-            if non_root is not True or 0 in (sc.get("runAsUser"), pod_sc.get("runAsUser")):
-                problems.append(f"{where}: must run as non-root (runAsNonRoot: true)")
-    assert n >= {"bad": 1, "jobs": 8}.get(target, 9)
-    assert not problems, "\n".join(problems)
-    if target == "jobs":
-        return
-    kafka = _by_kind(rendered[target], "Kafka")["rentalml"]
-    assert kafka["spec"]["kafka"]["template"]["pod"]["securityContext"]["runAsNonRoot"] is True
-
-
-def test_probe_and_policy_checks_catch_violations(rendered):
-    dep = copy.deepcopy(_by_kind(rendered["root"], "Deployment")["rentalml-stream-processor"])
-    c = dep["spec"]["template"]["spec"]["containers"][0]
-    c["image"] = "ghcr.io/rentalml/rentalml-streaming:latest"
-    del c["livenessProbe"], c["resources"]["limits"]
-    dep["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] = False
-    rendered_bad = {"bad": [dep, *[d for d in rendered["root"] if d["kind"] == "Kafka"]]}
-    with pytest.raises(AssertionError) as info:
-        test_policy_images_resources_probes_non_root(rendered_bad, [], "bad")
-    for expected in ("not pinned", "probes", "limits.memory", "non-root"):
-        assert expected in str(info.value)
+            yield f"{where}/{c['name']}", c, long_running, c["name"] in models
 
 
 #: Pod Security Standards, `restricted` level, as the PodSecurity admission plugin checks a pod spec
@@ -339,7 +288,7 @@ def pod_security_restricted(where: str, pod: dict) -> list[str]:
         if "ALL" not in caps.get("drop", []) or not set(caps.get("add", [])) <= PSS_ADD_CAPABILITIES:
             problems.append(f"{at}: capabilities must drop ALL and add at most NET_BIND_SERVICE")
         if sc.get("runAsNonRoot", psc.get("runAsNonRoot")) is not True:  # check_runAsNonRoot.go
-            problems.append(f"{at}: runAsNonRoot must be true (container or pod)")
+            problems.append(f"{at}: must run as non-root (runAsNonRoot: true, container or pod)")
         if sc.get("runAsUser") == 0:  # check_runAsUser.go
             problems.append(f"{at}: runAsUser 0")
         seccomp = (sc.get("seccompProfile") or psc.get("seccompProfile") or {}).get("type")
@@ -348,21 +297,61 @@ def pod_security_restricted(where: str, pod: dict) -> list[str]:
     return problems
 
 
+PINNED_IMAGE = re.compile(r"[\w.\-/:]+:[\w.\-]+(@sha256:[0-9a-f]{64})?|[\w.\-/:]+@sha256:[0-9a-f]{64}")
+
+
 @pytest.mark.parametrize("target", [*TARGETS, "jobs"])
-def test_pods_meet_pod_security_restricted(rendered, job_docs, target):
-    """Every pod our manifests make Kubernetes run meets the `restricted` Pod Security level, one above the
+def test_policy_images_resources_probes_non_root(rendered, job_docs, target):
+    """Pinned images, resources and probes for every container; and every pod our manifests make Kubernetes run
+    meets the `restricted` Pod Security level (pod_security_restricted: non-root among its rules), one above the
     `baseline` the Profile controller enforces on the namespace (docs/operations.md "What runs"). Not covered: what
     the platforms build or inject themselves (Strimzi's Kafka pods, Knative's queue-proxy, KServe's storage
     initializer, Istio's sidecar)."""
     docs = job_docs if target == "jobs" else rendered[target]
     pods = [p for d in docs for p in _pod_specs(d)]
-    assert len(pods) >= (5 if target == "jobs" else 12), [w for w, *_ in pods]
+    assert len(pods) >= {"bad": 1, "jobs": 5}.get(target, 12), [w for w, *_ in pods]
     problems = [m for where, pod, _, _ in pods for m in pod_security_restricted(where, pod)]
+    n = 0
+    for d in docs:
+        for where, c, long_running, is_model in _containers(d):
+            n += 1
+            if not is_model:
+                image = c.get("image", "")
+                if not PINNED_IMAGE.fullmatch(image) or image.rsplit(":", 1)[-1] == "latest":
+                    problems.append(f"{where}: image {image!r} is not pinned to a version tag or digest")
+                if long_running and not (c.get("readinessProbe") and c.get("livenessProbe")):
+                    problems.append(f"{where}: long-running container without readiness and liveness probes")
+            res = c.get("resources", {})
+            req, lim = res.get("requests", {}), res.get("limits", {})
+            if not (req.get("cpu") and req.get("memory") and lim.get("memory")):
+                problems.append(f"{where}: needs requests.cpu, requests.memory and limits.memory")
+            if ("nvidia.com/gpu" in req or "nvidia.com/gpu" in lim) and req.get("nvidia.com/gpu") != lim.get(
+                    "nvidia.com/gpu"):
+                problems.append(f"{where}: GPU requests and limits must be equal")
+    assert n >= {"bad": 1, "jobs": 8}.get(target, 9)
     assert not problems, "\n".join(problems)
+    if target == "jobs":
+        return
+    kafka = _by_kind(rendered[target], "Kafka")["rentalml"]
+    assert kafka["spec"]["kafka"]["template"]["pod"]["securityContext"]["runAsNonRoot"] is True
+
+
+def test_probe_and_policy_checks_catch_violations(rendered):
+    dep = copy.deepcopy(_by_kind(rendered["root"], "Deployment")["rentalml-stream-processor"])
+    c = dep["spec"]["template"]["spec"]["containers"][0]
+    c["image"] = "ghcr.io/rentalml/rentalml-streaming:latest"
+    del c["livenessProbe"], c["resources"]["limits"]
+    dep["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] = False
+    rendered_bad = {"bad": [dep, *[d for d in rendered["root"] if d["kind"] == "Kafka"]]}
+    with pytest.raises(AssertionError) as info:
+        test_policy_images_resources_probes_non_root(rendered_bad, [], "bad")
+    for expected in ("not pinned", "probes", "limits.memory", "non-root"):
+        assert expected in str(info.value)
 
 
 def test_pod_security_check_refuses_each_restricted_field(rendered):
-    """The check above reports each field the `restricted` level refuses, so it cannot pass by checking nothing."""
+    """pod_security_restricted reports each field the `restricted` level refuses, so the policy test cannot pass
+    by checking nothing."""
     dep = _by_kind(rendered["root"], "Deployment")["rentalml-stream-processor"]
     assert pod_security_restricted("ok", dep["spec"]["template"]["spec"]) == []
     cases = {"hostNetwork": lambda p, c: p.update(hostNetwork=True),
@@ -407,7 +396,7 @@ def test_policy_no_plaintext_secrets(rendered, target):
     for d in rendered[target]:
         if d["kind"] == "Secret":
             continue  # generated from the uncommitted local files (root, dev)
-        for where, _, c, _, _ in _containers(d):
+        for where, c, _, _ in _containers(d):
             for env in c.get("env", []):
                 if SENSITIVE_ENV.search(env["name"]) and "value" in env and not str(env["value"]).startswith("/") \
                         and env["value"] not in ("true", "false"):
