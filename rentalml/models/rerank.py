@@ -1,0 +1,233 @@
+"""A learned second stage: a pair ranker over a first stage's candidates (Merlin Systems' rank op after
+retrieve), measured on Albany in benchmarks/rerank_probe.py (docs/benchmarks.md "A learned re-ranker").
+
+A first stage (the hybrid, the item-item model) scores what co-occurs; on a rental marketplace a user's next
+property also depends on how it stands to the ones they already had: the same landlord, the same neighbourhood,
+a few kilometres away, a similar price and size, and let at the time they were looking. `pair_features` turns
+(history, candidates, first-stage scores) into those numbers, one definition for learning and for re-ranking;
+`PairRanker` is an L2 logistic regression on them, learned on a holdout the first stage did not see.
+
+    ctx = PairContext.build(items, item_ids, train_binary, train_times)   # what the features read about items
+    x = pair_features(ctx, history, times, candidates, scores)            # [n_candidates, len(FEATURES)]
+    ranker = PairRanker.fit(x_learn, labels)                               # learned on held-out pairs
+    candidates, scores = ranker.rerank(ctx, history, times, candidates, scores)
+
+Times are years since the Unix epoch (`years`). Item attributes that a catalogue lacks (MovieLens has no
+landlord or location) give features that are constant 0, which the standardisation leaves at weight 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+FEATURES = (
+    "rank", "score_rel", "score_gap",  # the first stage: position, score / top score, (top - score) / top
+    "pop", "hist",  # the item's training count, the user's history length
+    "same_host", "same_nb", "same_rt",  # shared landlord / neighbourhood (counts), room-type match (share)
+    "dmin", "dmean", "dprice", "dacc",  # km to the history (min, mean); |Δ log price|, |Δ accommodates| to its mean
+    "dt_mean", "dt_last", "dt_first", "u_t",  # the user's mean time against the item's mean/last/first review; it
+    "tdens",  # the item's training reviews near the user's times: Σ exp(-|Δt| / TAU_YEARS), over its count
+)
+#: features passed through log1p before standardising (counts and distances with long tails)
+LOGGED = frozenset({"rank", "pop", "hist", "same_host", "same_nb", "dmin", "dmean", "tdens"})
+TAU_YEARS = 0.5
+BIN_YEARS = 1 / 12  # the item review-time histogram's bin: a month
+EARTH_KM = 6371.0
+_YEAR_NS = 365.25 * 86400e9
+
+
+def years(ts) -> np.ndarray:
+    """Timestamps (datetime64, pandas datetimes with or without a zone) → years since the Unix epoch."""
+    s = pd.to_datetime(pd.Series(ts), utc=True)
+    return (s.astype("int64").to_numpy() / _YEAR_NS).astype(np.float64)
+
+
+def _codes(items: pd.DataFrame | None, column: str, n: int) -> np.ndarray:
+    if items is None or column not in items.columns:
+        return np.full(n, -1, np.int64)
+    col = items[column].astype("object")
+    codes = pd.factorize(col.where(col.notna() & (col.astype(str) != "") & (col.astype(str) != "unknown")))[0]
+    return codes.astype(np.int64)  # -1 = unknown: never a match
+
+
+def _floats(items: pd.DataFrame | None, column: str, n: int) -> np.ndarray:
+    if items is None or column not in items.columns:
+        return np.full(n, np.nan)
+    return pd.to_numeric(items[column], errors="coerce").to_numpy(np.float64)
+
+
+@dataclass
+class PairContext:
+    """Per item (the model's index order): attributes and statistics of its training interactions."""
+
+    lat: np.ndarray  # radians, NaN unknown
+    lon: np.ndarray
+    log_price: np.ndarray  # NaN unknown
+    accommodates: np.ndarray
+    landlord: np.ndarray  # int codes, -1 unknown
+    neighbourhood: np.ndarray
+    room_type: np.ndarray
+    pop: np.ndarray  # training interactions
+    t_mean: np.ndarray  # years; 0 for items with no training interaction
+    t_first: np.ndarray
+    t_last: np.ndarray
+    t0: float  # the first histogram bin's start (years)
+    item_hist: sp.csr_matrix  # [n_items, n_bins] training interactions per BIN_YEARS bin
+
+    @classmethod
+    def build(cls, items: pd.DataFrame | None, item_ids: np.ndarray, train: sp.csr_matrix,
+              times: sp.csr_matrix) -> PairContext:
+        """`items`: the property table indexed by property_id (None: no attributes); `train` users × items
+        (its pattern: the training pairs); `times` the same pattern with each pair's time in years."""
+        n = len(item_ids)
+        it = items.reindex(item_ids) if items is not None else None
+        t = times.tocoo()
+        cols, when = t.col, t.data.astype(np.float64)
+        pop = np.bincount(cols, minlength=n).astype(np.float64)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            t_mean = np.where(pop > 0, np.bincount(cols, weights=when, minlength=n) / np.maximum(pop, 1), 0.0)
+        t_first, t_last = np.full(n, np.inf), np.full(n, -np.inf)
+        np.minimum.at(t_first, cols, when)
+        np.maximum.at(t_last, cols, when)
+        t_first[pop == 0] = 0.0
+        t_last[pop == 0] = 0.0
+        t0 = float(when.min()) if len(when) else 0.0
+        b = np.floor((when - t0) / BIN_YEARS).astype(np.int64) if len(when) else np.zeros(0, np.int64)
+        n_bins = int(b.max()) + 1 if len(b) else 1
+        item_hist = sp.csr_matrix((np.ones(len(b)), (cols, b)), shape=(n, n_bins))
+        item_hist.sum_duplicates()
+        price = _floats(it, "price", n)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            log_price = np.log(np.clip(price, 10.0, None))
+        return cls(np.radians(_floats(it, "lat", n)), np.radians(_floats(it, "lon", n)), log_price,
+                   _floats(it, "accommodates", n), _codes(it, "landlord_id", n), _codes(it, "neighbourhood", n),
+                   _codes(it, "room_type", n), pop, t_mean, t_first, t_last, t0, item_hist)
+
+    def to_npz(self, path) -> None:
+        arrays = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("item_hist", "t0")}
+        h = self.item_hist
+        np.savez(path, **arrays, t0=np.float64(self.t0), hist_data=h.data, hist_indices=h.indices,
+                 hist_indptr=h.indptr, hist_shape=np.asarray(h.shape))
+
+    @classmethod
+    def from_npz(cls, path) -> PairContext:
+        z = np.load(path)
+        h = sp.csr_matrix((z["hist_data"], z["hist_indices"], z["hist_indptr"]), shape=tuple(z["hist_shape"]))
+        kw = {f.name: z[f.name] for f in fields(cls) if f.name not in ("item_hist", "t0")}
+        return cls(**kw, t0=float(z["t0"]), item_hist=h)
+
+
+def pair_features(ctx: PairContext, history: np.ndarray, times: np.ndarray, candidates: np.ndarray,
+                  scores: np.ndarray) -> np.ndarray:
+    """[len(candidates), len(FEATURES)] for one user: `history` item indices with their `times` (years),
+    `candidates` in the first stage's order with its `scores` (descending)."""
+    c, h = np.asarray(candidates, np.int64), np.asarray(history, np.int64)
+    s = np.asarray(scores, np.float64)
+    n = len(c)
+    out = np.zeros((n, len(FEATURES)))
+    col = {f: i for i, f in enumerate(FEATURES)}
+    top = max(float(s[0]), 1e-9) if n else 1.0
+    out[:, col["rank"]] = np.arange(n)
+    out[:, col["score_rel"]] = s / top
+    out[:, col["score_gap"]] = (s[0] - s) / top if n else 0.0
+    out[:, col["pop"]] = ctx.pop[c]
+    out[:, col["hist"]] = len(h)
+    if not len(h) or not n:
+        return out
+    for name, codes in (("same_host", ctx.landlord), ("same_nb", ctx.neighbourhood)):
+        a, b = codes[c][:, None], codes[h][None, :]
+        out[:, col[name]] = ((a == b) & (a >= 0)).sum(1)
+    a, b = ctx.room_type[c][:, None], ctx.room_type[h][None, :]
+    out[:, col["same_rt"]] = ((a == b) & (a >= 0)).mean(1)
+    la, lb, oa, ob = ctx.lat[c][:, None], ctx.lat[h][None, :], ctx.lon[c][:, None], ctx.lon[h][None, :]
+    hav = np.sin((la - lb) / 2) ** 2 + np.cos(la) * np.cos(lb) * np.sin((oa - ob) / 2) ** 2
+    dist = 2 * EARTH_KM * np.arcsin(np.sqrt(np.clip(hav, 0.0, 1.0)))
+    known = np.isfinite(dist)  # pairs where either side has no location are left out; none known: 0
+    n_known = known.sum(1)
+    dmin = np.where(known, dist, np.inf).min(1)
+    out[:, col["dmin"]] = np.where(n_known > 0, dmin, 0.0)
+    out[:, col["dmean"]] = np.where(known, dist, 0.0).sum(1) / np.maximum(n_known, 1)
+    for name, v in (("dprice", ctx.log_price), ("dacc", ctx.accommodates)):
+        d = np.abs(v[c] - np.nanmean(v[h])) if np.isfinite(v[h]).any() else np.zeros(n)
+        out[:, col[name]] = np.nan_to_num(d)
+    t = np.asarray(times, np.float64)
+    um = float(t.mean())
+    warm = ctx.pop[c] > 0
+    out[:, col["dt_mean"]] = np.where(warm, np.abs(ctx.t_mean[c] - um), 0.0)
+    out[:, col["dt_last"]] = np.where(warm, um - ctx.t_last[c], 0.0)
+    out[:, col["dt_first"]] = np.where(warm, um - ctx.t_first[c], 0.0)
+    out[:, col["u_t"]] = um
+    centres = ctx.t0 + (np.arange(ctx.item_hist.shape[1]) + 0.5) * BIN_YEARS
+    kernel = np.exp(-np.abs(centres[:, None] - t[None, :]) / TAU_YEARS).sum(1)  # [n_bins]
+    out[:, col["tdens"]] = (ctx.item_hist[c] @ kernel) / np.maximum(ctx.pop[c], 1.0)
+    return out
+
+
+def _design(x: np.ndarray) -> np.ndarray:
+    x = np.array(x, dtype=np.float64)
+    for j, f in enumerate(FEATURES):
+        if f in LOGGED:
+            x[:, j] = np.log1p(np.clip(x[:, j], 0.0, None))
+    return x
+
+
+@dataclass
+class PairRanker:
+    """Logistic regression on standardised `pair_features` (log1p first where LOGGED)."""
+
+    weights: np.ndarray
+    bias: float
+    mean: np.ndarray
+    scale: np.ndarray
+
+    @classmethod
+    def fit(cls, x: np.ndarray, labels: np.ndarray, c: float = 1.0) -> PairRanker:
+        """Minimise Σ log-loss + ||w||² / (2c) (scikit-learn's L2 objective) with L-BFGS in float64: the same
+        data gives the same weights."""
+        import torch
+
+        z = _design(x)
+        mean, scale = z.mean(0), z.std(0)
+        scale = np.where(scale > 1e-12, scale, 1.0)  # a constant feature stays at 0 and its weight at 0
+        xt = torch.from_numpy((z - mean) / scale)
+        yt = torch.from_numpy(np.asarray(labels, np.float64))
+        w = torch.zeros(z.shape[1], dtype=torch.float64, requires_grad=True)
+        b = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+        opt = torch.optim.LBFGS([w, b], max_iter=500, tolerance_grad=1e-9, tolerance_change=1e-12,
+                                line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(xt @ w + b, yt, reduction="sum")
+            loss = loss + (w @ w) / (2 * c)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        return cls(w.detach().numpy().copy(), float(b.detach()), mean, scale)
+
+    def decision(self, x: np.ndarray) -> np.ndarray:
+        return ((_design(x) - self.mean) / self.scale) @ self.weights + self.bias
+
+    def rerank(self, ctx: PairContext, history: np.ndarray, times: np.ndarray, candidates: np.ndarray,
+               scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The candidates in the ranker's order. They keep the first stage's score values, sorted, so a list
+        merged by score with other sources (live properties) compares as before."""
+        if len(candidates) < 2:
+            return np.asarray(candidates), np.asarray(scores)
+        order = np.argsort(-self.decision(pair_features(ctx, history, times, candidates, scores)), kind="stable")
+        return np.asarray(candidates)[order], np.sort(np.asarray(scores))[::-1].copy()
+
+    def to_dict(self) -> dict:
+        return {"features": list(FEATURES), "weights": self.weights.tolist(), "bias": self.bias,
+                "mean": self.mean.tolist(), "scale": self.scale.tolist()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> PairRanker:
+        if list(d["features"]) != list(FEATURES):
+            raise ValueError(f"the ranker was learned on features {d['features']}, this code computes {FEATURES}")
+        return cls(np.asarray(d["weights"]), float(d["bias"]), np.asarray(d["mean"]), np.asarray(d["scale"]))
