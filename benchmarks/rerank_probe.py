@@ -1,6 +1,7 @@
 """Probe for issue #14's Albany bar (hybrid >= 0.26 nDCG@10): a learned second stage over the first stage's
-candidates, scored through the harness's own splits. Not yet a part of any model: docs/benchmarks.md
-("A learned re-ranker") says what building it into the hybrid and the serving path needs.
+candidates, scored through the harness's own splits. The hybrid has carried it since (models/hybrid.py: learned
+on its own validation holdout, warm candidates only); this probe keeps the protocol that found it, and compares
+first stages and feature sets (docs/benchmarks.md, "A learned re-ranker").
 
 Per seed: `random_split` 75/25 as `rentalml benchmark` does. The ranker learns on a holdout carved from TRAIN
 (`holdout_split`, 25 %, the first stage refit without it), then the first stage is fit on the whole of train and

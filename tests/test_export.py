@@ -48,9 +48,11 @@ def _run(sess: ort.InferenceSession, fitted, users: np.ndarray, k: int):
     return sess.run(None, feed)
 
 
-def _reference(fitted, users: np.ndarray, k: int):
-    """The numpy/PyTorch path: score, mask the user's training items, stable argsort."""
-    s = fitted.score_users(users).astype(np.float32)
+def _reference(fitted, users: np.ndarray, k: int, served: bool = False):
+    """The numpy/PyTorch path: score (the model's own scores, which the graph computes; a hybrid's learned
+    re-ranker runs after the graph, in the runtime's rank step, and is applied only with `served`), mask the
+    user's training items, stable argsort."""
+    s = (fitted.score_users(users) if served else fitted.first_stage_scores(users)).astype(np.float32)
     s[fitted.train[users].nonzero()] = -np.inf
     top = np.argsort(-s, axis=1, kind="stable")[:, :k]
     return top, np.take_along_axis(s, top, axis=1)
@@ -181,7 +183,7 @@ def test_bundle_recommends_known_and_unknown_users(bundle_dir, fit):
     assert recs.property_ids.shape == recs.scores.shape == (21, 10)
     assert all(p != "" for p in recs.property_ids.ravel())
     item_pos = {p: i for i, p in enumerate(fitted.item_ids)}
-    ref_idx, _ = _reference(fitted, np.arange(20), 10)
+    ref_idx, _ = _reference(fitted, np.arange(20), 10, served=True)
     for r, u in enumerate(range(20)):
         got = [item_pos[p] for p in recs.property_ids[r]]
         assert not set(got) & set(fitted.train[u].indices)  # history never recommended

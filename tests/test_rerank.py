@@ -122,34 +122,59 @@ def test_rerank_moves_the_same_landlord_up_and_keeps_the_score_values(tmp_path):
         PairRanker.from_dict({**ranker.to_dict(), "features": ["rank"]})
 
 
-def test_reranker_beats_its_first_stage_on_albany():
-    """benchmarks/rerank_probe.py's protocol on one seed, smaller: the item-item model (collective EASE) as the
-    first stage, the ranker learned on a holdout carved from train, scored once on test (0.2406 → 0.2711 at
-    100 candidates; docs/benchmarks.md)."""
-    from rentalml.data.loaders import shared_data_dir
+def test_hybrid_serves_what_it_scores_offline(market, splits, tmp_path):
+    """A hybrid with a learned re-ranker: bundle.json names it, and the runtime's rank step (Engine.recommend,
+    the one serving path) gives every user the list that Fitted.score_users gives offline — a list the re-rank
+    changed for most users, so the equality is not the first stage's alone. rerank=False writes no re-ranker."""
+    from conftest import FAST_PARAMS
+
+    from rentalml.export.bundle import write_bundle
+    from rentalml.runtime.bundle import Bundle
+    from rentalml.runtime.pipeline import Engine
+    from rentalml.training.trainer import fit_model
+
+    train, _ = splits()
+    fitted = fit_model("hybrid", market, train, params={**FAST_PARAMS, "rerank": True}, seed=3)
+    assert fitted.params["reranked"] is True and fitted.train_times is not None
+    bundle = Bundle(write_bundle(fitted, market, tmp_path / "b", quantize=False, drift_reference=False,
+                                 checkpoint=False))
+    assert bundle.reranker is not None and bundle.meta["rerank"]["candidates"] == 100
+    users = np.arange(len(fitted.user_ids))
+    seen = fitted.train[users].nonzero()
+    offline = fitted.score_users(users)
+    offline[seen] = -np.inf
+    first = fitted.first_stage_scores(users)
+    first[seen] = -np.inf
+    top = np.argsort(-offline, axis=1, kind="stable")[:, :10]
+    top_first = np.argsort(-first, axis=1, kind="stable")[:, :10]
+    served = Engine(bundle).recommend(list(fitted.user_ids), k=10).property_ids
+    want = fitted.item_ids[top]
+    assert (served == want).all(), np.flatnonzero((served != want).any(1))[:5]
+    assert (top != top_first).any(1).mean() > 0.5
+
+    plain = fit_model("hybrid", market, train, params={**FAST_PARAMS, "rerank": False}, seed=3)
+    assert plain.params["reranked"] is False and plain.train_times is None
+    assert "rerank" not in Bundle(write_bundle(plain, market, tmp_path / "p", quantize=False,
+                                               drift_reference=False, checkpoint=False)).meta
+
+
+def test_hybrid_reranker_lifts_albany():
+    """Through the harness's own fit and evaluation (Albany, users >= 2 reviews, seed 1): the hybrid learns the
+    re-ranker on its validation holdout, keeps it there, and lifts test nDCG@10 by more than 0.01 over the same
+    hybrid with rerank=False (issue #14's 0.26 bar is the 5-seed mean: docs/benchmarks.md)."""
+    from rentalml.data.loaders import load_airbnb, shared_data_dir
+    from rentalml.evaluation.evaluate import evaluate
+    from rentalml.evaluation.protocols import split
+    from rentalml.training.trainer import fit_model
 
     base = shared_data_dir()
     if base is None or not (base / "airbnb-albany").is_dir():
         pytest.skip(f"../shared/data/airbnb-albany not present (shared_data_dir() = {base})")
-    import importlib.util
-    from pathlib import Path
-
-    from rentalml.data.loaders import load_airbnb
-    from rentalml.evaluation.protocols import holdout_split, random_split
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "rerank_probe.py"
-    spec = importlib.util.spec_from_file_location("rerank_probe", path)
-    probe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(probe)
     ds = load_airbnb(min_user_reviews=2)
-    tr, te = random_split(ds.interactions, 0.75, 1)
-    tr2, va = holdout_split(tr, 0.25, 8)
-    x, y, who, _, _ = probe.frames(ds, tr2, va, "itemitem", 1, 50)
-    keep = pd.Series(y).groupby(who).transform("sum").to_numpy() > 0
-    ranker = PairRanker.fit(x[keep], y[keep])
-    xt, _, _, cands, truth = probe.frames(ds, tr, te, "itemitem", 1, 50)
-    p = ranker.decision(xt)
-    starts = np.r_[0, np.cumsum([len(c) for c in cands])]
-    ranked = [c[np.argsort(-p[starts[j]: starts[j + 1]], kind="stable")] for j, c in enumerate(cands)]
-    first, second = probe.ndcg10(cands, truth), probe.ndcg10(ranked, truth)
-    assert second > first + 0.015, (first, second)
+    train, test = split(ds.interactions, "random-75-25", 1)
+    with_rr = fit_model("hybrid", ds, train, seed=1)
+    without = fit_model("hybrid", ds, train, params={"rerank": False}, seed=1)
+    assert with_rr.params["reranked"] is True  # chosen on validation, out of fold
+    a, b = evaluate(with_rr, test, 10)["ndcg@10"], evaluate(without, test, 10)["ndcg@10"]
+    print(f"hybrid nDCG@10 with the re-ranker {a:.4f}, without {b:.4f}")
+    assert a > b + 0.01, (a, b)

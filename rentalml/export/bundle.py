@@ -15,6 +15,8 @@ module only writes. Layout of a bundle directory:
   properties.parquet   property_id, index and the raw property attributes (filters, explanations)
   popularity.parquet   cold-start fallback: city ("*" = everywhere), property index, score, rank
   item_vectors.npy     item embeddings of the two-tower part (explanations), when the model has one
+  reranker.json        the hybrid's learned re-ranker (models.rerank.PairRanker), when it has one; then also
+  pair_context.npz     what its features read about items (PairContext) and users.parquet's history_times
   encoders.json        fitted feature encoders (to encode never-seen properties/users as in training)
   checksums.json       sha256 and size of every other file, and of bundle.json's content less the keys the
                        registry stamps (model_version, registry); written last, checked by the reader
@@ -34,7 +36,15 @@ import pandas as pd
 
 from rentalml import __version__
 from rentalml.export.onnx_export import export_scorer
-from rentalml.runtime.bundle import CHECKSUMS, FALLBACK_PER_CITY, FORMAT_VERSION, HISTORY_LEN, bundle_checksums
+from rentalml.runtime.bundle import (
+    CHECKSUMS,
+    FALLBACK_PER_CITY,
+    FORMAT_VERSION,
+    HISTORY_LEN,
+    PAIR_CONTEXT,
+    RERANKER,
+    bundle_checksums,
+)
 
 
 def code_version() -> str:
@@ -87,6 +97,15 @@ def write_bundle(fitted, dataset, out_dir: str | Path, *, model_name: str = "ren
     city = items["city"].astype(str).to_numpy() if "city" in items.columns else None
     users = pd.DataFrame({"user_id": fitted.user_ids.astype(str), "index": np.arange(len(fitted.user_ids)),
                           "history": [h.tolist() for h in hist]})
+    ranker = getattr(fitted.model, "ranker", None)
+    if ranker is not None and fitted.train_times is not None:
+        # the learned re-ranker (models.rerank): its weights, what its features read about items, and the time
+        # of every history pair (years), which the runtime's rank step reads with the history
+        (out / RERANKER).write_text(json.dumps(ranker.to_dict()))
+        fitted.model.pair_context.to_npz(out / PAIR_CONTEXT)
+        tt = fitted.train_times.tocsr()
+        users["history_times"] = [np.asarray(tt[u, h].todense()).ravel().tolist() if len(h) else []
+                                  for u, h in enumerate(hist)]
     if city is not None:
         users["city"] = [pd.Series(city[h]).mode().iat[0] if len(h) else None for h in hist]
     if fitted.user_features is not None:
@@ -124,6 +143,10 @@ def write_bundle(fitted, dataset, out_dir: str | Path, *, model_name: str = "ren
     }
     if two_stage:
         meta["two_stage"] = two_stage
+    if ranker is not None and fitted.train_times is not None:
+        from rentalml.models.hybrid import RERANK_CANDIDATES
+
+        meta["rerank"] = {"ranker": RERANKER, "context": PAIR_CONTEXT, "candidates": RERANK_CANDIDATES}
     (out / "bundle.json").write_text(json.dumps(meta, indent=2, default=str))
     from rentalml.export.foldin import export_foldin
 

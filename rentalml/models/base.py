@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 
 
@@ -17,7 +18,9 @@ class TrainData:
     `valid` (same shape as matrix) holds a per-user validation holdout used for early stopping and
     model selection; it is never part of `matrix`. `item_side` [n_items, V] (0/1, sparse) marks which attribute
     values (landlord, neighbourhood, geo cell: data.features.side_information) each item has, for the item-item
-    model's side information; None when the catalogue has none.
+    model's side information; None when the catalogue has none. `times` (the pattern of `matrix`, each pair's time
+    in years since the epoch: models.rerank.years) and `item_table` (the property attributes, rows aligned with
+    the columns) feed the hybrid's learned re-ranker (models.rerank); None where it is not considered.
     """
 
     matrix: sp.csr_matrix
@@ -26,6 +29,8 @@ class TrainData:
     valid: sp.csr_matrix | None = None
     seed: int = 42
     item_side: sp.csr_matrix | None = None
+    times: sp.csr_matrix | None = None
+    item_table: pd.DataFrame | None = None
 
     @property
     def n_users(self) -> int:

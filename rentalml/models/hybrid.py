@@ -3,6 +3,12 @@
 score = two_tower(user, item) + beta · itemitem(history, item). beta is chosen on the validation holdout
 (beta = 0 keeps the pure two-tower model). Both parts scale to 100k+ properties: the item-item part keeps
 O(n·M) weights, the network is trained with sampled softmax on large catalogues.
+
+Where the catalogue has side information and the pairs' times are given (TrainData.times), a learned second
+stage (models.rerank.PairRanker) may re-order each user's top RERANK_CANDIDATES: it is learned on the validation
+holdout (which the blend never trained on) and kept only if it wins there out of fold (`_learn_ranker`). `score`
+stays the blend (the exported graphs compute it); `rerank_rows` is the second stage, applied by Fitted.score_users
+offline and by the runtime's rank step when serving.
 """
 
 from __future__ import annotations
@@ -13,11 +19,15 @@ import torch
 from rentalml.models.base import Recommender, TrainData
 from rentalml.models.itemitem import SparseEASE
 from rentalml.models.neural import NeuralParams, TwoTower
+from rentalml.models.rerank import PairContext, PairRanker, pair_features
 
 COLD_SHRINK = 0.9
 # the grid reaches 2000: on Albany the choice sat at the old edge (200) with the item-item part at a large L2,
 # whose scores shrink as 1/L2
 BETAS = (0.0, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0)
+#: candidates the re-ranker re-orders per user (benchmarks/rerank_probe.py: recall of Albany's test pairs in the
+#: hybrid's top 100 is 0.79-0.81)
+RERANK_CANDIDATES = 100
 
 
 class Hybrid(Recommender):
@@ -25,10 +35,15 @@ class Hybrid(Recommender):
 
     def __init__(self, params: NeuralParams | None = None, l2: float = 200.0, neighbours: int = 256,
                  dropout: float = 0.0, beta: float | None = None, progress: bool = False,
-                 side: float | None = None, **overrides):
+                 side: float | None = None, rerank: bool | dict | None = None, **overrides):
         self.tower = TwoTower(params, name="hybrid", progress=progress, **overrides)
         self.itemitem = SparseEASE(l2=l2, neighbours=neighbours, dropout=dropout, side=side)
         self.beta = beta
+        # None: learn the re-ranker on validation and keep it if it wins there; True: learn and keep it; False:
+        # none; a dict (PairRanker.to_dict, what selected_params hands the refit): that ranker
+        self.rerank = rerank
+        self.ranker: PairRanker | None = None
+        self.pair_context: PairContext | None = None
 
     @property
     def on_validate(self):
@@ -52,7 +67,89 @@ class Hybrid(Recommender):
         self.proxy, self.proxy_w = self._cold_proxies(data)
         if self.beta is None:
             self.beta = self._choose_beta(data) if data.valid is not None else 10.0
+        self.ranker = self.pair_context = None
+        if self.rerank is not False and data.times is not None:
+            table = data.item_table  # rows aligned with the columns already
+            ids = table.index.to_numpy() if table is not None else np.arange(data.n_items)
+            context = PairContext.build(table, ids, data.binary(), data.times)
+            if isinstance(self.rerank, dict):
+                self.ranker = PairRanker.from_dict(self.rerank)
+            elif data.valid is not None:
+                self.ranker = self._learn_ranker(data, context, keep_always=self.rerank is True)
+            self.pair_context = context if self.ranker is not None else None
         return self
+
+    def _pairs(self, data: TrainData, context: PairContext, users: np.ndarray):
+        """Per validation user: the blend's top RERANK_CANDIDATES unseen properties (best first), their pair
+        features and whether each is held out (the label)."""
+        x, times, valid = data.binary(), data.times, data.valid
+        feats, labels, cands = [], [], []
+        for s in range(0, len(users), 500):
+            ub = users[s:s + 500]
+            sc = self.score(ub, x[ub])
+            sc[x[ub].nonzero()] = -np.inf
+            top = _top(sc, RERANK_CANDIDATES)
+            for j, u in enumerate(ub):
+                t, c = times[u], top[j]
+                feats.append(pair_features(context, t.indices, t.data, c, sc[j, c]))
+                labels.append(np.isin(c, valid[u].indices).astype(np.float64))
+                cands.append(c)
+        return feats, labels, cands
+
+    def _learn_ranker(self, data: TrainData, context: PairContext, keep_always: bool = False,
+                      max_users: int = 3000) -> PairRanker | None:
+        """Learn the re-ranker on the validation holdout. Kept when, learned on one half of the validation users
+        and scored on the other (both ways), it beats the blend's own order in mean nDCG@10 (or always with
+        keep_always); then learned again on every validation user."""
+        from rentalml.evaluation.metrics import ranking_metrics
+
+        valid = data.valid
+        users = np.flatnonzero(np.diff(valid.indptr) > 0)[:max_users]
+        if len(users) < 4:
+            return None
+        feats, labels, cands = self._pairs(data, context, users)
+        # the ranker re-orders warm candidates only (PairRanker.order), so it learns on them only
+        warm = [context.pop[c] > 0 for c in cands]
+        pos = np.array([(lab * w).any() for lab, w in zip(labels, warm, strict=True)])
+
+        def learn(rows):
+            rows = [i for i in rows if pos[i]]  # a user with no held-out pair among the candidates teaches nothing
+            if not rows:
+                return None
+            return PairRanker.fit(np.vstack([feats[i][warm[i]] for i in rows]),
+                                  np.concatenate([labels[i][warm[i]] for i in rows]))
+
+        if not keep_always:
+            halves = (np.arange(len(users)) % 2 == 0, np.arange(len(users)) % 2 == 1)
+            first, second = [], []
+            for learn_on, score_on in (halves, halves[::-1]):
+                ranker = learn(np.flatnonzero(learn_on))
+                for i in np.flatnonzero(score_on):
+                    c = cands[i]
+                    order = c if ranker is None else c[ranker.order(context, c, ranker.decision(feats[i]))]
+                    truth = valid[users[i:i + 1]]
+                    first.append(ranking_metrics(c[None, :10], truth, 10)["ndcg"])
+                    second.append(ranking_metrics(order[None, :10], truth, 10)["ndcg"])
+            self._rerank_val = (float(np.concatenate(first).mean()), float(np.concatenate(second).mean()))
+            if not self._rerank_val[1] > self._rerank_val[0]:
+                return None
+        return learn(range(len(users)))
+
+    def rerank_rows(self, scores: np.ndarray, times) -> np.ndarray:
+        """The second stage on score rows (in place): each row's top RERANK_CANDIDATES among the properties
+        not in its history (`times`: the history rows with each pair's time in years) are re-ordered by the
+        ranker and keep the score values, sorted."""
+        if self.ranker is None:
+            return scores
+        masked = scores.copy()
+        masked[times.nonzero()] = -np.inf
+        top = _top(masked, RERANK_CANDIDATES)
+        for j in range(len(scores)):
+            t, c = times[j], top[j]
+            c = c[np.isfinite(masked[j, c])]
+            new, sc = self.ranker.rerank(self.pair_context, t.indices, t.data, c, masked[j, c])
+            scores[j, new] = sc
+        return scores
 
     def _cold_proxies(self, data: TrainData) -> tuple[np.ndarray, np.ndarray]:
         """Item-item scores need interactions; a property with none (cold) borrows the item-item score of
@@ -102,7 +199,9 @@ class Hybrid(Recommender):
 
     def selected_params(self) -> dict:
         chosen = {**self.tower.selected_params(), **self.itemitem.selected_params()}
-        return {**chosen, "beta": self.beta}
+        # "rerank" hands the learned ranker to the refit; "reranked" is the flag reports and bundle.json keep
+        return {**chosen, "beta": self.beta, "rerank": self.ranker.to_dict() if self.ranker is not None else False,
+                "reranked": self.ranker is not None}
 
     def score(self, users, history, user_features=None):
         # in place on the two fresh [users, catalogue] arrays: at 100k properties each extra temporary is 200 MB
@@ -113,3 +212,12 @@ class Hybrid(Recommender):
         out = self.tower.score(users, history, user_features)
         out += ii
         return out
+
+
+def _top(scores: np.ndarray, n: int) -> np.ndarray:
+    """Each row's n best columns, best first (ties: lower index first)."""
+    n = min(n, scores.shape[1])
+    part = np.argpartition(-scores, n - 1, axis=1)[:, :n] if n < scores.shape[1] else \
+        np.tile(np.arange(scores.shape[1]), (len(scores), 1))
+    order = np.lexsort((part, -np.take_along_axis(scores, part, 1)), axis=1)
+    return np.take_along_axis(part, order, 1)

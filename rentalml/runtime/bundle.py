@@ -31,6 +31,9 @@ FALLBACK_PER_CITY = 200
 CHECKSUMS = "checksums.json"
 #: bundle.json keys stamped after training (rentalml.registry.mlflow_registry.fetch_bundle): not in its digest
 REGISTRY_KEYS = ("model_version", "registry")
+#: the hybrid's learned re-ranker (rentalml.models.rerank), when it has one: weights and item context
+RERANKER = "reranker.json"
+PAIR_CONTEXT = "pair_context.npz"
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +162,17 @@ class Bundle:
                          for c, g in pop.groupby("city", sort=False)}
         vec = self.path / "item_vectors.npy"
         self.item_vectors = np.load(vec) if vec.exists() else None
+        self.reranker = self.pair_context = None
+        self.rerank_candidates = 0
+        self.user_history_times: list[np.ndarray] | None = None
+        if self.meta.get("rerank"):
+            from rentalml.models.rerank import PairContext, PairRanker
+
+            rr = self.meta["rerank"]
+            self.reranker = PairRanker.from_dict(json.loads((self.path / rr["ranker"]).read_text()))
+            self.pair_context = PairContext.from_npz(self.path / rr["context"])
+            self.rerank_candidates = int(rr["candidates"])
+            self.user_history_times = [np.asarray(t, dtype=np.float64) for t in users["history_times"]]
         self._session = None
         self.load_seconds = time.perf_counter() - t0
 
@@ -190,6 +204,13 @@ class Bundle:
 
     def known(self, user_id: str) -> bool:
         return user_id in self._user_pos
+
+    def history_times_of(self, user_id: str) -> dict[int, float]:
+        """The time (years) of each training-history pair of a user, by property index (re-ranker bundles)."""
+        pos = self._user_pos.get(user_id, -1)
+        if pos < 0 or self.user_history_times is None:
+            return {}
+        return dict(zip(self.user_history[pos].tolist(), self.user_history_times[pos].tolist(), strict=True))
 
     def history_of(self, user_id: str) -> np.ndarray:
         pos = self._user_pos.get(user_id, -1)

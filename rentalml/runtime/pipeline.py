@@ -2,7 +2,8 @@
 
     history     training history + streamed events (recent), never-seen properties by their content proxy
     retrieve    candidates from the stages (`Stages.retrieve`; exact stages fuse retrieve + rank in one call)
-    rank        the candidates ordered by the full model (`Stages.rank`)
+    rank        the candidates ordered by the full model (`Stages.rank`), then, for a bundle with a learned
+                re-ranker (models.rerank), its first candidates re-ordered by it
     merge_live  never-seen properties (LiveCatalogue, content tower) merged in by score
     features    the candidates' attributes (`FeatureSource.properties`), or its unavailable set alone
     filter      business rules (Filters: available, budget band, city, bedrooms) and already-seen properties
@@ -19,6 +20,7 @@ too. The steps share one `_Run` (the request's columns, as Merlin Systems' opera
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -122,6 +124,8 @@ class Pipeline:
         # exact stages: a two-stage retrieval needs its full C for the ranker to choose from)
         c = min(max(self.n_candidates, k), k + len(r.gone)) if r.gone is not None and stages.exact else \
             max(self.n_candidates, k)
+        if self.bundle.reranker is not None:  # the re-ranker's candidates outside the history, whatever k is
+            c = max(c, self.bundle.rerank_candidates + r.hist.shape[1])
         if stages.exact:
             r.idx, r.scores = stages.retrieve_rank(r.hist, c, r.uf)
         else:
@@ -131,11 +135,34 @@ class Pipeline:
         b = self.bundle
         if r.candidates is not None:
             r.idx, r.scores = self.stages.rank(r.hist, r.candidates, r.uf)
+        if b.reranker is not None:
+            self._rerank(r)
         idx = r.idx
         r.real = idx < b.n_items  # not padding (np.where/np.clip here cost ~50 µs a request)
         r.ids = b.property_ids[np.minimum(idx, b.n_items - 1)]
         if not r.real.all():
             r.ids[~r.real] = ""
+
+    def _rerank(self, r: _Run) -> None:
+        """The bundle's learned second stage (models.rerank): each warm row's first `rerank_candidates` real
+        candidates outside its history, re-ordered by the ranker over its pair features, keeping the score values
+        sorted (as Fitted.score_users does offline). Training-history pairs carry their time; streamed ones are
+        taken as now."""
+        from rentalml.models.rerank import YEAR_SECONDS
+
+        b, n = self.bundle, self.bundle.rerank_candidates
+        now = time.time() / YEAR_SECONDS  # years since the epoch, as models.rerank.years (pandas costs ~0.7 ms)
+        idx, scores = r.idx.copy(), r.scores.copy()
+        for row, i in enumerate(r.warm):
+            hist = r.histories[i]
+            when = b.history_times_of(r.user_ids[i])
+            times = np.array([when.get(int(h), now) for h in hist], dtype=np.float64)
+            slots = np.flatnonzero((idx[row] < b.n_items) & np.isfinite(scores[row]) & ~np.isin(idx[row], hist))[:n]
+            if len(slots) < 2:
+                continue
+            new, sc = b.reranker.rerank(b.pair_context, hist, times, idx[row, slots], scores[row, slots])
+            idx[row, slots], scores[row, slots] = new, sc
+        r.idx, r.scores = idx, scores
 
     def merge_live(self, r: _Run) -> None:
         if not self._live_now():

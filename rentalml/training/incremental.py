@@ -33,6 +33,7 @@ from rentalml.evaluation.protocols import aggregate_pairs, temporal_leave_last_n
 from rentalml.models.base import TrainData
 from rentalml.models.hybrid import Hybrid
 from rentalml.models.neural import TwoTower
+from rentalml.models.rerank import pair_times
 
 
 def load_checkpoint(bundle_dir: str | Path):
@@ -56,7 +57,12 @@ def extend(fitted, pairs: pd.DataFrame):
     uf = fitted.user_features
     if uf is not None:
         uf = np.vstack([uf, np.zeros((len(new_users), uf.shape[1]), uf.dtype)])
-    return replace(fitted, user_ids=user_ids, train=train, user_features=uf)
+    times = getattr(fitted, "train_times", None)
+    if times is not None:  # the re-ranker's pair times: the recent pairs' own (or now, without a timestamp)
+        recent_t = pair_times(known if "timestamp" in known else known.assign(timestamp=pd.Timestamp.now(tz="UTC")),
+                              fitted.item_ids, user_ids)
+        times = sp.vstack([times, sp.csr_matrix((len(new_users), len(fitted.item_ids)))]).tocsr().maximum(recent_t)
+    return replace(fitted, user_ids=user_ids, train=train, user_features=uf, train_times=times)
 
 
 def finetune(fitted, recent_pairs: pd.DataFrame, epochs: int = 2, lr: float | None = None, seed: int = 42):

@@ -16,6 +16,7 @@ from rentalml.evaluation.protocols import aggregate_pairs, holdout_split
 from rentalml.models.base import Popularity, Recommender, TrainData
 from rentalml.models.hybrid import Hybrid
 from rentalml.models.neural import NeuralParams, TwoTower
+from rentalml.models.rerank import pair_times
 
 MODEL_NAMES = ("popularity", "collaborative", "content", "hybrid")
 NEURAL_KEYS = set(NeuralParams.__dataclass_fields__)
@@ -56,7 +57,7 @@ def build_model(name: str, params: dict | None = None, progress: bool = False) -
     if name == "content":
         return TwoTower(name="content", progress=progress, **{**nn_kw, "use_ids": False})
     if name == "hybrid":
-        ii_kw = {k: params[k] for k in ("l2", "neighbours", "dropout", "beta", "side") if k in params}
+        ii_kw = {k: params[k] for k in ("l2", "neighbours", "dropout", "beta", "side", "rerank") if k in params}
         return Hybrid(progress=progress, **ii_kw, **nn_kw)
     if name == "itemitem":
         from rentalml.models.itemitem import SparseEASE
@@ -94,15 +95,26 @@ class Fitted:
     fit_seconds: float
     params: dict = field(default_factory=dict)
     item_side: sp.csr_matrix | None = None  # the item-item model's side information (TrainData.item_side)
+    train_times: sp.csr_matrix | None = None  # each training pair's time in years (the re-ranker's), or None
 
     @property
     def training_curve(self) -> list[dict]:
         """Per-epoch loss / validation nDCG of the network part (empty for models without one)."""
         return getattr(getattr(self.model, "tower", self.model), "history_", [])
 
-    def score_users(self, users: np.ndarray) -> np.ndarray:
+    def first_stage_scores(self, users: np.ndarray) -> np.ndarray:
+        """The model's scores over the catalogue before any re-ranker: what the exported graphs compute."""
         uf = self.user_features[users] if self.user_features is not None else None
         return self.model.score(users, self.train[users], uf)
+
+    def score_users(self, users: np.ndarray) -> np.ndarray:
+        """Scores over the catalogue; a model with a learned re-ranker (Hybrid.ranker) re-orders each user's
+        top candidates among the unseen properties, as the runtime's rank step does when serving."""
+        scores = self.first_stage_scores(users)
+        times = getattr(self, "train_times", None)  # checkpoints from before the re-ranker have none
+        if getattr(self.model, "ranker", None) is not None and times is not None:
+            scores = self.model.rerank_rows(scores, times[users])
+        return scores
 
 
 def _features(dataset: Dataset, item_ids: np.ndarray, user_ids: np.ndarray):
@@ -157,6 +169,11 @@ def fit_model(name: str, dataset: Dataset, train: pd.DataFrame | None = None, pa
     # only the item-item models read it, and only when their side weight is not fixed at 0 (SCALE_DEFAULTS)
     side = (side_information(dataset.items, item_ids)
             if name in ("hybrid", "itemitem") and params.get("side", None) != 0 else None)
+    # the hybrid's re-ranker (models.rerank) is considered only where the catalogue has side information (not
+    # MovieLens, not the at-scale profile) and not switched off
+    rerank = name == "hybrid" and side is not None and side.shape[1] > 0 and params.get("rerank", None) is not False
+    item_table = dataset.items.reindex(item_ids) if rerank and dataset.items is not None else None
+    times = (lambda pairs: pair_times(pairs, item_ids, user_ids)) if rerank else (lambda pairs: None)
     model = build_model(name, params, progress)
     if on_validate is not None:
         model.on_validate = on_validate
@@ -164,15 +181,21 @@ def fit_model(name: str, dataset: Dataset, train: pd.DataFrame | None = None, pa
         tr, va = holdout_split(train, valid_frac, seed + 1)
         m_tr = InteractionMatrix.build(tr, item_ids=item_ids, user_ids=user_ids).matrix
         m_va = InteractionMatrix.build(va, item_ids=item_ids, user_ids=user_ids).matrix
-        model.fit(TrainData(m_tr, item_x, user_x, valid=m_va, seed=seed, item_side=side))
+        model.fit(TrainData(m_tr, item_x, user_x, valid=m_va, seed=seed, item_side=side, times=times(tr),
+                            item_table=item_table))
         if refit:
             chosen = {**params, **model.selected_params()}
             model = build_model(name, chosen, progress)
-            model.fit(TrainData(full, item_x, user_x, seed=seed, item_side=side))
+            model.fit(TrainData(full, item_x, user_x, seed=seed, item_side=side, times=times(train),
+                                item_table=item_table))
             params = chosen
     else:
-        model.fit(TrainData(full, item_x, user_x, seed=seed, item_side=side))
+        model.fit(TrainData(full, item_x, user_x, seed=seed, item_side=side, times=times(train),
+                            item_table=item_table))
     full_bin = full.copy()
     full_bin.data[:] = 1.0
     return Fitted(name, model, item_ids, user_ids, full_bin, item_x, user_x, item_enc, user_enc,
-                  time.perf_counter() - t0, params, side)
+                  time.perf_counter() - t0, params, side,
+                  times(train) if getattr(model, "ranker", None) is not None else None)
+
+
