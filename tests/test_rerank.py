@@ -152,6 +152,13 @@ def test_hybrid_serves_what_it_scores_offline(market, splits, tmp_path):
     assert (served == want).all(), np.flatnonzero((served != want).any(1))[:5]
     assert (top != top_first).any(1).mean() > 0.5
 
+    # the history's times at serving: the bundle's for training pairs, the request's now for streamed ones
+    user, own, when = str(fitted.user_ids[0]), bundle.user_history[0], bundle.user_history_times[0]
+    np.testing.assert_array_equal(bundle.history_times(user, own, 99.0), when)
+    fresh = next(i for i in range(bundle.n_items) if i not in set(own.tolist()))
+    np.testing.assert_array_equal(bundle.history_times(user, np.r_[own[1:], [fresh]], 99.0), np.r_[when[1:], 99.0])
+    assert (bundle.history_times("nobody", np.array([1, 2]), 99.0) == 99.0).all()
+
     plain = fit_model("hybrid", market, train, params={**FAST_PARAMS, "rerank": False}, seed=3)
     assert plain.params["reranked"] is False and plain.train_times is None
     assert "rerank" not in Bundle(write_bundle(plain, market, tmp_path / "p", quantize=False,

@@ -20,6 +20,7 @@ landlord or location) give features that are constant 0, which the standardisati
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from functools import cached_property
 
 import numpy as np
 import pandas as pd
@@ -120,6 +121,27 @@ class PairContext:
                    _floats(it, "accommodates", n), _codes(it, "landlord_id", n), _codes(it, "neighbourhood", n),
                    _codes(it, "room_type", n), pop, t_mean, t_first, t_last, t0, item_hist)
 
+    # derived arrays the request path reads (computed once per context, never stored)
+    @cached_property
+    def codes(self) -> np.ndarray:
+        return np.column_stack([self.landlord, self.neighbourhood, self.room_type])
+
+    @cached_property
+    def cos_lat(self) -> np.ndarray:
+        return np.cos(self.lat)
+
+    @cached_property
+    def numeric(self) -> np.ndarray:
+        return np.column_stack([self.log_price, self.accommodates])
+
+    @cached_property
+    def time_stats(self) -> np.ndarray:
+        return np.column_stack([self.t_mean, self.t_last, self.t_first])
+
+    @cached_property
+    def bin_centres(self) -> np.ndarray:
+        return self.t0 + (np.arange(self.item_hist.shape[1]) + 0.5) * BIN_YEARS
+
     def to_npz(self, path) -> None:
         arrays = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("item_hist", "t0")}
         h = self.item_hist
@@ -134,71 +156,86 @@ class PairContext:
         return cls(**kw, t0=float(z["t0"]), item_hist=h)
 
 
+_COL = {f: i for i, f in enumerate(FEATURES)}
+_SAME = [_COL["same_host"], _COL["same_nb"], _COL["same_rt"]]
+_DIST = [_COL["dmin"], _COL["dmean"]]
+_DIFF = [_COL["dprice"], _COL["dacc"]]
+_TIME = [_COL["dt_mean"], _COL["dt_last"], _COL["dt_first"]]
+_LOGGED = np.array([f in LOGGED for f in FEATURES])
+
+
 def pair_features(ctx: PairContext, history: np.ndarray, times: np.ndarray, candidates: np.ndarray,
                   scores: np.ndarray) -> np.ndarray:
     """[len(candidates), len(FEATURES)] for one user: `history` item indices with their `times` (years),
-    `candidates` in the first stage's order with its `scores` (descending)."""
+    `candidates` in the first stage's order with its `scores` (descending). On the request path (the runtime's
+    rank step), so written as few whole-array operations: ~0.1 ms for 100 candidates."""
     c, h = np.asarray(candidates, np.int64), np.asarray(history, np.int64)
     s = np.asarray(scores, np.float64)
     n = len(c)
     out = np.zeros((n, len(FEATURES)))
-    col = {f: i for i, f in enumerate(FEATURES)}
-    top = max(float(s[0]), 1e-9) if n else 1.0
-    out[:, col["rank"]] = np.arange(n)
-    out[:, col["score_rel"]] = s / top
-    out[:, col["score_gap"]] = (s[0] - s) / top if n else 0.0
-    out[:, col["pop"]] = ctx.pop[c]
-    out[:, col["hist"]] = len(h)
-    if not len(h) or not n:
+    if not n:
         return out
-    for name, codes in (("same_host", ctx.landlord), ("same_nb", ctx.neighbourhood)):
-        a, b = codes[c][:, None], codes[h][None, :]
-        out[:, col[name]] = ((a == b) & (a >= 0)).sum(1)
-    a, b = ctx.room_type[c][:, None], ctx.room_type[h][None, :]
-    out[:, col["same_rt"]] = ((a == b) & (a >= 0)).mean(1)
-    la, lb, oa, ob = ctx.lat[c][:, None], ctx.lat[h][None, :], ctx.lon[c][:, None], ctx.lon[h][None, :]
-    hav = np.sin((la - lb) / 2) ** 2 + np.cos(la) * np.cos(lb) * np.sin((oa - ob) / 2) ** 2
+    top = max(float(s[0]), 1e-9)
+    pop = ctx.pop[c]
+    out[:, 0] = np.arange(n)  # rank, score_rel, score_gap, pop, hist: FEATURES' first five
+    out[:, 1] = s / top
+    out[:, 2] = (s[0] - s) / top
+    out[:, 3] = pop
+    out[:, 4] = len(h)
+    if not len(h):
+        return out
+    codes = ctx.codes  # [items, 3]: landlord, neighbourhood, room type; -1 unknown
+    cc = codes[c][:, None, :]
+    same = ((cc == codes[h][None, :, :]) & (cc >= 0)).sum(1)  # [n, 3]
+    out[:, _SAME] = same
+    out[:, _SAME[2]] /= len(h)  # room type: the share of the history
+    la, lb = ctx.lat[c][:, None], ctx.lat[h][None, :]
+    hav = np.sin((la - lb) / 2) ** 2 + ctx.cos_lat[c][:, None] * ctx.cos_lat[h][None, :] \
+        * np.sin((ctx.lon[c][:, None] - ctx.lon[h][None, :]) / 2) ** 2
     dist = 2 * EARTH_KM * np.arcsin(np.sqrt(np.clip(hav, 0.0, 1.0)))
     known = np.isfinite(dist)  # pairs where either side has no location are left out; none known: 0
-    n_known = known.sum(1)
-    dmin = np.where(known, dist, np.inf).min(1)
-    out[:, col["dmin"]] = np.where(n_known > 0, dmin, 0.0)
-    out[:, col["dmean"]] = np.where(known, dist, 0.0).sum(1) / np.maximum(n_known, 1)
-    for name, v in (("dprice", ctx.log_price), ("dacc", ctx.accommodates)):
-        d = np.abs(v[c] - np.nanmean(v[h])) if np.isfinite(v[h]).any() else np.zeros(n)
-        out[:, col[name]] = np.nan_to_num(d)
+    if known.all():
+        out[:, _DIST[0]], out[:, _DIST[1]] = dist.min(1), dist.mean(1)
+    elif known.any():
+        n_known = known.sum(1)
+        out[:, _DIST[0]] = np.where(n_known > 0, np.where(known, dist, np.inf).min(1), 0.0)
+        out[:, _DIST[1]] = np.where(known, dist, 0.0).sum(1) / np.maximum(n_known, 1)
+    num = ctx.numeric  # [items, 2]: log price, accommodates; NaN unknown
+    hv = num[h]
+    seen = np.isfinite(hv)
+    if seen.any():
+        mean = np.where(seen, hv, 0.0).sum(0) / np.maximum(seen.sum(0), 1)  # nanmean, no warning when all-NaN
+        d = np.abs(num[c] - mean) * seen.any(0)
+        out[:, _DIFF] = d if np.isfinite(d).all() else np.nan_to_num(d)
     t = np.asarray(times, np.float64)
     um = float(t.mean())
-    warm = ctx.pop[c] > 0
-    out[:, col["dt_mean"]] = np.where(warm, np.abs(ctx.t_mean[c] - um), 0.0)
-    out[:, col["dt_last"]] = np.where(warm, um - ctx.t_last[c], 0.0)
-    out[:, col["dt_first"]] = np.where(warm, um - ctx.t_first[c], 0.0)
-    out[:, col["u_t"]] = um
-    centres = ctx.t0 + (np.arange(ctx.item_hist.shape[1]) + 0.5) * BIN_YEARS
-    kernel = np.exp(-np.abs(centres[:, None] - t[None, :]) / TAU_YEARS).sum(1)  # [n_bins]
-    out[:, col["tdens"]] = _rows_dot(ctx.item_hist, c, kernel) / np.maximum(ctx.pop[c], 1.0)
+    warm = pop > 0
+    tc = ctx.time_stats[c]  # [n, 3]: mean, last, first
+    out[:, _TIME] = np.where(warm[:, None], np.column_stack([np.abs(tc[:, 0] - um), um - tc[:, 1], um - tc[:, 2]]),
+                             0.0)
+    out[:, _COL["u_t"]] = um
+    kernel = np.exp(-np.abs(ctx.bin_centres[:, None] - t[None, :]) / TAU_YEARS).sum(1)  # [n_bins]
+    out[:, _COL["tdens"]] = _rows_dot(ctx.item_hist, c, kernel) / np.maximum(pop, 1.0)
     return out
 
 
 def _rows_dot(m: sp.csr_matrix, rows: np.ndarray, v: np.ndarray) -> np.ndarray:
     """m[rows] @ v without building the row slice (scipy's fancy indexing costs ~60 µs on the request path)."""
-    start, stop = m.indptr[rows], m.indptr[rows + 1]
-    lengths = stop - start
-    out = np.zeros(len(rows))
-    if not lengths.sum():
-        return out
-    flat = np.repeat(start - np.r_[0, np.cumsum(lengths)[:-1]], lengths) + np.arange(lengths.sum())
-    prod = m.data[flat] * v[m.indices[flat]]
-    nz = lengths > 0
-    out[nz] = np.add.reduceat(prod, np.r_[0, np.cumsum(lengths)[:-1]][nz])
-    return out
+    start = m.indptr[rows]
+    lengths = m.indptr[rows + 1] - start
+    ends = np.cumsum(lengths)
+    total = int(ends[-1]) if len(ends) else 0
+    if not total:
+        return np.zeros(len(rows))
+    offsets = ends - lengths
+    flat = np.repeat(start - offsets, lengths) + np.arange(total)
+    csum = np.concatenate(([0.0], np.cumsum(m.data[flat] * v[m.indices[flat]])))
+    return csum[ends] - csum[offsets]
 
 
 def _design(x: np.ndarray) -> np.ndarray:
     x = np.array(x, dtype=np.float64)
-    for j, f in enumerate(FEATURES):
-        if f in LOGGED:
-            x[:, j] = np.log1p(np.clip(x[:, j], 0.0, None))
+    x[:, _LOGGED] = np.log1p(np.clip(x[:, _LOGGED], 0.0, None))
     return x
 
 

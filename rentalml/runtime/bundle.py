@@ -205,12 +205,17 @@ class Bundle:
     def known(self, user_id: str) -> bool:
         return user_id in self._user_pos
 
-    def history_times_of(self, user_id: str) -> dict[int, float]:
-        """The time (years) of each training-history pair of a user, by property index (re-ranker bundles)."""
+    def history_times(self, user_id: str, history: np.ndarray, now: float) -> np.ndarray:
+        """The time (years) of each pair of `history` (a user's merged history): a training pair's from the
+        bundle (re-ranker bundles), `now` for the rest (streamed events)."""
         pos = self._user_pos.get(user_id, -1)
         if pos < 0 or self.user_history_times is None:
-            return {}
-        return dict(zip(self.user_history[pos].tolist(), self.user_history_times[pos].tolist(), strict=True))
+            return np.full(len(history), now)
+        own, when = self.user_history[pos], self.user_history_times[pos]
+        if len(history) <= len(own) and np.array_equal(history, own[len(own) - len(history):]):
+            return when[len(own) - len(history):]  # the training history itself (no streamed events): no lookup
+        at = dict(zip(own.tolist(), when.tolist(), strict=True))
+        return np.array([at.get(int(h), now) for h in history], dtype=np.float64)
 
     def history_of(self, user_id: str) -> np.ndarray:
         pos = self._user_pos.get(user_id, -1)

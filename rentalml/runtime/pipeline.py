@@ -51,6 +51,7 @@ class _Run:
     uf: np.ndarray | None = None  # user features of the warm rows
     gone: set[str] | None = None  # availability-only requests: the unavailable set (None: look features up)
     candidates: np.ndarray | None = None  # retrieve → rank (None when retrieve ranked already)
+    keep: int = 0  # candidates the steps after rank need
     idx: np.ndarray | None = None  # ranked property indices
     ids: np.ndarray | None = None  # ranked property ids ("" = padding)
     scores: np.ndarray | None = None
@@ -124,6 +125,7 @@ class Pipeline:
         # exact stages: a two-stage retrieval needs its full C for the ranker to choose from)
         c = min(max(self.n_candidates, k), k + len(r.gone)) if r.gone is not None and stages.exact else \
             max(self.n_candidates, k)
+        r.keep = c  # what the steps after rank need (the re-ranked list is cut back to it)
         if self.bundle.reranker is not None:  # the re-ranker's candidates outside the history, whatever k is
             c = max(c, self.bundle.rerank_candidates + r.hist.shape[1])
         if stages.exact:
@@ -155,14 +157,15 @@ class Pipeline:
         idx, scores = r.idx.copy(), r.scores.copy()
         for row, i in enumerate(r.warm):
             hist = r.histories[i]
-            when = b.history_times_of(r.user_ids[i])
-            times = np.array([when.get(int(h), now) for h in hist], dtype=np.float64)
+            times = b.history_times(r.user_ids[i], hist, now)
             slots = np.flatnonzero((idx[row] < b.n_items) & np.isfinite(scores[row]) & ~np.isin(idx[row], hist))[:n]
             if len(slots) < 2:
                 continue
             new, sc = b.reranker.rerank(b.pair_context, hist, times, idx[row, slots], scores[row, slots])
             idx[row, slots], scores[row, slots] = new, sc
-        r.idx, r.scores = idx, scores
+        # the features and filter steps cost per candidate: they get as many as they would without the re-ranker
+        # (exact stages: k + the unavailable ones with availability as the only rule)
+        r.idx, r.scores = idx[:, : r.keep], scores[:, : r.keep]
 
     def merge_live(self, r: _Run) -> None:
         if not self._live_now():
