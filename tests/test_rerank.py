@@ -67,6 +67,24 @@ def test_pair_features_without_attributes_or_history():
     assert (cold[:, F["hist"]] == 0).all() and np.isfinite(cold).all()
 
 
+def test_batched_features_equal_each_user_alone():
+    """The rank step computes a request batch in one pass (histories padded to the longest): each row must equal
+    that user's features alone, whatever the other rows' history lengths (none, one, three)."""
+    ctx = _context({0: [2015.0], 1: [2015.1, 2015.2], 2: [2021.0, 2021.5]})
+    from rentalml.models.rerank import pair_features_batch
+
+    hists = [np.array([0]), np.zeros(0, np.int64), np.array([2, 0, 1])]
+    times = [np.array([2015.0]), np.zeros(0), np.array([2021.0, 2015.0, 2016.0])]
+    cands = np.array([[1, 2, 3], [0, 1, 2], [3, 1, 0]])
+    scores = np.array([[0.5, 0.25, 0.1], [0.9, 0.8, 0.7], [0.3, 0.2, 0.1]])
+    batch = pair_features_batch(ctx, hists, times, cands, scores)
+    for j in range(3):
+        np.testing.assert_allclose(batch[j], pair_features(ctx, hists[j], times[j], cands[j], scores[j]),
+                                   rtol=0, atol=1e-12)
+    assert (batch[1, :, F["same_host"]:] == 0).all()  # no history: only the first stage's and the item's columns
+    assert batch[2, 1, F["same_host"]] == 2 and batch[2, 1, F["same_rt"]] == pytest.approx(2 / 3)
+
+
 def test_years_reads_zoned_and_naive_timestamps():
     got = years(pd.to_datetime(["1970-01-01T00:00:00", "2000-01-01T00:00:00+00:00"], format="ISO8601", utc=True))
     assert got[0] == 0.0 and got[1] == pytest.approx(30.0, abs=0.01)
