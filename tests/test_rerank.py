@@ -141,9 +141,10 @@ def test_rerank_moves_the_same_landlord_up_and_keeps_the_score_values(tmp_path):
 
 
 def test_hybrid_serves_what_it_scores_offline(market, splits, tmp_path):
-    """A hybrid with a learned re-ranker: bundle.json names it, and the runtime's rank step (Engine.recommend,
-    the one serving path) gives every user the list that Fitted.score_users gives offline — a list the re-rank
-    changed for most users, so the equality is not the first stage's alone. rerank=False writes no re-ranker."""
+    """A hybrid with a learned re-ranker (rerank=True: kept whatever its validation gain): bundle.json names it,
+    and the runtime's rank step (Engine.recommend, the one serving path; and the two-graph stages) gives every
+    user the list that Fitted.score_users gives offline — a list the re-rank changed for most users, so the
+    equality is not the first stage's alone. rerank=False writes no re-ranker."""
     from conftest import FAST_PARAMS
 
     from rentalml.export.bundle import write_bundle
@@ -169,6 +170,17 @@ def test_hybrid_serves_what_it_scores_offline(market, splits, tmp_path):
     want = fitted.item_ids[top]
     assert (served == want).all(), np.flatnonzero((served != want).any(1))[:5]
     assert (top != top_first).any(1).mean() > 0.5
+    # the two-graph path (retrieval.onnx → ranker.onnx, C = the catalogue) re-ranks to the same lists
+    from rentalml.runtime.features import Filters
+    from rentalml.runtime.pipeline import Pipeline
+    from rentalml.runtime.stages import LocalStages
+
+    class TwoStageOnly(LocalStages):
+        exact = False
+
+    two = Pipeline(bundle, stages=TwoStageOnly(bundle), n_candidates=bundle.n_items).run(
+        list(fitted.user_ids), 10, Filters(available_only=False)).property_ids
+    assert (two == want).all(), np.flatnonzero((two != want).any(1))[:5]
 
     # the history's times at serving: the bundle's for training pairs, the request's now for streamed ones
     user, own, when = str(fitted.user_ids[0]), bundle.user_history[0], bundle.user_history_times[0]
