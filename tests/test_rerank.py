@@ -3,6 +3,8 @@ that it re-orders a real first stage's candidates for the better."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -197,8 +199,8 @@ def test_hybrid_serves_what_it_scores_offline(market, splits, tmp_path):
 
 def test_hybrid_reranker_lifts_albany():
     """Through the harness's own fit and evaluation (Albany, users >= 2 reviews, seed 1): the hybrid learns the
-    re-ranker on its validation holdout, keeps it there, and lifts test nDCG@10 by more than 0.01 over the same
-    hybrid with rerank=False (issue #14's 0.26 bar is the 5-seed mean: docs/benchmarks.md)."""
+    re-ranker on its validation holdout, keeps it there, and lifts test nDCG@10 by more than 0.01 over its own
+    first stage (issue #14's 0.26 bar is the 5-seed mean: docs/benchmarks.md)."""
     from rentalml.data.loaders import load_airbnb, shared_data_dir
     from rentalml.evaluation.evaluate import evaluate
     from rentalml.evaluation.protocols import split
@@ -210,8 +212,8 @@ def test_hybrid_reranker_lifts_albany():
     ds = load_airbnb(min_user_reviews=2)
     train, test = split(ds.interactions, "random-75-25", 1)
     with_rr = fit_model("hybrid", ds, train, seed=1)
-    without = fit_model("hybrid", ds, train, params={"rerank": False}, seed=1)
-    assert with_rr.params["reranked"] is True  # chosen on validation, out of fold
+    assert with_rr.params["reranked"] is True  # chosen on validation, out of fold, over RERANK_MIN_GAIN
+    without = dataclasses.replace(with_rr, train_times=None)  # the same blend, its first stage alone
     a, b = evaluate(with_rr, test, 10)["ndcg@10"], evaluate(without, test, 10)["ndcg@10"]
     print(f"hybrid nDCG@10 with the re-ranker {a:.4f}, without {b:.4f}")
     assert a > b + 0.01, (a, b)
