@@ -2,7 +2,8 @@
 
 Catalogue: ~10k properties (synthetic marketplace: 5k users / 10k properties / 100k events, quick hybrid fit).
 Measures, for top-k (k=10) recommendations of one known user per request:
-  floor       the serving engine in process (rentalml.runtime.Engine: ONNX Runtime + id maps + rules), no server
+  floor       the serving engine in process (rentalml.runtime.Engine: ONNX Runtime + id maps + rules), no server;
+              for a bundle with a learned re-ranker also without it ("no re-ranker": its cost, same run)
   v2 REST     `rentalml serve`, tritonclient.http (binary tensors)
   v2 gRPC     `rentalml serve`, tritonclient.grpc
   /predict    `rentalml serve`, friendly JSON API via httpx
@@ -17,7 +18,7 @@ on (file sink, RENTALML_SERVE__LOG_IMPRESSIONS=always, as during an A/B test) th
 Writes benchmarks/results/serving.json and prints a markdown table.
 
     python benchmarks/serving.py [--requests 500] [--concurrency 8] [--load-requests 2000] [--load-seconds 30] \
-        [--workers 1] [--hit-users 200] [--precisions fp32,int8]
+        [--workers 1] [--hit-users 200] [--precisions fp32,int8] [--rerank auto|on|off]
 """
 
 from __future__ import annotations
@@ -38,16 +39,20 @@ import pandas as pd
 MODEL = "rental-recommender"
 
 
-def build_bundle(out: Path, users: int, properties: int, events: int, epochs: int) -> tuple[Path, dict]:
+RERANK = {"auto": None, "on": True, "off": False}  # --rerank → the hybrid's `rerank` parameter
+
+
+def build_bundle(out: Path, users: int, properties: int, events: int, epochs: int,
+                 rerank: str = "auto") -> tuple[Path, dict]:
     from rentalml.data.generator import generate_marketplace
     from rentalml.export.bundle import write_bundle
     from rentalml.training.trainer import fit_model
 
     t0 = time.perf_counter()
     ds = generate_marketplace(n_users=users, n_properties=properties, n_events=events, seed=42)
-    fitted = fit_model("hybrid", ds, params={"epochs": epochs, "neighbours": 32})
+    fitted = fit_model("hybrid", ds, params={"epochs": epochs, "neighbours": 32, "rerank": RERANK[rerank]})
     path = write_bundle(fitted, ds, out, model_version="bench")
-    info = {"users": users, "properties": properties, "events": events, "epochs": epochs,
+    info = {"users": users, "properties": properties, "events": events, "epochs": epochs, "rerank": rerank,
             "catalogue": int(len(fitted.item_ids)), "build_seconds": round(time.perf_counter() - t0, 1)}
     return path, info
 
@@ -151,6 +156,8 @@ def main() -> None:
                     help="serve.precision of the cache-miss rows, comma-separated (fp32: scorer.onnx, int8: "
                          "scorer.int8.onnx)")
     ap.add_argument("--bundle", type=Path, help="reuse an existing bundle instead of training one")
+    ap.add_argument("--rerank", choices=list(RERANK), default="auto",
+                    help="the hybrid's learned re-ranker: chosen on validation (auto), forced on, or off")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "serving.json")
     a = ap.parse_args()
 
@@ -161,7 +168,7 @@ def main() -> None:
         bundle_path, data = a.bundle, {"bundle": str(a.bundle)}
     else:
         print("building bundle ...", flush=True)
-        bundle_path, data = build_bundle(tmp / "bundle", a.users, a.properties, a.events, a.epochs)
+        bundle_path, data = build_bundle(tmp / "bundle", a.users, a.properties, a.events, a.epochs, a.rerank)
     users_df = pd.read_parquet(bundle_path / "users.parquet")
     known = users_df[users_df["history"].map(len) > 0]["user_id"].astype(str).to_numpy()
     rng = np.random.default_rng(7)
@@ -169,6 +176,7 @@ def main() -> None:
     precisions = [p.strip() for p in a.precisions.split(",") if p.strip()]
     bundle = Bundle(bundle_path)
     data["catalogue"] = int(bundle.n_items)
+    data["reranker"] = bundle.reranker is not None
     results = {"config": {"k": a.k, "requests": a.requests, "concurrency": a.concurrency,
                           "load_requests": a.load_requests, "load_seconds": a.load_seconds, "workers": a.workers,
                           "server_cache": "off, then on for the cache-hit rows", "hit_users": a.hit_users,
@@ -190,6 +198,13 @@ def main() -> None:
         record(f"floor [{precision}]", sequential(in_process(engine, a.k), users, a.requests),
                concurrent(lambda e=engine: in_process(e, a.k), users, a.concurrency, a.load_requests,
                           a.load_seconds))
+        if engine.bundle.reranker is not None:  # the learned re-ranker's cost, side by side in the same run
+            plain = Bundle(bundle_path, int8=precision == "int8")
+            plain.reranker = None
+            engine = Engine(plain)
+            record(f"floor [{precision}, no re-ranker]", sequential(in_process(engine, a.k), users, a.requests),
+                   concurrent(lambda e=engine: in_process(e, a.k), users, a.concurrency, a.load_requests,
+                              a.load_seconds))
 
     protocols = [("v2 REST", http_v2), ("v2 gRPC", grpc_v2), ("/predict", friendly)]
     hot = list(dict.fromkeys(users))[:a.hit_users]
