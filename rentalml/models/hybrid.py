@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from rentalml.evaluation.metrics import ranking_metrics, topk_indices
 from rentalml.models.base import Recommender, TrainData
 from rentalml.models.itemitem import SparseEASE
 from rentalml.models.neural import NeuralParams, TwoTower
@@ -93,7 +94,7 @@ class Hybrid(Recommender):
             ub = users[s:s + 500]
             sc = self.score(ub, x[ub])
             sc[x[ub].nonzero()] = -np.inf
-            top = _top(sc, RERANK_CANDIDATES)
+            top = topk_indices(sc, RERANK_CANDIDATES)
             for j, u in enumerate(ub):
                 t, c = times[u], top[j]
                 feats.append(pair_features(context, t.indices, t.data, c, sc[j, c]))
@@ -106,8 +107,6 @@ class Hybrid(Recommender):
         """Learn the re-ranker on the validation holdout. Kept when, learned on one half of the validation users
         and scored on the other (both ways), it beats the blend's own order in mean nDCG@10 by RERANK_MIN_GAIN
         (or always with keep_always); then learned again on every validation user."""
-        from rentalml.evaluation.metrics import ranking_metrics
-
         valid = data.valid
         users = np.flatnonzero(np.diff(valid.indptr) > 0)[:max_users]
         if len(users) < 4:
@@ -148,7 +147,7 @@ class Hybrid(Recommender):
             return scores
         masked = scores.copy()
         masked[times.nonzero()] = -np.inf
-        top = _top(masked, RERANK_CANDIDATES)
+        top = topk_indices(masked, RERANK_CANDIDATES)
         top_sc = np.take_along_axis(masked, top, 1)
         full = np.isfinite(top_sc).all(1)
         rows = np.flatnonzero(full)
@@ -189,8 +188,6 @@ class Hybrid(Recommender):
     def _choose_beta(self, data: TrainData, max_users: int = 3000, chunk: int = 500) -> float:
         """The blend weight with the best validation nDCG@10 (validation_ndcg's users); both parts are scored
         once per chunk of users and blended for every beta of the grid."""
-        from rentalml.evaluation.metrics import ranking_metrics, topk_indices
-
         x, valid = data.binary(), data.valid
         users = np.flatnonzero(np.diff(valid.indptr) > 0)[:max_users]
         if len(users) == 0:
@@ -226,11 +223,3 @@ class Hybrid(Recommender):
         out += ii
         return out
 
-
-def _top(scores: np.ndarray, n: int) -> np.ndarray:
-    """Each row's n best columns, best first (ties: lower index first)."""
-    n = min(n, scores.shape[1])
-    part = np.argpartition(-scores, n - 1, axis=1)[:, :n] if n < scores.shape[1] else \
-        np.tile(np.arange(scores.shape[1]), (len(scores), 1))
-    order = np.lexsort((part, -np.take_along_axis(scores, part, 1)), axis=1)
-    return np.take_along_axis(part, order, 1)
