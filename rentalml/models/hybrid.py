@@ -148,19 +148,13 @@ class Hybrid(Recommender):
         masked = scores.copy()
         masked[times.nonzero()] = -np.inf
         top = topk_indices(masked, RERANK_CANDIDATES)
-        top_sc = np.take_along_axis(masked, top, 1)
-        full = np.isfinite(top_sc).all(1)
-        rows = np.flatnonzero(full)
-        for s in range(0, len(rows), 64):  # batches as the runtime's rank step makes them (bounded memory)
-            b = rows[s:s + 64]
-            new = self.ranker.rerank_batch(self.pair_context, [times[j].indices for j in b],
-                                           [times[j].data for j in b], top[b], top_sc[b])
-            scores[np.repeat(b, top.shape[1]), new.ravel()] = top_sc[b].ravel()
-        for j in np.flatnonzero(~full):  # fewer unseen properties than candidates
-            t, c = times[j], top[j]
-            c = c[np.isfinite(masked[j, c])]
-            new, sc = self.ranker.rerank(self.pair_context, t.indices, t.data, c, masked[j, c])
-            scores[j, new] = sc
+        cands = [c[np.isfinite(masked[j, c])] for j, c in enumerate(top)]  # fewer when few properties are unseen
+        values = [masked[j, c] for j, c in enumerate(cands)]
+        rows = [times[j] for j in range(len(scores))]
+        new = self.ranker.rerank_lists(self.pair_context, [t.indices for t in rows], [t.data for t in rows], cands,
+                                       values)
+        for j, (c, v) in enumerate(zip(new, values, strict=True)):
+            scores[j, c] = v
         return scores
 
     def _cold_proxies(self, data: TrainData) -> tuple[np.ndarray, np.ndarray]:

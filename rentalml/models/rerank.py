@@ -315,6 +315,26 @@ class PairRanker:
             return candidates, scores
         return self.rerank_batch(ctx, [history], [times], candidates[None, :], scores[None, :])[0], scores.copy()
 
+    def rerank_lists(self, ctx: PairContext, histories: list[np.ndarray], times: list[np.ndarray],
+                     candidates: list[np.ndarray], scores: list[np.ndarray], batch: int = 64) -> list[np.ndarray]:
+        """`rerank` for many users whose candidate lists may differ in length (the scores keep their slots):
+        lists of one length go through `rerank_batch` together, at most `batch` users a pass (bounded memory);
+        a list shorter than two is returned as it is. The runtime's rank step and Hybrid.rerank_rows both call
+        this."""
+        out = [np.asarray(c) for c in candidates]
+        groups: dict[int, list[int]] = {}
+        for j, c in enumerate(out):
+            if len(c) >= 2:
+                groups.setdefault(len(c), []).append(j)
+        for members in groups.values():
+            for s in range(0, len(members), batch):
+                js = members[s:s + batch]
+                new = self.rerank_batch(ctx, [histories[j] for j in js], [times[j] for j in js],
+                                        np.stack([out[j] for j in js]), np.stack([scores[j] for j in js]))
+                for j, row in zip(js, new, strict=True):
+                    out[j] = row
+        return out
+
     def rerank_batch(self, ctx: PairContext, histories: list[np.ndarray], times: list[np.ndarray],
                      candidates: np.ndarray, scores: np.ndarray) -> np.ndarray:
         """`rerank` for a batch of users with C candidates each ([users, C]; their scores keep their slots):

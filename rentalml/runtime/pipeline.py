@@ -154,20 +154,15 @@ class Pipeline:
 
         b, n = self.bundle, self.bundle.rerank_candidates
         now = time.time() / YEAR_SECONDS  # years since the epoch, as models.rerank.years (pandas costs ~0.7 ms)
-        idx, scores = r.idx.copy(), r.scores.copy()
-        groups: dict[int, list] = {}  # rows by candidate count: one batched pass per count (usually one)
-        for row, i in enumerate(r.warm):
-            hist = r.histories[i]
-            slots = np.flatnonzero((idx[row] < b.n_items) & np.isfinite(scores[row]) & ~np.isin(idx[row], hist))[:n]
-            if len(slots) >= 2:
-                groups.setdefault(len(slots), []).append((row, slots, hist, b.history_times(r.user_ids[i], hist, now)))
-        for members in groups.values():
-            rows = [np.full(len(m[1]), m[0]) for m in members]
-            cols = [m[1] for m in members]
-            new = b.reranker.rerank_batch(b.pair_context, [m[2] for m in members], [m[3] for m in members],
-                                          np.stack([idx[rw, cl] for rw, cl in zip(rows, cols, strict=True)]),
-                                          np.stack([scores[rw, cl] for rw, cl in zip(rows, cols, strict=True)]))
-            idx[np.concatenate(rows), np.concatenate(cols)] = new.ravel()
+        idx, scores = r.idx.copy(), r.scores  # the scores keep their slots
+        hists = [r.histories[i] for i in r.warm]
+        slots = [np.flatnonzero((idx[row] < b.n_items) & np.isfinite(scores[row]) & ~np.isin(idx[row], h))[:n]
+                 for row, h in enumerate(hists)]
+        times = [b.history_times(r.user_ids[i], h, now) for i, h in zip(r.warm, hists, strict=True)]
+        new = b.reranker.rerank_lists(b.pair_context, hists, times, [idx[row, sl] for row, sl in enumerate(slots)],
+                                      [scores[row, sl] for row, sl in enumerate(slots)])
+        for row, (sl, c) in enumerate(zip(slots, new, strict=True)):
+            idx[row, sl] = c
         # the features and filter steps cost per candidate: they get as many as they would without the re-ranker
         # (exact stages: k + the unavailable ones with availability as the only rule)
         r.idx, r.scores = idx[:, : r.keep], scores[:, : r.keep]
