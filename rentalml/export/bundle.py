@@ -97,8 +97,8 @@ def write_bundle(fitted, dataset, out_dir: str | Path, *, model_name: str = "ren
     city = items["city"].astype(str).to_numpy() if "city" in items.columns else None
     users = pd.DataFrame({"user_id": fitted.user_ids.astype(str), "index": np.arange(len(fitted.user_ids)),
                           "history": [h.tolist() for h in hist]})
-    ranker = getattr(fitted.model, "ranker", None)
-    if ranker is not None and fitted.train_times is not None:
+    ranker = getattr(fitted.model, "ranker", None) if fitted.train_times is not None else None
+    if ranker is not None:
         # the learned re-ranker (models.rerank): its weights, what its features read about items, and the time
         # of every history pair (years), which the runtime's rank step reads with the history
         (out / RERANKER).write_text(json.dumps(ranker.to_dict()))
@@ -143,7 +143,7 @@ def write_bundle(fitted, dataset, out_dir: str | Path, *, model_name: str = "ren
     }
     if two_stage:
         meta["two_stage"] = two_stage
-    if ranker is not None and fitted.train_times is not None:
+    if ranker is not None:
         from rentalml.models.hybrid import RERANK_CANDIDATES
 
         meta["rerank"] = {"ranker": RERANKER, "context": PAIR_CONTEXT, "candidates": RERANK_CANDIDATES}
