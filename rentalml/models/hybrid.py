@@ -30,8 +30,8 @@ BETAS = (0.0, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000
 #: candidates the re-ranker re-orders per user (benchmarks/rerank_probe.py: recall of Albany's test pairs in the
 #: hybrid's top 100 is 0.79-0.81)
 RERANK_CANDIDATES = 100
-#: the out-of-fold validation gain (relative nDCG@10) the re-ranker must reach to be kept: serving it costs ~0.4 ms a
-#: request and about a third of the cache-miss throughput (docs/benchmarks.md "Serving"), so a gain of a few per
+#: the out-of-fold validation gain (relative nDCG@10) the re-ranker must reach to be kept: serving it costs ~0.5 ms a
+#: request and half the cache-miss throughput (docs/benchmarks.md "Serving"), so a gain of a few per
 #: cent on a noisy validation split does not pay. Seen: Albany +22-32 % (seeds 1-5), the synthetic markets +1-5 %.
 RERANK_MIN_GAIN = 0.10
 
