@@ -224,6 +224,104 @@ def test_side_weight_is_chosen_on_validation_and_absent_without_side_information
     assert without.W[0, 6] == 0
 
 
+# sessions: the runs of each user's time-ordered pairs (data.dataset.session_matrix) as extra pseudo-users of the
+# item-item model; the Gram matrix becomes (XᵀX + σ·SᵀS) / (1 + σ)
+
+
+def test_session_matrix_cuts_each_history_in_time_order():
+    import pandas as pd
+
+    from rentalml.data.dataset import session_matrix
+
+    pairs = pd.DataFrame({"user_id": ["a"] * 5 + ["b"] * 2, "property_id": ["p1", "p2", "p3", "p4", "p5", "p1", "p2"],
+                          "timestamp": pd.to_datetime([50, 40, 30, 20, 10, 1, 2], unit="s", utc=True)})
+    items, users = np.array(["p1", "p2", "p3", "p4", "p5"], dtype=object), np.array(["a", "b"], dtype=object)
+    s = session_matrix(pairs, items, users, length=2).toarray()
+    # a's pairs in time order are p5, p4, p3, p2, p1 (not the row order): runs {p5, p4}, {p3, p2}, {p1}; b: one run
+    np.testing.assert_array_equal(s, [[0, 0, 0, 1, 1], [0, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 0, 0, 0]])
+    assert session_matrix(pairs, items, users, length=5) is None  # every run would be a whole history
+    assert session_matrix(pairs.drop(columns="timestamp"), items, users, length=2) is None
+
+
+def _session_data(n_users=60, clusters=8, size=5, per=3, sessions=3, seed=0):
+    # each user has `sessions` runs of `per` items, each run drawn from one random cluster of `size` items; across a
+    # history the clusters are unrelated, so whole-history co-occurrence mixes clusters that runs keep apart.
+    # Validation holds out the 4th item of one run.
+    rng = np.random.default_rng(seed)
+    n = clusters * size
+    x = np.zeros((n_users, n), dtype=np.float32)
+    valid = np.zeros_like(x)
+    runs = []
+    for u in range(n_users):
+        held = rng.integers(sessions)
+        for r in range(sessions):
+            items = rng.integers(clusters) * size + rng.choice(size, per + 1, replace=False)
+            if r == held:
+                valid[u, items[-1]] = 1
+            x[u, items[:per]] = 1
+            runs.append(items[:per])
+    x[valid > 0] = 0
+    rows = np.repeat(np.arange(len(runs)), per)
+    s = sp.csr_matrix((np.ones(len(rows), np.float32), (rows, np.concatenate(runs))), shape=(len(runs), n))
+    s.data[:] = 1.0
+    return TrainData(sp.csr_matrix(x), valid=sp.csr_matrix(valid), sessions=s)
+
+
+def test_sparse_ease_with_sessions_solves_the_normalised_gram():
+    data = _session_data(n_users=400)
+    data.valid = None
+    x, s = data.matrix.toarray().astype(np.float64), data.sessions.toarray().astype(np.float64)
+    n = data.n_items
+    model = SparseEASE(l2=10.0, neighbours=n - 1, session=2.0).fit(data)
+    p = np.linalg.inv((x.T @ x + 2.0 * s.T @ s) / 3.0 + 10.0 * np.eye(n))
+    b = -p / np.diag(p)
+    np.fill_diagonal(b, 0)
+    w = model.W.toarray()
+    linked = (x.T @ x) > 0
+    np.fill_diagonal(linked, False)
+    assert linked.sum() == n * (n - 1)  # every pair is a neighbour: the sparse solve is the closed form
+    np.testing.assert_allclose(w[linked], b[linked], atol=1e-5)
+    plain = SparseEASE(l2=10.0, neighbours=n - 1, session=0.0).fit(data)
+    assert np.abs(plain.W.toarray() - w).max() > 1e-3
+    assert plain.selected_params() == {"l2": 10.0, "session": 0.0}
+
+
+def test_session_weight_is_chosen_on_validation_and_absent_without_sessions():
+    from rentalml.models.base import validation_ndcg
+
+    data = _session_data(n_users=40, seed=2)  # few users: whole histories alone leave clusters blurred
+    chosen = SparseEASE(neighbours=20).fit(data)
+    without = SparseEASE(neighbours=20).fit(TrainData(data.matrix, valid=data.valid))
+    assert chosen.session in SparseEASE.SESSION_GRID and without.session is None
+    assert "session" not in without.selected_params()
+    x = data.binary()
+    assert validation_ndcg(chosen, x, data.valid) > validation_ndcg(without, x, data.valid) + 0.02
+
+
+def test_the_trainer_builds_sessions_unless_their_weight_is_zero(market, monkeypatch):
+    import pandas as pd
+
+    import rentalml.training.trainer as trainer
+    from rentalml.data.dataset import Dataset
+
+    seen = []
+    real = trainer.session_matrix
+    monkeypatch.setattr(trainer, "session_matrix", lambda *a, **k: seen.append(1) or real(*a, **k))
+    # 40 users with 30 distinct properties each (of 60), one a minute: histories longer than one run of 20
+    rng = np.random.default_rng(3)
+    rows = [(f"u{u}", f"p{i}", pd.Timestamp("2026-01-01", tz="UTC") + pd.Timedelta(minutes=u * 100 + j))
+            for u in range(40) for j, i in enumerate(rng.choice(60, 30, replace=False))]
+    long = Dataset(pd.DataFrame(rows, columns=["user_id", "property_id", "timestamp"]))
+    fit_model("itemitem", long, params={"session": 0.0, "neighbours": 16}, seed=1)
+    assert not seen
+    fitted = fit_model("itemitem", long, params={"neighbours": 16}, seed=1)
+    assert seen and fitted.params["session"] in (0.0, *SparseEASE.SESSION_GRID)
+    # the synthetic market's histories are shorter than one run: no sessions, no session weight chosen
+    assert "session" not in fit_model("itemitem", market.subset(market.interactions.head(3000)),
+                                      params={"neighbours": 16}, seed=1).params
+    assert trainer.SCALE_DEFAULTS["session"] == 0.0
+
+
 def test_the_scale_profile_builds_no_side_information(market, monkeypatch):
     import rentalml.training.trainer as trainer
 

