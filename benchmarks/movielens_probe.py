@@ -25,16 +25,22 @@ def ratings() -> pd.DataFrame:
     return load_csv(base / "movielens-latest-small" / "ratings.csv").interactions
 
 
-def split_matrix(df: pd.DataFrame, seed: int) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
-    """The harness's random-75-25 split of `seed`: the training matrix (users × items seen in train, 0/1,
-    float32), the test users' rows and each one's held-out item indices."""
+def split(df: pd.DataFrame, seed: int):
+    """The harness's random-75-25 split of `seed`: the training pairs, their item and user ids (sorted: the
+    matrix's columns and rows), the training matrix (users × items seen in train, 0/1, float32), the test users'
+    rows and each one's held-out item indices."""
     tr, te = random_split(df, 0.75, seed)
     iidx, uidx = pd.Index(np.sort(tr.property_id.unique())), pd.Index(np.sort(tr.user_id.unique()))
     x = np.zeros((len(uidx), len(iidx)), np.float32)
     x[uidx.get_indexer(tr.user_id), iidx.get_indexer(tr.property_id)] = 1
     te = te[te.property_id.isin(iidx) & te.user_id.isin(uidx)]
     held = pd.Series(iidx.get_indexer(te.property_id)).groupby(uidx.get_indexer(te.user_id)).apply(np.asarray)
-    return x, held.index.to_numpy(), list(held.values)
+    return tr, iidx, uidx, x, held.index.to_numpy(), list(held.values)
+
+
+def split_matrix(df: pd.DataFrame, seed: int) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """`split`'s matrix, test users and held-out items."""
+    return split(df, seed)[3:]
 
 
 def ridge_inverse(x: np.ndarray, lam: np.ndarray | float) -> np.ndarray:

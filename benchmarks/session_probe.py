@@ -21,10 +21,9 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 import torch
-from movielens_probe import L2, ease_from_inverse, ndcg10, ratings
+from movielens_probe import L2, ease_from_inverse, ndcg10, ratings, split
 
 from rentalml.data.dataset import session_matrix
-from rentalml.evaluation.protocols import random_split
 
 
 def gap_sessions(tr: pd.DataFrame, item_ids, user_ids, gap: float) -> sp.csr_matrix:
@@ -53,13 +52,7 @@ def main() -> None:
     sigmas = [float(v) for v in a.sigma.split(",")]
     res = []
     for seed in [int(s) for s in a.seeds.split(",")]:
-        tr, te = random_split(df, 0.75, seed)
-        iidx, uidx = pd.Index(np.sort(tr.property_id.unique())), pd.Index(np.sort(tr.user_id.unique()))
-        x = np.zeros((len(uidx), len(iidx)), np.float32)
-        x[uidx.get_indexer(tr.user_id), iidx.get_indexer(tr.property_id)] = 1
-        te = te[te.property_id.isin(iidx) & te.user_id.isin(uidx)]
-        held = pd.Series(iidx.get_indexer(te.property_id)).groupby(uidx.get_indexer(te.user_id)).apply(np.asarray)
-        users, truth = held.index.to_numpy(), list(held.values)
+        tr, iidx, uidx, x, users, truth = split(df, seed)
         g = (x.T @ x).astype(np.float64)
         variants = {f"runs {r}": session_matrix(tr, iidx.to_numpy(), uidx.to_numpy(), length=int(r))
                     for r in a.runs.split(",")}

@@ -127,20 +127,17 @@ class SparseEASE(L2SelectedModel):
                 if v > best:
                     best, best_l2, best_w = v, l2, w
             self.l2, weights = best_l2, [best_w]
-            if choose_side:
-                for alpha in self.SIDE_GRID:
-                    a_nbr, a_weights = self._weights(data, (best_l2,), alpha, session)
-                    self._build(a_nbr, a_weights[0])
+            # then α, then σ, each against the best so far at the chosen L2
+            for key, values in (("side", self.SIDE_GRID if choose_side else ()),
+                                ("session", self.SESSION_GRID if choose_session else ())):
+                for value in values:
+                    trial = {"side": side, "session": session, key: value}
+                    t_nbr, t_weights = self._weights(data, (best_l2,), trial["side"], trial["session"])
+                    self._build(t_nbr, t_weights[0])
                     v = validation_ndcg(self, x, data.valid)
                     if v > best:
-                        best, side, nbr, weights = v, alpha, a_nbr, a_weights
-            if choose_session:
-                for sigma in self.SESSION_GRID:
-                    s_nbr, s_weights = self._weights(data, (best_l2,), side, sigma)
-                    self._build(s_nbr, s_weights[0])
-                    v = validation_ndcg(self, x, data.valid)
-                    if v > best:
-                        best, session, nbr, weights = v, sigma, s_nbr, s_weights
+                        best, nbr, weights = v, t_nbr, t_weights
+                        side, session = trial["side"], trial["session"]
         if has_side:
             self.side = side
         if has_sessions:
