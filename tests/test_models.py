@@ -240,6 +240,8 @@ def test_session_matrix_cuts_each_history_in_time_order():
     # a's pairs in time order are p5, p4, p3, p2, p1 (not the row order): runs {p5, p4}, {p3, p2}, {p1}; b: one run
     np.testing.assert_array_equal(s, [[0, 0, 0, 1, 1], [0, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 0, 0, 0]])
     assert session_matrix(pairs, items, users, length=5) is None  # every run would be a whole history
+    np.testing.assert_array_equal(session_matrix(pairs, items, users, length=5, always=True).toarray(),
+                                  [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])  # a window's runs, appended to earlier ones
     assert session_matrix(pairs.drop(columns="timestamp"), items, users, length=2) is None
 
 
@@ -299,19 +301,12 @@ def test_session_weight_is_chosen_on_validation_and_absent_without_sessions():
 
 
 def test_the_trainer_builds_sessions_unless_their_weight_is_zero(market, monkeypatch):
-    import pandas as pd
-
     import rentalml.training.trainer as trainer
-    from rentalml.data.dataset import Dataset
 
     seen = []
     real = trainer.session_matrix
     monkeypatch.setattr(trainer, "session_matrix", lambda *a, **k: seen.append(1) or real(*a, **k))
-    # 40 users with 30 distinct properties each (of 60), one a minute: histories longer than one run of 20
-    rng = np.random.default_rng(3)
-    rows = [(f"u{u}", f"p{i}", pd.Timestamp("2026-01-01", tz="UTC") + pd.Timedelta(minutes=u * 100 + j))
-            for u in range(40) for j, i in enumerate(rng.choice(60, 30, replace=False))]
-    long = Dataset(pd.DataFrame(rows, columns=["user_id", "property_id", "timestamp"]))
+    long = _long_histories()
     fit_model("itemitem", long, params={"session": 0.0, "neighbours": 16}, seed=1)
     assert not seen
     fitted = fit_model("itemitem", long, params={"neighbours": 16}, seed=1)
@@ -320,6 +315,42 @@ def test_the_trainer_builds_sessions_unless_their_weight_is_zero(market, monkeyp
     assert "session" not in fit_model("itemitem", market.subset(market.interactions.head(3000)),
                                       params={"neighbours": 16}, seed=1).params
     assert trainer.SCALE_DEFAULTS["session"] == 0.0
+
+
+def _long_histories(users=40, items=60, per_user=30, seed=3):
+    import pandas as pd
+
+    from rentalml.data.dataset import Dataset
+
+    # `users` users with `per_user` distinct properties each, one a minute: histories longer than one run of 20
+    rng = np.random.default_rng(seed)
+    rows = [(f"u{u}", f"p{i}", pd.Timestamp("2026-01-01", tz="UTC") + pd.Timedelta(minutes=u * 100 + j))
+            for u in range(users) for j, i in enumerate(rng.choice(items, per_user, replace=False))]
+    return Dataset(pd.DataFrame(rows, columns=["user_id", "property_id", "timestamp"]))
+
+
+def test_finetune_refits_the_item_item_part_with_its_sessions():
+    import pandas as pd
+
+    from rentalml.data.dataset import session_matrix
+    from rentalml.training.incremental import extend, finetune
+
+    data = _long_histories()
+    pairs = aggregate_pairs(data.interactions)
+    late = pairs.groupby("user_id").timestamp.rank(ascending=False) <= 6  # each user's last 6 of 30
+    first, window = pairs[~late], pairs[late]
+    fitted = fit_model("itemitem", data.subset(first), params={"session": 2.0, "neighbours": 16}, seed=1)
+    assert fitted.sessions is not None and fitted.sessions.sum() == fitted.train.sum()  # each pair in one run
+    # the window: each user's last 6 pairs, plus one pair a user already had (it joins no new run)
+    again = first.iloc[[0]].assign(timestamp=window.timestamp.max())
+    tuned = finetune(fitted, pd.concat([window, again]))
+    ext = extend(fitted, window)
+    runs = sp.vstack([fitted.sessions, session_matrix(window, fitted.item_ids, ext.user_ids, always=True)]).tocsr()
+    assert runs.sum() == ext.train.sum()
+    expect = SparseEASE(l2=fitted.model.l2, neighbours=16, session=2.0).fit(TrainData(ext.train, sessions=runs))
+    plain = SparseEASE(l2=fitted.model.l2, neighbours=16, session=2.0).fit(TrainData(ext.train))
+    np.testing.assert_array_equal(tuned.model.W.toarray(), expect.W.toarray())
+    assert (tuned.model.W != plain.W).nnz > 0
 
 
 def test_the_scale_profile_builds_no_side_information(market, monkeypatch):

@@ -246,12 +246,13 @@ SESSION_LENGTH = 20
 
 
 def session_matrix(pairs: pd.DataFrame, item_ids: np.ndarray, user_ids: np.ndarray,
-                   length: int = SESSION_LENGTH) -> sp.csr_matrix | None:
+                   length: int = SESSION_LENGTH, always: bool = False) -> sp.csr_matrix | None:
     """Sessions × items (0/1, float32 CSR): each user's pairs in time order (ties by property id), cut into runs
     of `length`. Items a user touched in one run are co-used more tightly than two items anywhere in the same
     history: the item-item model adds this matrix's Gram to XᵀX (models.itemitem, `session`). None when no user
-    has more than `length` pairs (every run is the whole history, so it would add nothing) or the pairs have no
-    timestamp. Pairs outside the id maps are dropped."""
+    has more than `length` pairs (every run is the whole history, so it would add nothing; `always`: the runs
+    even then, for a window appended to earlier runs) or the pairs have no timestamp. Pairs outside the id maps
+    are dropped."""
     if "timestamp" not in pairs or not len(pairs):
         return None
     rows = pd.Index(user_ids).get_indexer(pairs["user_id"])
@@ -263,7 +264,7 @@ def session_matrix(pairs: pd.DataFrame, item_ids: np.ndarray, user_ids: np.ndarr
     rows, cols = rows[order], cols[order]
     starts = np.r_[0, np.flatnonzero(rows[1:] != rows[:-1]) + 1]
     sizes = np.diff(np.r_[starts, len(rows)])
-    if not len(sizes) or sizes.max() <= length:
+    if not len(sizes) or (sizes.max() <= length and not always):
         return None
     pos = np.arange(len(rows)) - np.repeat(starts, sizes)
     run = np.repeat(np.cumsum(np.r_[0, (sizes[:-1] + length - 1) // length]), sizes) + pos // length

@@ -27,7 +27,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from rentalml.config import Settings, get_settings
-from rentalml.data.dataset import Dataset, InteractionMatrix
+from rentalml.data.dataset import Dataset, InteractionMatrix, session_matrix
 from rentalml.evaluation.evaluate import evaluate
 from rentalml.evaluation.protocols import aggregate_pairs, temporal_leave_last_n
 from rentalml.models.base import TrainData
@@ -72,9 +72,10 @@ def finetune(fitted, recent_pairs: pd.DataFrame, epochs: int = 2, lr: float | No
     ext = extend(fitted, recent_pairs)
     model = copy.deepcopy(fitted.model)
     tower = model.tower if isinstance(model, Hybrid) else model if isinstance(model, TwoTower) else None
-    # the item-item refit keeps the side information it was fit with (checkpoints from before it have none)
+    # the item-item refit keeps the side information and the sessions it was fit with (checkpoints from before
+    # them have none): the window's new pairs form runs of their own after the training runs
     data = TrainData(ext.train, ext.item_features, ext.user_features, seed=seed,
-                     item_side=getattr(fitted, "item_side", None))
+                     item_side=getattr(fitted, "item_side", None), sessions=_sessions(fitted, ext, recent_pairs))
     if tower is not None:
         tower.finetune(data, epochs=epochs, lr=lr)
     if isinstance(model, Hybrid):
@@ -84,6 +85,22 @@ def finetune(fitted, recent_pairs: pd.DataFrame, epochs: int = 2, lr: float | No
         model.fit(data)  # item-item / popularity: a refit on the combined matrix is cheap
     params = {**fitted.params, "finetune_epochs": epochs}
     return replace(ext, model=model, fit_seconds=time.perf_counter() - t0, params=params)
+
+
+def _sessions(fitted, ext, recent_pairs: pd.DataFrame) -> sp.csr_matrix | None:
+    """The training runs plus runs of the window's pairs that are not already in a training history (an item
+    stays in one run per user, as the item-item model's normalisation assumes); None without training runs."""
+    old = getattr(fitted, "sessions", None)
+    if old is None:
+        return None
+    rows = pd.Index(ext.user_ids).get_indexer(recent_pairs["user_id"])
+    cols = pd.Index(fitted.item_ids).get_indexer(recent_pairs["property_id"])
+    ok = (rows >= 0) & (cols >= 0)
+    seen = np.zeros(len(recent_pairs), dtype=bool)
+    known = ok & (rows < fitted.train.shape[0])
+    seen[known] = np.asarray(fitted.train[rows[known], cols[known]]).ravel() > 0
+    new = session_matrix(recent_pairs[ok & ~seen], fitted.item_ids, ext.user_ids, always=True)
+    return old if new is None else sp.vstack([old, new]).tocsr()
 
 
 def history_dataset(bundle, fitted, recent: Dataset) -> Dataset:

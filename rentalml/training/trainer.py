@@ -98,6 +98,7 @@ class Fitted:
     params: dict = field(default_factory=dict)
     item_side: sp.csr_matrix | None = None  # the item-item model's side information (TrainData.item_side)
     train_times: sp.csr_matrix | None = None  # each training pair's time in years (the re-ranker's), or None
+    sessions: sp.csr_matrix | None = None  # the item-item part's training sessions when its σ > 0 (for finetune)
 
     @property
     def training_curve(self) -> list[dict]:
@@ -199,8 +200,10 @@ def fit_model(name: str, dataset: Dataset, train: pd.DataFrame | None = None, pa
                             item_table=item_table, sessions=sessions(train)))
     full_bin = full.copy()
     full_bin.data[:] = 1.0
+    sigma = getattr(getattr(model, "itemitem", model), "session", None)
     return Fitted(name, model, item_ids, user_ids, full_bin, item_x, user_x, item_enc, user_enc,
                   time.perf_counter() - t0, params, side,
-                  times(train) if getattr(model, "ranker", None) is not None else None)
+                  times(train) if getattr(model, "ranker", None) is not None else None,
+                  sessions(train) if sigma else None)
 
 
