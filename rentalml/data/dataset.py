@@ -194,6 +194,12 @@ def snapshot_hash_dir(directory: str | Path, batch_rows: int = 1 << 20) -> str:
     return h.hexdigest()[:16]
 
 
+def pair_indices(pairs: pd.DataFrame, item_ids: np.ndarray, user_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each pair's row (its user_id's position in `user_ids`) and column (its property_id's in `item_ids`); -1 where
+    the id is not in the map. What every users × items matrix built from pairs indexes by."""
+    return pd.Index(user_ids).get_indexer(pairs["user_id"]), pd.Index(item_ids).get_indexer(pairs["property_id"])
+
+
 @dataclass
 class InteractionMatrix:
     """Users × items CSR with the id maps that give dense indices (indices exist only inside models)."""
@@ -209,10 +215,7 @@ class InteractionMatrix:
             item_ids = np.array(sorted(train["property_id"].unique()), dtype=object)
         if user_ids is None:
             user_ids = np.array(sorted(train["user_id"].unique()), dtype=object)
-        uidx = pd.Index(user_ids)
-        iidx = pd.Index(item_ids)
-        rows = uidx.get_indexer(train["user_id"])
-        cols = iidx.get_indexer(train["property_id"])
+        rows, cols = pair_indices(train, item_ids, user_ids)
         keep = (rows >= 0) & (cols >= 0)
         w = train["weight"].to_numpy(dtype=np.float32)[keep]
         m = sp.csr_matrix((w, (rows[keep], cols[keep])), shape=(len(user_ids), len(item_ids)), dtype=np.float32)
@@ -255,8 +258,7 @@ def session_matrix(pairs: pd.DataFrame, item_ids: np.ndarray, user_ids: np.ndarr
     are dropped."""
     if "timestamp" not in pairs or not len(pairs):
         return None
-    rows = pd.Index(user_ids).get_indexer(pairs["user_id"])
-    cols = pd.Index(item_ids).get_indexer(pairs["property_id"])
+    rows, cols = pair_indices(pairs, item_ids, user_ids)
     keep = (rows >= 0) & (cols >= 0)
     rows, cols = rows[keep], cols[keep]
     t = pd.to_datetime(pairs["timestamp"], utc=True).dt.tz_localize(None).to_numpy("datetime64[ns]")[keep]

@@ -217,4 +217,3 @@ class Hybrid(Recommender):
         out = self.tower.score(users, history, user_features)
         out += ii
         return out
-

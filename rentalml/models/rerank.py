@@ -26,6 +26,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from rentalml.data.dataset import pair_indices
+
 FEATURES = (
     "rank", "score_rel", "score_gap",  # the first stage: position, score / top score, (top - score) / top
     "pop", "hist",  # the item's training count, the user's history length
@@ -52,8 +54,7 @@ def years(ts) -> np.ndarray:
 def pair_times(pairs: pd.DataFrame, item_ids: np.ndarray, user_ids: np.ndarray) -> sp.csr_matrix:
     """Users × items (float64 CSR): each (user_id, property_id) pair's latest `timestamp` in `years`. Pairs
     outside the id maps are dropped."""
-    rows = pd.Index(user_ids).get_indexer(pairs["user_id"])
-    cols = pd.Index(item_ids).get_indexer(pairs["property_id"])
+    rows, cols = pair_indices(pairs, item_ids, user_ids)
     keep = (rows >= 0) & (cols >= 0)
     t = pd.Series(years(pairs["timestamp"])[keep]).groupby([rows[keep], cols[keep]]).max()  # repeated events
     return sp.csr_matrix((t.to_numpy(np.float64), (t.index.get_level_values(0), t.index.get_level_values(1))),

@@ -27,7 +27,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from rentalml.config import Settings, get_settings
-from rentalml.data.dataset import Dataset, InteractionMatrix, session_matrix
+from rentalml.data.dataset import Dataset, InteractionMatrix, pair_indices, session_matrix
 from rentalml.evaluation.evaluate import evaluate
 from rentalml.evaluation.protocols import aggregate_pairs, temporal_leave_last_n
 from rentalml.models.base import TrainData
@@ -93,8 +93,7 @@ def _sessions(fitted, ext, recent_pairs: pd.DataFrame) -> sp.csr_matrix | None:
     old = getattr(fitted, "sessions", None)
     if old is None:
         return None
-    rows = pd.Index(ext.user_ids).get_indexer(recent_pairs["user_id"])
-    cols = pd.Index(fitted.item_ids).get_indexer(recent_pairs["property_id"])
+    rows, cols = pair_indices(recent_pairs, fitted.item_ids, ext.user_ids)
     ok = (rows >= 0) & (cols >= 0)
     seen = np.zeros(len(recent_pairs), dtype=bool)
     known = ok & (rows < fitted.train.shape[0])

@@ -180,30 +180,36 @@ def fit_model(name: str, dataset: Dataset, train: pd.DataFrame | None = None, pa
     # the item-item part's sessions (runs of each history in time order), unless its session weight is fixed at 0
     use_sessions = name in ("hybrid", "itemitem") and params.get("session", None) != 0
     sessions = (lambda pairs: session_matrix(pairs, item_ids, user_ids)) if use_sessions else (lambda pairs: None)
+    def data_for(matrix: sp.csr_matrix, pairs: pd.DataFrame, valid: sp.csr_matrix | None = None) -> TrainData:
+        return TrainData(matrix, item_x, user_x, valid=valid, seed=seed, item_side=side, times=times(pairs),
+                         item_table=item_table, sessions=sessions(pairs))
+
     model = build_model(name, params, progress)
     if on_validate is not None:
         model.on_validate = on_validate
+    full_data = None  # all of train's TrainData, built once: for the (re)fit and for what Fitted keeps of it
     if valid_frac > 0 and type(model).selected_params is not Recommender.selected_params:
         tr, va = holdout_split(train, valid_frac, seed + 1)
         m_tr = InteractionMatrix.build(tr, item_ids=item_ids, user_ids=user_ids).matrix
         m_va = InteractionMatrix.build(va, item_ids=item_ids, user_ids=user_ids).matrix
-        model.fit(TrainData(m_tr, item_x, user_x, valid=m_va, seed=seed, item_side=side, times=times(tr),
-                            item_table=item_table, sessions=sessions(tr)))
+        model.fit(data_for(m_tr, tr, m_va))
         if refit:
             chosen = {**params, **model.selected_params()}
             model = build_model(name, chosen, progress)
-            model.fit(TrainData(full, item_x, user_x, seed=seed, item_side=side, times=times(train),
-                                item_table=item_table, sessions=sessions(train)))
+            full_data = data_for(full, train)
+            model.fit(full_data)
             params = chosen
     else:
-        model.fit(TrainData(full, item_x, user_x, seed=seed, item_side=side, times=times(train),
-                            item_table=item_table, sessions=sessions(train)))
+        full_data = data_for(full, train)
+        model.fit(full_data)
     full_bin = full.copy()
     full_bin.data[:] = 1.0
-    sigma = getattr(getattr(model, "itemitem", model), "session", None)
+    keep_times = getattr(model, "ranker", None) is not None
+    keep_sessions = bool(getattr(getattr(model, "itemitem", model), "session", None))  # σ > 0
+    if full_data is None and (keep_times or keep_sessions):
+        full_data = data_for(full, train)
     return Fitted(name, model, item_ids, user_ids, full_bin, item_x, user_x, item_enc, user_enc,
                   time.perf_counter() - t0, params, side,
-                  times(train) if getattr(model, "ranker", None) is not None else None,
-                  sessions(train) if sigma else None)
+                  full_data.times if keep_times else None, full_data.sessions if keep_sessions else None)
 
 
